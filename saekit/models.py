@@ -1,0 +1,350 @@
+"""Vision encoders: load by hub id or local folder, and read every layer in one forward pass.
+
+`load_encoder` wraps a transformers vision model (DINOv2 with or without registers, the CLIP
+vision tower, ViT, ResNet) together with its own image processor. Calling the encoder on a batch
+of images returns, from ONE forward pass, each requested layer's CLS token and patch tokens:
+
+* transformers: layer ``i`` is the output of block ``i`` (``hidden_states[i + 1]``), i.e. the
+  residual stream the papers train SAEs on; register tokens are dropped.
+* ResNet: layer ``i`` is stage ``i``; its globally average-pooled vector plays the CLS role and
+  its spatial positions (row-major) are the "patches".
+
+`miniature(kind, path)` saves a tiny seeded model of each kind with its processor, so tests and
+the CI book load it through exactly the `from_pretrained` path a hub checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+
+#: transformers ``model_type`` values load_encoder understands, mapped to saekit's family name.
+SUPPORTED_MODEL_TYPES = {
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
+    "vit": "vit",
+    "clip": "clip",
+    "clip_vision_model": "clip",
+    "resnet": "resnet",
+}
+
+MINIATURE_KINDS = ("dinov2", "dinov2_registers", "clip", "vit", "resnet")
+
+
+class EncoderLoadError(ValueError):
+    """The model id or folder could not be loaded; the message says what was tried."""
+
+
+@dataclass
+class EncoderOutput:
+    """What one forward pass returns, keyed by layer index."""
+
+    cls: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer: the CLS token (or a CNN stage's pooled vector), ``[B, D]``."""
+    patches: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer: patch tokens in row-major grid order, registers excluded, ``[B, P, D]``."""
+    attentions: dict[int, torch.Tensor] | None = None
+    """Per layer: attention probabilities ``[B, H, T, T]`` (transformers only, on request)."""
+    grids: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Per layer: patch grid (rows, cols) of this batch; ``P = rows * cols``."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The last requested layer's patch grid."""
+        return self.grids[max(self.grids)]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load reports (e.g. a CLIP text tower skipped on purpose)."""
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+def _read_config(id_or_path: str) -> transformers.PretrainedConfig:
+    path = Path(id_or_path).expanduser()
+    # Hub ids look like "org/name"; anything else that names a path is treated as a folder.
+    looks_local = (
+        path.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1
+    )
+    if looks_local and not path.is_dir():
+        raise EncoderLoadError(
+            f"Model folder {str(path)!r} does not exist. Pass a folder written by "
+            "`save_pretrained` (or `saekit.models.miniature(kind, path)`), or a hub id such as "
+            "'facebook/dinov2-small'."
+        )
+    try:
+        with _quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(str(path) if looks_local else id_or_path)
+    except (OSError, ValueError) as err:
+        raise EncoderLoadError(
+            f"Could not load model {id_or_path!r}: tried it as a local folder ({path} "
+            f"{'exists' if path.exists() else 'does not exist'}) and as a Hugging Face hub id. "
+            "Hub ids need a network connection (or a populated HF cache); offline, pass a local "
+            f"folder written by `save_pretrained`. Underlying error: {err}"
+        ) from err
+
+
+class Encoder:
+    """A vision model plus its processor, returning many layers' tokens per forward pass."""
+
+    def __init__(
+        self,
+        model: transformers.PreTrainedModel,
+        processor: transformers.BaseImageProcessor,
+        family: str,
+        model_id: str,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.family = family
+        self.model_id = model_id
+        cfg = model.config
+        self.n_registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
+        if family == "resnet":
+            self.n_layers = len(cfg.hidden_sizes)
+            self.widths = list(cfg.hidden_sizes)
+        else:
+            self.n_layers = int(cfg.num_hidden_layers)
+            self.widths = [int(cfg.hidden_size)] * self.n_layers
+
+    @property
+    def d_model(self) -> int:
+        """Width of the last layer (all layers share it, except in a CNN)."""
+        return self.widths[-1]
+
+    @property
+    def config_hash(self) -> str:
+        """A short hash of the model config: tells stores made by different models apart."""
+        text = self.model.config.to_json_string(use_diff=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid of a processed image at the processor's default size (a CNN: last stage)."""
+        size = _processed_size(self.processor)
+        if self.family == "resnet":
+            # Each ResNet stage halves the resolution; the embedder already divides by 4.
+            factor = 4 * 2 ** (self.n_layers - 1)
+        else:
+            factor = int(self.model.config.patch_size)
+        return size[0] // factor, size[1] // factor
+
+    def resolve_layers(self, layers: str | int | Sequence[int] | None) -> list[int]:
+        """Turn "all", an int, "0,5,11" or a list (negatives count from the end) into indices."""
+        if layers is None or layers == "all":
+            return list(range(self.n_layers))
+        if isinstance(layers, str):
+            layers = [int(part) for part in layers.split(",") if part.strip()]
+        if isinstance(layers, int):
+            layers = [layers]
+        resolved = []
+        for layer in layers:
+            index = layer + self.n_layers if layer < 0 else layer
+            if not 0 <= index < self.n_layers:
+                raise IndexError(
+                    f"Layer {layer} is out of range for {self.model_id!r}, which has "
+                    f"{self.n_layers} layers: valid indices are 0..{self.n_layers - 1} "
+                    f"(or -{self.n_layers}..-1)."
+                )
+            resolved.append(index)
+        return sorted(set(resolved))
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images -> ``pixel_values [B, 3, H, W]`` with the model's own processor."""
+        rgb = [image.convert("RGB") for image in images]
+        return self.processor(images=rgb, return_tensors="pt")["pixel_values"].to(self.device)
+
+    def forward_pixels(
+        self,
+        pixel_values: torch.Tensor,
+        layers: str | int | Sequence[int] | None = "all",
+        attentions: bool = False,
+    ) -> EncoderOutput:
+        """One forward pass on preprocessed pixels; keeps gradients if the caller wants them."""
+        layer_ids = self.resolve_layers(layers)
+        if attentions and self.family == "resnet":
+            raise ValueError("A CNN has no attention maps; ask for attentions=False.")
+        if attentions and self.model.config._attn_implementation != "eager":
+            # sdpa kernels never materialise the attention probabilities.
+            self.model.set_attn_implementation("eager")
+        out = self.model(
+            pixel_values=pixel_values,
+            output_hidden_states=True,
+            output_attentions=attentions,
+        )
+        result = EncoderOutput(attentions={} if attentions else None)
+        if self.family == "resnet":
+            # hidden_states[0] is the stem; stage i is hidden_states[i + 1], shaped [B, C, H, W].
+            for layer in layer_ids:
+                fmap_BDHW = out.hidden_states[layer + 1]
+                result.cls[layer] = fmap_BDHW.mean(dim=(2, 3))
+                result.patches[layer] = fmap_BDHW.flatten(2).transpose(1, 2)
+                result.grids[layer] = tuple(fmap_BDHW.shape[2:])
+            return result
+        patch = int(self.model.config.patch_size)
+        grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
+        first_patch = 1 + self.n_registers
+        for layer in layer_ids:
+            tokens_BTD = out.hidden_states[layer + 1]
+            result.cls[layer] = tokens_BTD[:, 0]
+            result.patches[layer] = tokens_BTD[:, first_patch:]
+            result.grids[layer] = grid
+            if attentions:
+                result.attentions[layer] = out.attentions[layer]
+        return result
+
+    def __call__(
+        self,
+        images: Sequence[Image.Image],
+        layers: str | int | Sequence[int] | None = "all",
+        attentions: bool = False,
+    ) -> EncoderOutput:
+        """Every requested layer's CLS and patch tokens for a batch of PIL images."""
+        with torch.inference_mode():
+            return self.forward_pixels(self.preprocess(images), layers, attentions)
+
+    def __repr__(self) -> str:
+        return (
+            f"Encoder({self.model_id!r}, family={self.family}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, grid={self.grid})"
+        )
+
+
+def _processed_size(processor: transformers.BaseImageProcessor) -> tuple[int, int]:
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop:
+        return int(crop["height"]), int(crop["width"])
+    size = processor.size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    edge = int(size["shortest_edge"])
+    return edge, edge
+
+
+def load_encoder(
+    id_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Encoder:
+    """Load a supported vision encoder and its image processor by hub id or local folder.
+
+    A full CLIP checkpoint (e.g. ``openai/clip-vit-base-patch32``) loads its vision tower only.
+    """
+    id_or_path = str(id_or_path)
+    config = _read_config(id_or_path)
+    family = SUPPORTED_MODEL_TYPES.get(config.model_type)
+    if family is None:
+        raise EncoderLoadError(
+            f"{id_or_path!r} is a {config.model_type!r} model; saekit reads "
+            f"{sorted(SUPPORTED_MODEL_TYPES)} (DINOv2, CLIP, ViT, ResNet)."
+        )
+    source = (
+        str(Path(id_or_path).expanduser()) if Path(id_or_path).expanduser().is_dir() else id_or_path
+    )
+    with _quiet_transformers():
+        if family == "clip":
+            model = transformers.CLIPVisionModel.from_pretrained(source, dtype=dtype)
+        elif family == "vit":
+            # ViTModel without the pooler: a classification checkpoint loads its backbone.
+            model = transformers.ViTModel.from_pretrained(
+                source, add_pooling_layer=False, dtype=dtype
+            )
+        else:
+            model = transformers.AutoModel.from_pretrained(source, dtype=dtype)
+        processor = transformers.AutoImageProcessor.from_pretrained(source)
+    if device is not None:
+        model = model.to(device)
+    return Encoder(model, processor, family, id_or_path)
+
+
+def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny, seeded model of `kind` with its processor at `path`; return the path.
+
+    The configs are real architectures at toy size (32x32 images, width 32-64, 3-4 layers), so
+    `load_encoder(path)` exercises the same code a hub checkpoint does.
+    """
+    if kind not in MINIATURE_KINDS:
+        raise ValueError(f"Unknown miniature kind {kind!r}; choose one of {MINIATURE_KINDS}.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    image_mean, image_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    crop = {"height": 32, "width": 32}
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    with _quiet_transformers():
+        if kind in ("dinov2", "dinov2_registers"):
+            if kind == "dinov2":
+                config = transformers.Dinov2Config(image_size=32, patch_size=8, **small)
+                model = transformers.Dinov2Model(config)
+            else:
+                config = transformers.Dinov2WithRegistersConfig(
+                    image_size=32, patch_size=8, num_register_tokens=4, **small
+                )
+                model = transformers.Dinov2WithRegistersModel(config)
+            processor = transformers.BitImageProcessor(
+                size={"shortest_edge": 32},
+                crop_size=crop,
+                do_center_crop=True,
+                image_mean=image_mean,
+                image_std=image_std,
+            )
+        elif kind == "clip":
+            # A full CLIPModel, like the hub's openai/clip-* checkpoints; we read its vision tower.
+            config = transformers.CLIPConfig(
+                text_config=dict(
+                    vocab_size=64,
+                    max_position_embeddings=16,
+                    bos_token_id=0,
+                    eos_token_id=1,
+                    pad_token_id=1,
+                    **small,
+                ),
+                vision_config=dict(image_size=32, patch_size=8, **small),
+                projection_dim=16,
+            )
+            model = transformers.CLIPModel(config)
+            processor = transformers.CLIPImageProcessor(
+                size={"shortest_edge": 32},
+                crop_size=crop,
+            )
+        elif kind == "vit":
+            config = transformers.ViTConfig(image_size=32, patch_size=8, **small)
+            model = transformers.ViTModel(config, add_pooling_layer=False)
+            processor = transformers.ViTImageProcessor(
+                size=crop, image_mean=image_mean, image_std=image_std
+            )
+        else:
+            config = transformers.ResNetConfig(
+                embedding_size=16,
+                hidden_sizes=[16, 24, 32, 48],
+                depths=[1, 1, 1, 1],
+                layer_type="basic",
+                downsample_in_first_stage=False,
+            )
+            model = transformers.ResNetModel(config)
+            processor = transformers.ConvNextImageProcessor(
+                size={"shortest_edge": 64},
+                crop_pct=1.0,
+                image_mean=image_mean,
+                image_std=image_std,
+            )
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    return path

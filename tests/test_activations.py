@@ -1,0 +1,246 @@
+"""The activation store: shapes, resumption, corrupt images, shuffled batches, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from saekit.activations import ActivationStore, ShardedArray, StoreMismatchError, extract
+from saekit.cli import main as cli_main
+from saekit.data import ImageFolder, ImageList
+from saekit.models import load_encoder
+
+
+class KillAfter:
+    """A dataset that dies (like Ctrl-C) when image `kill_at` is read, once."""
+
+    def __init__(self, dataset, kill_at: int) -> None:
+        self.dataset, self.kill_at, self.killed = dataset, kill_at, False
+        self.labels, self.image_ids = dataset.labels, dataset.image_ids
+        self.class_names, self.wnids = dataset.class_names, dataset.wnids
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def load(self, index):
+        if index == self.kill_at and not self.killed:
+            self.killed = True
+            raise KeyboardInterrupt
+        return self.dataset.load(index)
+
+
+def _store_arrays(store: ActivationStore) -> dict[str, np.ndarray]:
+    arrays = {"labels": store.labels, "rows": store.rows}
+    for layer in store.layers:
+        arrays[f"cls{layer}"] = np.asarray(store.cls(layer))
+        if "patch" in store.manifest["tokens"]:
+            arrays[f"patch{layer}"] = np.asarray(store.patches(layer))
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def encoder(miniatures):
+    return load_encoder(miniatures["dinov2"])
+
+
+def test_extract_shapes_labels_and_ids(encoder, image_folder, tmp_path):
+    dataset = ImageFolder(image_folder)
+    assert dataset.wnids == ["n01440764", "n01443537", "n01484850"]
+    store = extract(
+        encoder,
+        dataset,
+        layers="0,2",
+        tokens="both",
+        out=tmp_path / "s",
+        batch_size=4,
+        shard_images=4,
+        progress=False,
+    )
+    assert store.layers == [0, 2]
+    assert store.cls(2).shape == (15, 32) and store.patches(0).shape == (15, 16, 32)
+    assert store.grid(0) == (4, 4)
+    assert list(store.labels) == [0] * 5 + [1] * 5 + [2] * 5
+    assert store.image_ids[5] == "n01443537/n01443537_0.png"
+    # Stored float16 rows equal a fresh forward pass on the same image.
+    fresh = encoder([dataset.load(7)], layers=[2]).cls[2][0].numpy()
+    np.testing.assert_allclose(store.cls(2)[7].astype(np.float32), fresh, rtol=1e-2, atol=1e-2)
+
+
+def test_multi_layer_store_equals_single_layer_stores(encoder, image_folder, tmp_path):
+    dataset = ImageFolder(image_folder)
+    both = extract(
+        encoder, dataset, layers=[0, 1], out=tmp_path / "both", dtype="float32", progress=False
+    )
+    for layer in (0, 1):
+        alone = extract(
+            encoder,
+            dataset,
+            layers=[layer],
+            out=tmp_path / f"L{layer}",
+            dtype="float32",
+            progress=False,
+        )
+        np.testing.assert_array_equal(np.asarray(both.cls(layer)), np.asarray(alone.cls(layer)))
+
+
+def test_killed_then_resumed_equals_uninterrupted(encoder, image_folder, tmp_path):
+    dataset = ImageFolder(image_folder)
+    kwargs = dict(layers="all", tokens="both", batch_size=2, shard_images=4, progress=False)
+    reference = extract(encoder, dataset, out=tmp_path / "ref", **kwargs)
+
+    flaky = KillAfter(dataset, kill_at=9)  # dies inside the third shard
+    with pytest.raises(KeyboardInterrupt):
+        extract(encoder, flaky, out=tmp_path / "run", **kwargs)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["index"] for s in manifest["shards"]] == [0, 1] and not manifest["complete"]
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ActivationStore.open(tmp_path / "run")
+    finished = (tmp_path / "run" / "shard_00000" / "L0_cls.npy").stat().st_mtime_ns
+    (tmp_path / "run" / "shard_00002.tmp").mkdir()  # debris of a shard being written
+
+    resumed = extract(encoder, flaky, out=tmp_path / "run", **kwargs)
+    assert (tmp_path / "run" / "shard_00000" / "L0_cls.npy").stat().st_mtime_ns == finished
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    ref_arrays, run_arrays = _store_arrays(reference), _store_arrays(resumed)
+    assert ref_arrays.keys() == run_arrays.keys()
+    for name in ref_arrays:
+        np.testing.assert_array_equal(ref_arrays[name], run_arrays[name], err_msg=name)
+
+
+def test_identical_rerun_returns_existing_store_and_different_one_refuses(
+    encoder, image_folder, tmp_path
+):
+    dataset = ImageFolder(image_folder)
+    first = extract(encoder, dataset, layers=[1], out=tmp_path / "s", progress=False)
+    stamp = (tmp_path / "s" / "shard_00000" / "L1_cls.npy").stat().st_mtime_ns
+    again = extract(encoder, dataset, layers=[1], out=tmp_path / "s", progress=False)
+    assert again.n_rows == first.n_rows
+    assert (tmp_path / "s" / "shard_00000" / "L1_cls.npy").stat().st_mtime_ns == stamp
+    with pytest.raises(StoreMismatchError, match="layers"):
+        extract(encoder, dataset, layers=[0], out=tmp_path / "s", progress=False)
+
+
+def test_corrupt_images_are_skipped_counted_and_listed(encoder, image_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "n01443537" / "broken.png").write_bytes(b"\x89PNG not really")
+    truncated = (data / "n01484850" / "n01484850_0.png").read_bytes()
+    (data / "n01484850" / "n01484850_0.png").write_bytes(truncated[: len(truncated) // 2])
+    store = extract(encoder, ImageFolder(data), layers=[0], out=tmp_path / "s", progress=False)
+    assert store.n_rows == 14  # 16 files, 2 unreadable
+    assert sorted(s["id"] for s in store.skipped) == [
+        "n01443537/broken.png",
+        "n01484850/n01484850_0.png",
+    ]
+    assert "n01443537/broken.png" not in store.image_ids
+    assert list(store.labels).count(2) == 4
+
+
+def test_batches_yield_every_row_once_per_epoch(encoder, image_folder, tmp_path):
+    store = extract(
+        encoder,
+        ImageFolder(image_folder),
+        layers=[0, 1],
+        tokens="both",
+        out=tmp_path / "s",
+        dtype="float32",
+        shard_images=4,
+        batch_size=4,
+        progress=False,
+    )
+    reference = np.asarray(store.cls(1))
+    # A buffer smaller than the store forces carry-over between buffers.
+    epochs = []
+    for epoch in range(2):
+        batches = list(store.batches(1, 3, seed=0, epoch=epoch, buffer_rows=5))
+        rows = np.concatenate([b.numpy() for b in batches])
+        assert rows.shape == reference.shape
+        # Each stored row appears exactly once.
+        matches = (rows[:, None, :] == reference[None, :, :]).all(-1)
+        assert (matches.sum(0) == 1).all() and (matches.sum(1) == 1).all()
+        epochs.append(rows)
+    assert not np.array_equal(epochs[0], epochs[1])  # the epoch reshuffles
+    again = np.concatenate([b.numpy() for b in store.batches(1, 3, seed=0, epoch=0, buffer_rows=5)])
+    np.testing.assert_array_equal(again, epochs[0])  # and is deterministic
+
+    # Several layers come out with the same row order.
+    for batch in store.batches([0, 1], 4, seed=3):
+        i0 = [(np.asarray(store.cls(0)) == r).all(-1).argmax() for r in batch[0].numpy()]
+        i1 = [(reference == r).all(-1).argmax() for r in batch[1].numpy()]
+        assert i0 == i1
+    # Patch tokens are one row per (image, patch).
+    patch_rows = sum(len(b) for b in store.batches(0, 7, tokens="patch"))
+    assert patch_rows == 15 * 16
+
+
+def test_sharded_array_indexes_like_the_concatenation():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(n, 3)) for n in (4, 1, 5)]
+    whole = np.concatenate(parts)
+    array = ShardedArray(parts)
+    assert array.shape == (10, 3)
+    np.testing.assert_array_equal(array[3], whole[3])
+    np.testing.assert_array_equal(array[-1], whole[-1])
+    np.testing.assert_array_equal(array[2:8], whole[2:8])
+    np.testing.assert_array_equal(array[::3], whole[::3])
+    np.testing.assert_array_equal(array[[9, 0, 4]], whole[[9, 0, 4]])
+    np.testing.assert_array_equal(array[3:6, 1], whole[3:6, 1])
+    np.testing.assert_array_equal(np.asarray(array), whole)
+
+
+def test_open_refuses_a_store_made_for_something_else(encoder, image_folder, tmp_path):
+    extract(encoder, ImageFolder(image_folder), layers=[1], out=tmp_path / "s", progress=False)
+    with pytest.raises(StoreMismatchError, match="activations of"):
+        ActivationStore.open(tmp_path / "s", model="facebook/dinov2-giant")
+    with pytest.raises(StoreMismatchError, match="layers"):
+        ActivationStore.open(tmp_path / "s", layers=[0])
+    with pytest.raises(StoreMismatchError, match="tokens"):
+        ActivationStore.open(tmp_path / "s", tokens="patch")
+    with pytest.raises(KeyError, match="holds"):
+        ActivationStore.open(tmp_path / "s").cls(2)
+    with pytest.raises(FileNotFoundError, match="saekit extract"):
+        ActivationStore.open(tmp_path / "nothing")
+
+
+def test_missing_or_empty_data_folder_explains_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ROOT/n01440764"):
+        ImageFolder(tmp_path / "absent")
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        ImageFolder(tmp_path / "empty")
+
+
+def test_image_list_and_plain_class_names(image_folder):
+    pairs = [
+        (image_folder / "n01440764" / "n01440764_0.png", 1),
+        (image_folder / "n01443537" / "n01443537_1.png", 0),
+    ]
+    dataset = ImageList.from_pairs(pairs, class_names=["fish", "other fish"])
+    assert len(dataset) == 2 and dataset.labels == [1, 0] and dataset.wnids is None
+    assert dataset.load(1).mode == "RGB"
+    with pytest.raises(ValueError, match="class names"):
+        ImageList.from_pairs(pairs, class_names=["only one"])
+
+
+def test_cli_extract(miniatures, image_folder, tmp_path, capsys):
+    code = cli_main(
+        [
+            "extract",
+            "--model",
+            str(miniatures["vit"]),
+            "--data",
+            str(image_folder),
+            "--layers",
+            "0,2",
+            "--tokens",
+            "patch",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
+    assert code == 0 and "rows=15" in capsys.readouterr().out
+    store = ActivationStore.open(tmp_path / "s", layers=[0, 2], tokens="patch")
+    assert store.patches(2).shape == (15, 16, 32)
