@@ -1,0 +1,867 @@
+"""Ontology: do SAE features line up with the WordNet hierarchy? (paper 000 §3.2, paper 003 §3.5)
+
+Classes are WordNet 3.0 noun synsets named by wnid ("n01440764" = noun offset 01440764). Given
+the leaf classes Ω, S is every synset that is an ancestor-or-self of a leaf along any hypernym
+path (WordNet is a DAG; every parent is followed) and L(h) is the set of leaves below h. For the
+set C of classes a feature fires on:
+
+- LCH(C): the h in S with C ⊆ L(h) and the smallest |L(h)|. Ties (chains of synsets with the
+  same leaves) go to the lowest one, i.e. the smallest LCH height, and then to the smallest wnid.
+- LCH height(C) = (1/|C|) Σ_{ω∈C} dist(ω, LCH(C)), dist = shortest hypernym path from ω up.
+- coverage(C) = |C| / |L(LCH(C))|.
+
+The stages, in reading order: `Taxonomy` (the shipped ImageNet-1k file, or NLTK's WordNet for
+anything else); per-class firing statistics and class sets C_k, streamed from codes or a store;
+the vectorised metrics for every feature of every layer at once; the papers' baselines (neurons,
+random directions) and Table 2; the per-feature table with automatic labels; the figure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from tqdm.auto import tqdm
+
+IMAGENET1K_FILE = Path(__file__).resolve().parent / "data" / "imagenet1k_taxonomy.json"
+FILE_FORMAT = "saekit.ontology.Taxonomy/1"
+_WNID = re.compile(r"^n\d{8}$")
+_NO_WNIDS = (
+    "ontology needs WordNet ids for the store's classes, but its manifest has no 'wnids'. "
+    "Re-extract with wnids (ImageNet folders are named by wnid), or map each class name to "
+    "its WordNet 3.0 noun, e.g. `s = nltk.corpus.wordnet.synsets(name.replace(' ', '_'), 'n')[0]; "
+    "wnid = f'n{s.offset():08d}'` (check ambiguous names such as 'crane' by hand), and pass "
+    "the list to Taxonomy.from_wnids(wnids) in class-index order."
+)
+
+
+def _check_wnid(wnid: Any) -> str:
+    if not isinstance(wnid, str) or not _WNID.match(wnid):
+        raise ValueError(
+            f"{wnid!r} is not a WordNet noun id: expected 'n' and an 8-digit offset, "
+            "e.g. 'n01440764' (tench)"
+        )
+    return wnid
+
+
+def _wordnet():
+    """NLTK's WordNet 3.0 reader, with the repo's offline ./nltk_data on the search path."""
+    try:
+        import nltk
+        from nltk.corpus import wordnet as wn
+    except ImportError as err:
+        raise ImportError(
+            "building a taxonomy outside ImageNet-1k needs NLTK and its WordNet 3.0 corpus "
+            "(pip install nltk; then scripts/setup_wordnet.sh or nltk.download('wordnet'))"
+        ) from err
+    repo_data = Path(__file__).resolve().parents[1] / "nltk_data"
+    if repo_data.is_dir() and str(repo_data) not in nltk.data.path:
+        nltk.data.path.append(str(repo_data))
+    try:
+        wn.ensure_loaded()
+    except LookupError as err:
+        raise LookupError(
+            "NLTK cannot find the WordNet corpus: run scripts/setup_wordnet.sh (offline, "
+            "Debian's WordNet 3.0), or nltk.download('wordnet'), or set NLTK_DATA"
+        ) from err
+    if wn.get_version() != "3.0":
+        raise ValueError(
+            f"NLTK's WordNet is version {wn.get_version()}, but wnids are WordNet 3.0 "
+            "offsets; install the 3.0 corpus ('wordnet', not 'wordnet31')"
+        )
+    return wn
+
+
+# --------------------------------------------------------------------------- taxonomy
+
+
+class Taxonomy:
+    """Leaf classes Ω (in class-index order) and every synset above them, S, with the hypernym
+    edges among them; answers LCH, LCH height and coverage for class sets.
+
+    Arrays (H = |S|, synsets sorted by wnid; C = |Ω|): ``leaves_HC[h, c]`` is True when leaf c is
+    below-or-equal to synset h; ``n_leaves_H`` = |L(h)|; ``dist_CH[c, h]`` is the shortest
+    hypernym path from leaf c up to h (inf when h is not above c).
+    """
+
+    def __init__(
+        self,
+        leaves: Sequence[str],
+        hypernyms: Mapping[str, Sequence[str]],
+        names: Mapping[str, str] | None = None,
+        definitions: Mapping[str, str] | None = None,
+        subsets: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Build from parent edges. Synsets missing from ``hypernyms`` are roots; edges of
+        synsets that are above no leaf are ignored, so a big edge list serves any subset."""
+        self.leaves: list[str] = list(leaves)
+        if not self.leaves:
+            raise ValueError("a taxonomy needs at least one leaf class")
+        repeated = sorted({w for w in self.leaves if self.leaves.count(w) > 1})
+        if repeated:
+            raise ValueError(f"leaf classes must be distinct; repeated: {repeated[:5]}")
+
+        above: set[str] = set()
+        stack = list(self.leaves)
+        while stack:
+            node = stack.pop()
+            if node not in above:
+                above.add(node)
+                stack.extend(hypernyms.get(node, ()))
+        self.synsets: list[str] = sorted(above)
+        self.hypernyms: dict[str, tuple[str, ...]] = {
+            h: tuple(sorted(set(hypernyms.get(h, ())))) for h in self.synsets
+        }
+        names = names or {}
+        definitions = definitions or {}
+        self.names: dict[str, str] = {h: names.get(h, h) for h in self.synsets}
+        self.definitions: dict[str, str] = {h: definitions.get(h, "") for h in self.synsets}
+        self.subsets: dict[str, list[str]] = {k: list(v) for k, v in (subsets or {}).items()}
+        self.leaf_index: dict[str, int] = {w: c for c, w in enumerate(self.leaves)}
+        self.synset_index: dict[str, int] = {h: i for i, h in enumerate(self.synsets)}
+
+        # Breadth-first search up from each leaf gives the shortest hypernym path to every
+        # ancestor even where the DAG offers several (a node with two parents).
+        self._up: list[dict[int, int]] = []
+        for leaf in self.leaves:
+            dist = {leaf: 0}
+            queue = deque([leaf])
+            while queue:
+                node = queue.popleft()
+                for parent in self.hypernyms[node]:
+                    if parent not in dist:
+                        dist[parent] = dist[node] + 1
+                        queue.append(parent)
+            self._up.append({self.synset_index[h]: d for h, d in dist.items()})
+
+        n_syn, n_cls = len(self.synsets), len(self.leaves)
+        self.leaves_HC = np.zeros((n_syn, n_cls), dtype=bool)
+        self.dist_CH = np.full((n_cls, n_syn), np.inf)
+        for c, up in enumerate(self._up):
+            idx = np.fromiter(up.keys(), dtype=np.int64)
+            self.leaves_HC[idx, c] = True
+            self.dist_CH[c, idx] = np.fromiter(up.values(), dtype=np.float64)
+        self.n_leaves_H = self.leaves_HC.sum(axis=1)
+        self._leaf_sets: list[frozenset[int]] | None = None
+        self._packed: tuple[sparse.csr_array, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"Taxonomy({len(self.leaves)} leaves, {len(self.synsets)} synsets)"
+
+    # ---- constructors
+
+    @classmethod
+    def imagenet1k(cls) -> Taxonomy:
+        """The shipped ImageNet-1k taxonomy (1000 classes in class-index order, |S| = 1860);
+        needs no WordNet install. ``.subsets`` holds the ImageNet-A and -R 200-class lists."""
+        return _imagenet1k()
+
+    @classmethod
+    def from_wnids(cls, wnids: Sequence[str]) -> Taxonomy:
+        """A taxonomy whose leaves are ``wnids`` (in this order, = class index). Uses the shipped
+        ImageNet-1k edges when every wnid is one of its 1860 synsets, else NLTK's WordNet."""
+        wnids = [_check_wnid(w) for w in wnids]
+        imagenet = _imagenet1k()
+        if all(w in imagenet.synset_index for w in wnids):
+            return cls(wnids, imagenet.hypernyms, imagenet.names, imagenet.definitions)
+        return cls.from_wordnet(wnids)
+
+    @classmethod
+    def from_wordnet(
+        cls, wnids: Sequence[str], subsets: Mapping[str, Sequence[str]] | None = None
+    ) -> Taxonomy:
+        """Build from NLTK's WordNet 3.0, following hypernyms and instance hypernyms (so that
+        named instances reach the hierarchy too; ImageNet-1k has none)."""
+        wn = _wordnet()
+
+        def wnid_of(synset) -> str:
+            return f"n{synset.offset():08d}"
+
+        start = []
+        for wnid in wnids:
+            _check_wnid(wnid)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # NLTK warns and returns None; we raise instead
+                synset = wn.synset_from_pos_and_offset("n", int(wnid[1:]))
+            if synset is None or wnid_of(synset) != wnid:
+                raise ValueError(f"{wnid!r} is not a WordNet 3.0 noun synset (no such offset)")
+            start.append(synset)
+
+        hypernyms, names, definitions = {}, {}, {}
+        stack, seen = list(start), set()
+        while stack:
+            synset = stack.pop()
+            if synset in seen:
+                continue
+            seen.add(synset)
+            parents = synset.hypernyms() + synset.instance_hypernyms()
+            hypernyms[wnid_of(synset)] = [wnid_of(p) for p in parents]
+            names[wnid_of(synset)] = synset.lemmas()[0].name().replace("_", " ")
+            definitions[wnid_of(synset)] = synset.definition()
+            stack.extend(parents)
+        return cls(wnids, hypernyms, names, definitions, subsets)
+
+    @classmethod
+    def from_store(cls, store: Any) -> Taxonomy:
+        """The taxonomy of a labelled activation store's classes (needs ``store.wnids``)."""
+        wnids = getattr(store, "wnids", None)
+        if not wnids:
+            raise ValueError(_NO_WNIDS)
+        return cls.from_wnids(wnids)
+
+    # ---- file format
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Taxonomy:
+        """Read a file written by `to_json`."""
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path} is not a {FILE_FORMAT} file")
+        synsets = data["synsets"]
+        return cls(
+            data["leaves"],
+            {h: s["hypernyms"] for h, s in synsets.items()},
+            {h: s["name"] for h, s in synsets.items()},
+            {h: s["definition"] for h, s in synsets.items()},
+            data.get("subsets"),
+        )
+
+    def to_json(self, path: str | Path, source: str = "") -> None:
+        """Write leaves, subsets and every synset's name, definition and hypernyms, one synset
+        per line so that diffs stay readable."""
+        lines = [
+            "{",
+            f'"format": {json.dumps(FILE_FORMAT)},',
+            f'"source": {json.dumps(source)},',
+            f'"leaves": {json.dumps(self.leaves)},',
+            f'"subsets": {json.dumps(self.subsets)},',
+            '"synsets": {',
+        ]
+        for i, h in enumerate(self.synsets):
+            entry = {
+                "name": self.names[h],
+                "hypernyms": list(self.hypernyms[h]),
+                "definition": self.definitions[h],
+            }
+            comma = "," if i < len(self.synsets) - 1 else ""
+            lines.append(f"{json.dumps(h)}: {json.dumps(entry)}{comma}")
+        lines += ["}", "}"]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+    # ---- the metrics, one class set at a time (the readable reference)
+
+    def name(self, wnid: str) -> str:
+        """WordNet's first lemma of a synset in S, underscores as spaces (e.g. 'elasmobranch')."""
+        try:
+            return self.names[wnid]
+        except KeyError:
+            raise KeyError(f"{wnid!r} is not a synset of this taxonomy ({self!r})") from None
+
+    def leaf_set(self, wnid: str) -> list[str]:
+        """L(h): the leaf classes below-or-equal to synset ``wnid``, in class-index order."""
+        self.name(wnid)  # a clear KeyError for a synset outside S
+        row = self.leaves_HC[self.synset_index[wnid]]
+        return [self.leaves[c] for c in np.flatnonzero(row)]
+
+    def _class_indices(self, wnids: Iterable[str] | str) -> list[int]:
+        if isinstance(wnids, str):
+            wnids = [wnids]
+        out = set()
+        for w in wnids:
+            if w not in self.leaf_index:
+                raise ValueError(
+                    f"{w!r} is not a leaf class of this taxonomy ({self!r}, e.g. "
+                    f"{self.leaves[0]!r}); LCH is defined for sets of leaf classes"
+                )
+            out.add(self.leaf_index[w])
+        if not out:
+            raise ValueError("the class set is empty: LCH needs at least one class")
+        return sorted(out)
+
+    def _lch_index(self, classes: list[int]) -> int:
+        if self._leaf_sets is None:
+            self._leaf_sets = [frozenset(np.flatnonzero(row).tolist()) for row in self.leaves_HC]
+        wanted = set(classes)
+        best, best_key = -1, None
+        for h, leaf_set in enumerate(self._leaf_sets):
+            if wanted <= leaf_set:
+                key = (len(leaf_set), sum(self._up[c][h] for c in classes), self.synsets[h])
+                if best_key is None or key < best_key:
+                    best, best_key = h, key
+        if best < 0:
+            raise ValueError("these classes share no hypernym: the taxonomy has several roots")
+        return best
+
+    def lch(self, wnids: Iterable[str]) -> str:
+        """Lowest common hypernym: the synset with the fewest leaves that holds every class."""
+        return self.synsets[self._lch_index(self._class_indices(wnids))]
+
+    def lch_height(self, wnids: Iterable[str]) -> float:
+        """Mean shortest-hypernym-path length from each class up to the LCH."""
+        classes = self._class_indices(wnids)
+        h = self._lch_index(classes)
+        return sum(self._up[c][h] for c in classes) / len(classes)
+
+    def coverage(self, wnids: Iterable[str]) -> float:
+        """Ontological coverage |C| / |L(LCH(C))|."""
+        classes = self._class_indices(wnids)
+        return len(classes) / int(self.n_leaves_H[self._lch_index(classes)])
+
+    # ---- the metrics for every feature at once
+
+    def metrics(
+        self,
+        class_sets_FC: np.ndarray | sparse.sparray,
+        chunk_size: int = 16384,
+        progress: bool = True,
+    ) -> FeatureMetrics:
+        """LCH, height and coverage of every row of a boolean class-set matrix (features of
+        all layers stacked), equal to `lch`/`lch_height`/`coverage` row by row.
+
+        A dense leaf-membership matmul would cost F·C·H multiply-adds (9e11 for 491,520
+        features); instead each class set is a sparse row and one sparse product with a packed
+        leaf→ancestor matrix W_CH gives, per feature and candidate synset h, both
+        |C ∩ L(h)| (high bits) and Σ_{ω∈C∩L(h)} (dist(ω, h) + 1) (low bits). Candidates with
+        |C ∩ L(h)| = |C| contain C; the smallest (|L(h)|, Σ dist, h) wins, found with one
+        integer key and `np.minimum.reduceat` per row. Work ~ Σ_k Σ_{ω∈C_k} |ancestors(ω)|.
+        """
+        X = sparse.csr_array(class_sets_FC, dtype=np.int64)
+        if X.ndim != 2 or X.shape[1] != len(self.leaves):
+            raise ValueError(
+                f"class sets must be [features, {len(self.leaves)} classes] in this taxonomy's "
+                f"class order, got shape {X.shape}"
+            )
+        X.sum_duplicates()
+        X.eliminate_zeros()
+        X.data[:] = 1
+        W, dist_bits = self._packed_ancestors()
+        n_cls, n_syn = len(self.leaves), len(self.synsets)
+        syn_bits = max(n_syn - 1, 1).bit_length()
+        if n_cls.bit_length() + dist_bits + syn_bits > 63:
+            raise ValueError(f"{self!r} is too large for the packed int64 key")
+        dist_mask = (1 << dist_bits) - 1
+        syn_mask = (1 << syn_bits) - 1
+        n_leaves = self.n_leaves_H.astype(np.int64)
+
+        n_feat = X.shape[0]
+        size_F = np.diff(X.indptr).astype(np.int64)
+        lch_F = np.full(n_feat, -1, dtype=np.int64)
+        sum_dist_F = np.zeros(n_feat, dtype=np.int64)
+        starts = range(0, n_feat, chunk_size)
+        for start in tqdm(starts, desc="LCH", unit="chunk", disable=not progress):
+            Y = (X[start : start + chunk_size] @ W).tocsr()
+            rows = np.repeat(np.arange(Y.shape[0]), np.diff(Y.indptr))
+            count = Y.data >> dist_bits
+            holds = count == size_F[start + rows]
+            rows, syn, packed = rows[holds], Y.indices[holds].astype(np.int64), Y.data[holds]
+            if rows.size == 0:
+                continue
+            sum_dist = (packed & dist_mask) - count[holds]
+            key = (n_leaves[syn] << (dist_bits + syn_bits)) | (sum_dist << syn_bits) | syn
+            first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            best = np.minimum.reduceat(key, first)
+            lch_F[start + rows[first]] = best & syn_mask
+            sum_dist_F[start + rows[first]] = (best >> syn_bits) & dist_mask
+
+        found = lch_F >= 0
+        height_F = np.full(n_feat, np.nan)
+        coverage_F = np.full(n_feat, np.nan)
+        height_F[found] = sum_dist_F[found] / size_F[found]
+        coverage_F[found] = size_F[found] / n_leaves[lch_F[found]]
+        return FeatureMetrics(size_F, lch_F, height_F, coverage_F)
+
+    def _packed_ancestors(self) -> tuple[sparse.csr_array, int]:
+        """W_CH = 2^dist_bits + dist(c, h) + 1 where h is above-or-equal to c (else 0). The +1
+        keeps dist 0 (a leaf and itself) a stored, countable entry."""
+        if self._packed is None:
+            finite = np.isfinite(self.dist_CH)
+            max_dist = int(self.dist_CH[finite].max())
+            dist_bits = (len(self.leaves) * (max_dist + 1)).bit_length()
+            c, h = np.nonzero(finite)
+            values = (1 << dist_bits) + self.dist_CH[c, h].astype(np.int64) + 1
+            W = sparse.csr_array((values, (c, h)), shape=self.dist_CH.shape, dtype=np.int64)
+            self._packed = (W, dist_bits)
+        return self._packed
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet1k() -> Taxonomy:
+    if not IMAGENET1K_FILE.is_file():
+        raise FileNotFoundError(
+            f"{IMAGENET1K_FILE} is missing; regenerate it with scripts/make_imagenet_taxonomy.py"
+        )
+    return Taxonomy.from_json(IMAGENET1K_FILE)
+
+
+def imagenet_subset(name: str) -> list[str]:
+    """The wnids of a shipped ImageNet-1k subset, in class-index order: 'imagenet_a' or
+    'imagenet_r' (the 200 classes of ImageNet-A / ImageNet-R)."""
+    subsets = _imagenet1k().subsets
+    if name not in subsets:
+        raise KeyError(f"unknown subset {name!r}; shipped: {sorted(subsets)}")
+    return list(subsets[name])
+
+
+@dataclass
+class FeatureMetrics:
+    """Per-feature results of `Taxonomy.metrics`, aligned with the rows of the class sets."""
+
+    #: |C_k|, the number of classes the feature fires on (0: none, metrics are NaN)
+    n_classes_F: np.ndarray
+    #: index into ``taxonomy.synsets`` of LCH(C_k); -1 when C_k is empty or has no common root
+    lch_F: np.ndarray
+    #: LCH height, the mean hypernym distance from the classes up to the LCH
+    height_F: np.ndarray
+    #: ontological coverage |C_k| / |L(LCH)|
+    coverage_F: np.ndarray
+
+
+# --------------------------------------------------------------------------- class sets C_k
+
+
+@dataclass
+class ClassSetRule:
+    """Which classes a feature activates on (C_k), from its per-class statistics. The default,
+    'fires on at least half of the class's images', follows the papers' reading of C_k as the
+    classes a feature reliably responds to; it is scale-free, so it needs no normalisation."""
+
+    #: a class joins C_k when the feature fires on at least this fraction of its images
+    min_fire_frac: float = 0.5
+    #: a code fires on an image when it is strictly above this value
+    fire_threshold: float = 0.0
+    #: and when its mean code on the class is at least this fraction of its top class mean (0: off)
+    min_rel_mean_act: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_fire_frac <= 1.0:
+            raise ValueError(f"min_fire_frac must be in (0, 1], got {self.min_fire_frac}")
+        if not 0.0 <= self.min_rel_mean_act <= 1.0:
+            raise ValueError(f"min_rel_mean_act must be in [0, 1], got {self.min_rel_mean_act}")
+
+    def apply(self, stats: ClassStats) -> np.ndarray:
+        """Boolean class_sets_SC; classes without images never join."""
+        keep_SC = (stats.fire_frac_SC >= self.min_fire_frac) & (stats.n_images_C > 0)
+        if self.min_rel_mean_act > 0:
+            top_S1 = stats.mean_act_SC.max(axis=1, keepdims=True)
+            keep_SC &= stats.mean_act_SC >= self.min_rel_mean_act * top_S1
+        return keep_SC
+
+
+@dataclass
+class ClassStats:
+    """Per-feature, per-class statistics of codes over a labelled set of images."""
+
+    #: fraction of class c's images on which feature s fires
+    fire_frac_SC: np.ndarray
+    #: mean code of feature s over class c's images (zeros included)
+    mean_act_SC: np.ndarray
+    #: number of images of each class
+    n_images_C: np.ndarray
+    #: fraction of all images on which feature s fires
+    firing_rate_S: np.ndarray
+
+
+def _as_batches(codes: Any, labels: Any, chunk: int = 8192) -> Iterator[tuple[Any, Any]]:
+    if labels is None:
+        yield from codes
+        return
+    if len(codes) != len(labels):
+        raise ValueError(f"{len(codes)} rows of codes but {len(labels)} labels")
+    for start in range(0, len(labels), chunk):
+        yield codes[start : start + chunk], labels[start : start + chunk]
+
+
+def class_stats(
+    codes: Any,
+    labels: Any = None,
+    n_classes: int | None = None,
+    *,
+    fire_threshold: float = 0.0,
+    progress: bool = False,
+) -> ClassStats:
+    """Per-class firing fractions and mean codes, accumulated batch by batch so that stores
+    larger than memory stream through. ``codes`` is either codes_NS (array or tensor) with
+    ``labels`` [N], or an iterable of (codes_BS, labels_B) batches with ``labels=None``."""
+    if n_classes is None:
+        if labels is None:
+            raise ValueError("pass n_classes when codes is an iterator of batches")
+        n_classes = int(np.max(np.asarray(labels))) + 1
+    fire_CS = act_CS = None
+    n_images_C = torch.zeros(n_classes, dtype=torch.int64)
+    for codes_BS, labels_B in tqdm(_as_batches(codes, labels), disable=not progress):
+        codes_BS = torch.as_tensor(
+            np.asarray(codes_BS) if not torch.is_tensor(codes_BS) else codes_BS
+        )
+        codes_BS = codes_BS.detach().to("cpu", torch.float32)
+        labels_B = torch.as_tensor(np.asarray(labels_B)).to(torch.int64).reshape(-1)
+        if codes_BS.ndim != 2 or codes_BS.shape[0] != labels_B.shape[0]:
+            raise ValueError(
+                f"a batch needs codes [B, S] and labels [B]; got {tuple(codes_BS.shape)} "
+                f"and {tuple(labels_B.shape)}"
+            )
+        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() >= n_classes):
+            raise ValueError(
+                f"labels must be class indices in [0, {n_classes}); got "
+                f"{int(labels_B.min())}..{int(labels_B.max())}"
+            )
+        if fire_CS is None:
+            fire_CS = torch.zeros(n_classes, codes_BS.shape[1])
+            act_CS = torch.zeros(n_classes, codes_BS.shape[1])
+        # index_add_ is a per-class scatter, O(B·S); a one-hot matmul would be O(B·S·C).
+        fire_CS.index_add_(0, labels_B, (codes_BS > fire_threshold).float())
+        act_CS.index_add_(0, labels_B, codes_BS)
+        n_images_C += torch.bincount(labels_B, minlength=n_classes)
+    if fire_CS is None:
+        raise ValueError("no codes to accumulate: the input is empty")
+    denom_C = n_images_C.clamp(min=1).float()
+    return ClassStats(
+        fire_frac_SC=(fire_CS / denom_C[:, None]).T.contiguous().numpy(),
+        mean_act_SC=(act_CS / denom_C[:, None]).T.contiguous().numpy(),
+        n_images_C=n_images_C.numpy(),
+        firing_rate_S=(fire_CS.sum(0) / max(int(n_images_C.sum()), 1)).numpy(),
+    )
+
+
+def class_sets(
+    codes: Any,
+    labels: Any = None,
+    n_classes: int | None = None,
+    rule: ClassSetRule | None = None,
+) -> np.ndarray:
+    """Boolean class_sets_SC: C_k for every feature, by ``rule`` (default `ClassSetRule()`)."""
+    rule = rule or ClassSetRule()
+    return rule.apply(class_stats(codes, labels, n_classes, fire_threshold=rule.fire_threshold))
+
+
+def _device_dtype(encoder: Any) -> tuple[torch.device, torch.dtype]:
+    weight = getattr(encoder, "W_enc", None)
+    if torch.is_tensor(weight):
+        return weight.device, weight.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def class_stats_from_store(
+    store: Any,
+    sae: Any,
+    layer: int,
+    *,
+    fire_threshold: float = 0.0,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> ClassStats:
+    """Per-class statistics of ``sae.encode`` over a store's CLS tokens at ``layer``. Reads
+    ``store.cls(layer)`` in order, chunk by chunk, beside ``store.labels`` (``store.batches``
+    shuffles and drops labels). Anything with ``encode(acts_BD) -> codes_BS`` works as ``sae``,
+    e.g. the baselines below."""
+    acts_ND = store.cls(layer)
+    labels_N = np.asarray(store.labels)
+    n_classes = len(store.class_names)
+    device, dtype = _device_dtype(sae)
+
+    def batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        with torch.no_grad():
+            for start in tqdm(
+                range(0, len(labels_N), batch_size),
+                desc=f"layer {layer} codes",
+                disable=not progress,
+            ):
+                acts_BD = torch.from_numpy(
+                    np.asarray(acts_ND[start : start + batch_size], np.float32)
+                )
+                yield sae.encode(acts_BD.to(device, dtype)), labels_N[start : start + batch_size]
+
+    return class_stats(batches(), None, n_classes, fire_threshold=fire_threshold)
+
+
+def class_sets_from_store(
+    store: Any,
+    sae: Any,
+    layer: int,
+    rule: ClassSetRule | None = None,
+    *,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> np.ndarray:
+    """Boolean class_sets_SC of ``sae``'s features over a store's labelled CLS tokens."""
+    rule = rule or ClassSetRule()
+    stats = class_stats_from_store(
+        store,
+        sae,
+        layer,
+        fire_threshold=rule.fire_threshold,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return rule.apply(stats)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _as_float_tensor(acts: Any) -> torch.Tensor:
+    if torch.is_tensor(acts):
+        return acts.detach().float()
+    return torch.from_numpy(np.asarray(acts, dtype=np.float32))
+
+
+class NeuronBaseline:
+    """The encoder's own neurons as features: code_d = ReLU(x_d - mean_d). Centring is the
+    normalisation that matters for firing (an SAE subtracts b_dec, near the data mean); any
+    positive rescaling the SAE applies changes no firing decision under a scale-free rule."""
+
+    def __init__(self, mean_D: torch.Tensor) -> None:
+        self.mean_D = mean_D.float()
+
+    @classmethod
+    def fit(cls, acts_ND: Any) -> NeuronBaseline:
+        return cls(_as_float_tensor(acts_ND).mean(0))
+
+    def encode(self, acts_BD: torch.Tensor) -> torch.Tensor:
+        return torch.relu(acts_BD.float() - self.mean_D.to(acts_BD.device))
+
+
+class RandomDirections:
+    """Random unit directions as features: code_s = ReLU(w_s · (x - mean) + b_s), with b_s set
+    so that the direction fires on a chosen fraction of images (the SAE's firing rate)."""
+
+    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, mean_D: torch.Tensor) -> None:
+        self.W_enc, self.b_enc, self.mean_D = W_enc.float(), b_enc.float(), mean_D.float()
+
+    @classmethod
+    def fit(
+        cls,
+        acts_ND: Any,
+        n: int,
+        firing_rate: float | Sequence[float] | np.ndarray,
+        seed: int = 0,
+        mean_D: torch.Tensor | None = None,
+    ) -> RandomDirections:
+        """``firing_rate``: one fraction for all directions, or one per direction (match an
+        SAE's per-feature rates, dead features included). Biases come from quantiles of the
+        projections of ``acts_ND`` (a sample of the store is enough)."""
+        acts_ND = _as_float_tensor(acts_ND)
+        if acts_ND.ndim != 2 or acts_ND.shape[0] < 1:
+            raise ValueError(f"acts must be [N, D] with N >= 1, got {tuple(acts_ND.shape)}")
+        rate_S = torch.as_tensor(np.asarray(firing_rate, dtype=np.float64)).expand(n)
+        if rate_S.min() < 0 or rate_S.max() > 1:
+            raise ValueError("firing_rate must lie in [0, 1]")
+        mean_D = acts_ND.mean(0) if mean_D is None else mean_D.float()
+        generator = torch.Generator().manual_seed(seed)
+        W_DS = torch.randn(acts_ND.shape[1], n, generator=generator)
+        W_DS /= W_DS.norm(dim=0, keepdim=True)
+        centred_ND = acts_ND - mean_D
+        n_rows = acts_ND.shape[0]
+        n_fire_S = torch.round(rate_S * n_rows).long()
+        b_S = torch.empty(n)
+        for start in range(0, n, 1024):
+            proj_NK = centred_ND @ W_DS[:, start : start + 1024]
+            desc_NK = proj_NK.sort(dim=0, descending=True).values
+            # Row N (one past the smallest) makes every row fire when the rate is 1.
+            desc_NK = torch.cat([desc_NK, desc_NK[-1:] - 1.0])
+            k_K = n_fire_S[start : start + 1024]
+            b_S[start : start + 1024] = -desc_NK[k_K, torch.arange(k_K.numel())]
+        return cls(W_DS, b_S, mean_D)
+
+    def encode(self, acts_BD: torch.Tensor) -> torch.Tensor:
+        x = acts_BD.float() - self.mean_D.to(acts_BD.device)
+        return torch.relu(x @ self.W_enc.to(x.device) + self.b_enc.to(x.device))
+
+
+def neuron_codes(acts_ND: Any, mean_D: torch.Tensor | None = None) -> torch.Tensor:
+    """The neuron baseline's codes_ND = ReLU(acts - mean), mean over ``acts`` unless given."""
+    baseline = NeuronBaseline.fit(acts_ND) if mean_D is None else NeuronBaseline(mean_D)
+    return baseline.encode(_as_float_tensor(acts_ND))
+
+
+def random_direction_codes(
+    acts_ND: Any, n: int, firing_rate: float | Sequence[float] | np.ndarray, seed: int = 0
+) -> torch.Tensor:
+    """The random-direction baseline's codes_NS: ``n`` random unit directions whose ReLU
+    biases make each fire on ``firing_rate`` of the rows of ``acts``."""
+    directions = RandomDirections.fit(acts_ND, n, firing_rate, seed)
+    return directions.encode(_as_float_tensor(acts_ND))
+
+
+TABLE2_ROWS = ("Original encoder", "Random vectors", "SAE features")
+
+
+def class_sets_with_baselines(
+    store: Any,
+    saes: Mapping[int, Any],
+    rule: ClassSetRule | None = None,
+    *,
+    n_fit: int = 8192,
+    seed: int = 0,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> dict[str, dict[int, np.ndarray]]:
+    """Class sets of every layer's SAE features and of both baselines, keyed by Table 2's
+    rows: the neurons (centred with a sample mean) and as many random directions as SAE
+    features, each direction matching one SAE feature's firing rate on the store. The
+    baselines are fitted on ``n_fit`` rows drawn at random (seeded) from the store."""
+    rule = rule or ClassSetRule()
+    out: dict[str, dict[int, np.ndarray]] = {row: {} for row in TABLE2_ROWS}
+    for layer, sae in saes.items():
+        common = dict(fire_threshold=rule.fire_threshold, batch_size=batch_size, progress=progress)
+        stats = class_stats_from_store(store, sae, layer, **common)
+        out["SAE features"][layer] = rule.apply(stats)
+        acts_ND = store.cls(layer)
+        rng = np.random.default_rng(seed + layer)
+        rows = np.sort(rng.choice(len(acts_ND), size=min(n_fit, len(acts_ND)), replace=False))
+        sample_ND = np.asarray(acts_ND[rows], dtype=np.float32)
+        neurons = NeuronBaseline.fit(sample_ND)
+        directions = RandomDirections.fit(
+            sample_ND, len(stats.firing_rate_S), stats.firing_rate_S, seed=seed + layer
+        )
+        for row, baseline in (("Original encoder", neurons), ("Random vectors", directions)):
+            out[row][layer] = rule.apply(class_stats_from_store(store, baseline, layer, **common))
+    return out
+
+
+def _stack(class_sets: np.ndarray | sparse.sparray | Mapping[int, Any]) -> sparse.csr_array:
+    if isinstance(class_sets, Mapping):
+        if not class_sets:
+            raise ValueError("no class sets given")
+        return sparse.vstack([sparse.csr_array(v, dtype=bool) for v in class_sets.values()]).tocsr()
+    return sparse.csr_array(class_sets, dtype=bool)
+
+
+def table2(
+    class_sets: Mapping[str, np.ndarray | Mapping[int, np.ndarray]],
+    taxonomy: Taxonomy,
+    *,
+    thresholds: Sequence[float] = (0.99, 0.75),
+    min_classes: int = 2,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Paper 003 Table 2: per row (e.g. `class_sets_with_baselines`'s output), the number of
+    features with coverage above each threshold and the number of features (all of them,
+    those firing on no class included; that count is the extra last column).
+
+    Only features on at least ``min_classes`` classes are counted as high-coverage: a
+    single-class set always has coverage 1 (paper 000 §3.2), and the paper's counts (479 of
+    491,520) only make sense for multi-class features."""
+    records = {}
+    for row, sets in class_sets.items():
+        m = taxonomy.metrics(_stack(sets), progress=progress)
+        multi_F = m.n_classes_F >= min_classes
+        record = {f"> {t:g}": int(np.sum(multi_F & (m.coverage_F > t))) for t in thresholds}
+        record["# Features"] = len(m.n_classes_F)
+        record["# Fire on no class"] = int(np.sum(m.n_classes_F == 0))
+        records[row] = record
+    return pd.DataFrame.from_dict(records, orient="index").rename_axis("Ontological Coverage")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def feature_table(
+    class_sets: np.ndarray | sparse.sparray | Mapping[int, Any],
+    taxonomy: Taxonomy,
+    *,
+    layer: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per feature that fires on at least one class: layer, feature, n_classes, lch
+    (wnid), lch_name, height, coverage and an automatic label. ``class_sets`` is one layer's
+    class_sets_SC (named by ``layer``) or ``{layer: class_sets_SC}``; all layers are scored in
+    one vectorised pass. ``table.attrs['n_no_class']`` counts the excluded features per layer."""
+    per_layer = class_sets if isinstance(class_sets, Mapping) else {layer: class_sets}
+    widths = [sparse.csr_array(v).shape[0] for v in per_layer.values()]
+    m = taxonomy.metrics(_stack(per_layer), progress=progress)
+    frame = pd.DataFrame(
+        {
+            "layer": np.repeat(np.array(list(per_layer.keys()), dtype=object), widths),
+            "feature": np.concatenate([np.arange(w) for w in widths]),
+            "n_classes": m.n_classes_F,
+            "lch": np.array(taxonomy.synsets + [None], dtype=object)[m.lch_F],
+            "height": m.height_F,
+            "coverage": m.coverage_F,
+        }
+    )
+    fired = frame["n_classes"] > 0
+    n_no_class = (~fired).groupby(frame["layer"], sort=False).sum()
+    frame = frame[fired].reset_index(drop=True)
+    frame.insert(4, "lch_name", frame["lch"].map(taxonomy.names))
+    frame["label"] = feature_labels(frame)
+    frame.attrs["n_no_class"] = {k: int(v) for k, v in n_no_class.items()}
+    return frame
+
+
+def feature_labels(table: pd.DataFrame) -> pd.Series:
+    """Automatic names from each feature's LCH, e.g. 'layer 36 / 657: elasmobranch (coverage
+    1.00, 5 classes)'; the layer part is left out where the layer is unknown."""
+    where = np.where(table["layer"].isna(), "", "layer " + table["layer"].astype(str) + " / ")
+    n = table["n_classes"]
+    return (
+        where
+        + table["feature"].astype(str)
+        + ": "
+        + table["lch_name"].fillna("no common hypernym").astype(str)
+        + " (coverage "
+        + table["coverage"].map("{:.2f}".format)
+        + ", "
+        + n.astype(str)
+        + np.where(n == 1, " class)", " classes)")
+    )
+
+
+def plot_height_vs_coverage(
+    table: pd.DataFrame,
+    layers: Sequence[Any] | None = None,
+    *,
+    min_classes: int = 1,
+    height_bin: float = 0.5,
+    coverage_bins: int = 20,
+    ncols: int = 4,
+):
+    """Paper 000 Fig. 2: per layer, a 2D histogram of LCH height (x) against ontological
+    coverage (y) of the features in a `feature_table`; log-scaled counts, since single-class
+    features (top-left corner) outnumber the rest by orders of magnitude. Returns a Figure."""
+    import seaborn as sns
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    layers = list(pd.unique(table["layer"])) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("the table has no layers to plot")
+    data = table[(table["n_classes"] >= min_classes) & table["coverage"].notna()]
+    top = max(float(data["height"].max()) if len(data) else 1.0, 1.0)
+    x_edges = np.arange(0.0, top + height_bin, height_bin)
+    y_edges = np.linspace(0.0, 1.0, coverage_bins + 1)
+    ncols = min(ncols, len(layers))
+    nrows = -(-len(layers) // ncols)
+    fig = Figure(figsize=(3.6 * ncols, 3.2 * nrows), layout="constrained")
+    axes = np.atleast_1d(
+        fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    ).ravel()
+    for ax, layer in zip(axes, layers, strict=False):
+        panel = data[data["layer"] == layer] if layer is not None else data[data["layer"].isna()]
+        if len(panel):
+            sns.histplot(
+                panel, x="height", y="coverage", bins=[x_edges, y_edges], ax=ax,
+                cmap="mako_r", norm=LogNorm(), vmin=None, vmax=None, cbar=True,
+            )  # fmt: skip
+        ax.set_title(
+            f"layer {layer} ({len(panel)} features)"
+            if layer is not None
+            else f"{len(panel)} features"
+        )
+        ax.set_xlabel("LCH height")
+        ax.set_ylabel("ontological coverage")
+        ax.set_xlim(0, x_edges[-1])
+        ax.set_ylim(0, 1.02)
+    for ax in axes[len(layers) :]:
+        ax.set_visible(False)
+    return fig
