@@ -1,0 +1,732 @@
+"""Steering Stable Diffusion with SAE features of its text encoder (paper 003, §4, Table 3, App. B).
+
+The stages, left to right:
+
+1. `text_token_activations`: every token position of every prompt, taken at one layer of the
+   pipeline's text encoder, becomes an independent row `acts_ND`, with a table saying which
+   prompt, position, token and word each row came from.
+2. An SAE (SAELens) is trained on those rows elsewhere (`saekit.sae`).
+3. `steer_embeddings` / `generate`: move the prompt's token embeddings along one SAE feature and
+   hand them to the denoiser through diffusers' `prompt_embeds`; with classifier-free guidance
+   the negative embedding is moved the other way.
+4. Attribute discovery (§4.2): `descriptive_features` keeps features that fire mostly on nouns,
+   adjectives and adverbs; `discover_attributes` steers sample prompts and asks a `Describer` what
+   changed; `dominant_keywords` picks each feature's keyword by inverse document frequency.
+5. Validation (Table 3): `clip_similarities` and `table3` (paired t-test from scipy).
+
+The activation space is exactly what the denoiser reads: `layer=-2` is the penultimate hidden
+state as diffusers feeds it with `clip_skip=1` (for SD 1.x through CLIP's final layer norm), so an
+SAE trained on `text_token_activations(pipe, ..., layer)` is steered with the same `layer`.
+Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SD 3.x (`StableDiffusion3Pipeline`,
+three text encoders, Appendix B) are supported; for SD 3 the rows are positions of the joint
+CLIP+T5 sequence and the pooled CLIP vector is left unsteered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL.Image import Image
+from scipy import stats
+from tqdm.auto import tqdm
+
+PAPER_PIPELINE = "CompVis/stable-diffusion-v1-4"
+PAPER_CLIP = "openai/clip-vit-base-patch32"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+SteerMode = Literal["add", "amplify"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _offline_error(kind: str, id_or_path: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"Could not load {kind} {id_or_path!r}: {err}\n"
+        "This machine has no access to the Hugging Face Hub. Either pass a local folder saved with "
+        "save_pretrained (the mini profile builds one with saekit.steering_mini), or download the "
+        f"model on a machine with internet (`huggingface-cli download {id_or_path}`) and copy the "
+        "HF cache (HF_HOME) here."
+    )
+
+
+def load_pipeline(
+    id_or_path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    local_files_only: bool = False,
+):
+    """Load a Stable Diffusion 1.x/2.x or 3.x pipeline (no safety checker) from a hub id or folder.
+
+    `CompVis/stable-diffusion-v1-4` (the paper's model) and a folder from
+    `saekit.steering_mini.build_mini_sd` go through the same call.
+    """
+    from diffusers import DiffusionPipeline
+
+    source = str(id_or_path)
+    try:
+        class_name = DiffusionPipeline.load_config(source, local_files_only=local_files_only)[
+            "_class_name"
+        ]
+    except (OSError, ValueError) as err:
+        raise _offline_error("pipeline", source, err) from err
+    if class_name not in SUPPORTED_PIPELINES:
+        raise ValueError(
+            f"{source!r} is a {class_name}; steering supports {', '.join(SUPPORTED_PIPELINES)}."
+        )
+    extra = {"safety_checker": None, "requires_safety_checker": False}
+    if class_name != "StableDiffusionPipeline":
+        extra = {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            source, dtype=dtype, local_files_only=local_files_only, **extra
+        )
+    except OSError as err:
+        raise _offline_error("pipeline", source, err) from err
+    pipe.set_progress_bar_config(disable=True)  # our own loops show the progress
+    return pipe.to(device)
+
+
+def load_clip(
+    id_or_path: str | Path, *, device: str | torch.device = "cpu", local_files_only: bool = False
+):
+    """Load a `CLIPModel` and its `CLIPProcessor` (validation and the zero-shot describer)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    source = str(id_or_path)
+    try:
+        model = CLIPModel.from_pretrained(source, local_files_only=local_files_only)
+        processor = CLIPProcessor.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise _offline_error("CLIP model", source, err) from err
+    return model.to(device).eval(), processor
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Read a prompt file: one prompt per line; blank lines and `#` comments are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts; write one prompt per line.")
+    return prompts
+
+
+def mini_prompt_file() -> Path:
+    """The mini profile's generated prompt corpus shipped with the package."""
+    return Path(__file__).parent / "data" / "prompts_mini.txt"
+
+
+# --------------------------------------------------------------------------- text activations
+
+
+@dataclass
+class PromptEmbeds:
+    """The conditioning a pipeline's denoiser reads for a batch of prompts."""
+
+    tokens_BTD: torch.Tensor
+    """Per-token embeddings passed as `prompt_embeds` (T positions of width D)."""
+    pooled_BE: torch.Tensor | None = None
+    """SD 3's pooled CLIP vector (`pooled_prompt_embeds`); None for SD 1.x/2.x."""
+
+
+def _is_sd3(pipe) -> bool:
+    return type(pipe).__name__.startswith("StableDiffusion3")
+
+
+def _hidden_index(pipe, layer: int) -> int:
+    """Validate `layer` (-1 last, -2 penultimate, 0 embeddings) and return it as a non-negative index."""
+    n_layers = pipe.text_encoder.config.num_hidden_layers
+    index = layer if layer >= 0 else n_layers + 1 + layer
+    # SD 3 reads hidden_states[-(clip_skip + 2)], so its last usable layer is the penultimate.
+    top = n_layers - 1 if _is_sd3(pipe) else n_layers
+    if not 0 <= index <= top:
+        raise ValueError(
+            f"layer={layer} is outside this text encoder's {n_layers} layers; use an index into "
+            f"its hidden states between {-(n_layers + 1)} and {top - n_layers - 1} (-2 = penultimate)."
+        )
+    return index
+
+
+@torch.inference_mode()
+def encode_prompts(
+    pipe, prompts: Sequence[str], layer: int = -2, max_sequence_length: int = 256
+) -> PromptEmbeds:
+    """Text-encoder output at `layer` for `prompts`, in the form the pipeline's denoiser reads.
+
+    SD 3 goes through the pipeline's own `encode_prompt` (`clip_skip`); `max_sequence_length`
+    is its T5 length. For SD 1.x/2.x we tokenise and run the encoder ourselves: diffusers'
+    `clip_skip` path reaches for `text_encoder.text_model`, which transformers 5's
+    `CLIPTextModel` no longer has. As in diffusers, a hidden state below the last goes through
+    CLIP's final layer norm, so `layer=-1` reproduces `pipe(prompt=...)` exactly.
+    """
+    prompts = list(prompts)
+    device = pipe._execution_device
+    index = _hidden_index(pipe, layer)
+    if _is_sd3(pipe):
+        skip = pipe.text_encoder.config.num_hidden_layers - 1 - index
+        tokens, _, pooled, _ = pipe.encode_prompt(
+            prompts,
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            clip_skip=skip or None,
+            max_sequence_length=max_sequence_length,
+        )
+        return PromptEmbeds(tokens, pooled)
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    enc = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    mask = (
+        enc.attention_mask.to(device)
+        if getattr(encoder.config, "use_attention_mask", False)
+        else None
+    )
+    out = encoder(enc.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+    if index == encoder.config.num_hidden_layers:
+        tokens = out.last_hidden_state
+    else:
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        tokens = final_norm(out.hidden_states[index])
+    return PromptEmbeds(tokens.to(encoder.dtype))
+
+
+def _token_segments(pipe, max_sequence_length: int) -> list[tuple[object, int]]:
+    """(tokenizer, length) for each run of positions in the embedding sequence, in order."""
+    segments = [(pipe.tokenizer, pipe.tokenizer.model_max_length)]
+    if _is_sd3(pipe):
+        segments.append((pipe.tokenizer_3, max_sequence_length))
+    return segments
+
+
+def text_token_activations(
+    pipe,
+    prompts: Sequence[str],
+    layer: int = -2,
+    batch_size: int = 32,
+    *,
+    include_padding: bool = False,
+    max_sequence_length: int = 256,
+) -> tuple[torch.Tensor, pd.DataFrame]:
+    """Token-level text-encoder activations: every position of every prompt is one row.
+
+    Returns `acts_ND` (float32, CPU) and `token_info`, one row per activation row with columns
+    `prompt` (index into `prompts`), `position`, `token_id`, `token` and `word` (the lower-cased
+    word the token belongs to; "" for special and padding tokens). Padding positions are
+    left out unless `include_padding`, since they repeat the end-of-text token and would swamp
+    the corpus (the denoiser still sees them, and steering moves them too).
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string.")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt.")
+    acts, info = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="text activations"):
+        batch = prompts[start : start + batch_size]
+        tokens_BTD = (
+            encode_prompts(pipe, batch, layer, max_sequence_length).tokens_BTD.float().cpu()
+        )
+        keep_BT = torch.zeros(tokens_BTD.shape[:2], dtype=torch.bool)
+        offset = 0
+        for tokenizer, length in _token_segments(pipe, max_sequence_length):
+            enc = tokenizer(batch, padding="max_length", max_length=length, truncation=True)
+            for b, prompt in enumerate(batch):
+                mask = enc["attention_mask"][b]
+                ids = enc["input_ids"][b]
+                word_ids = enc.word_ids(b)
+                names = tokenizer.convert_ids_to_tokens(ids)
+                for t in range(length):
+                    if not (mask[t] or include_padding):
+                        continue
+                    keep_BT[b, offset + t] = True
+                    word = ""
+                    if word_ids[t] is not None and mask[t]:
+                        span = enc.word_to_chars(b, word_ids[t])
+                        word = prompt[span.start : span.end].lower()
+                    info.append((start + b, offset + t, ids[t], names[t], word))
+            offset += length
+        acts.append(tokens_BTD[keep_BT])
+    columns = ["prompt", "position", "token_id", "token", "word"]
+    return torch.cat(acts), pd.DataFrame(info, columns=columns)
+
+
+# --------------------------------------------------------------------------- steering
+
+
+def feature_direction(sae, feature: int) -> torch.Tensor:
+    """Unit-norm decoder direction of SAE feature `feature` ([D])."""
+    if not 0 <= feature < sae.cfg.d_sae:
+        raise IndexError(
+            f"feature {feature} does not exist; this SAE has {sae.cfg.d_sae} features."
+        )
+    direction_D = sae.W_dec[feature].detach()
+    return direction_D / direction_D.norm()
+
+
+@torch.inference_mode()
+def steer_embeddings(
+    prompt_embeds_BTD: torch.Tensor,
+    sae,
+    feature: int,
+    strength: float,
+    mode: SteerMode = "add",
+) -> torch.Tensor:
+    """Move every token embedding along SAE feature `feature`.
+
+    `add`: add `strength` times the feature's unit decoder direction, so each token moves by
+    exactly `strength` along it. `amplify`: scale the feature's activation by `1 + strength`
+    and decode, keeping the SAE's reconstruction error, i.e. `x + decode(c') - decode(c)`;
+    tokens where the feature is silent do not move. `strength = 0` returns the input bit for bit.
+    """
+    if prompt_embeds_BTD.shape[-1] != sae.cfg.d_in:
+        raise ValueError(
+            f"embeddings have width {prompt_embeds_BTD.shape[-1]} but the SAE expects "
+            f"{sae.cfg.d_in}; train the SAE on this pipeline's text encoder at the same layer."
+        )
+    direction_D = feature_direction(sae, feature)
+    if mode == "add":
+        shift_BTD = strength * direction_D.to(prompt_embeds_BTD)
+    elif mode == "amplify":
+        x_BTD = prompt_embeds_BTD.to(direction_D)
+        codes_BTS = sae.encode(x_BTD)
+        steered_BTS = codes_BTS.clone()
+        steered_BTS[..., feature] *= 1 + strength
+        # Subtracting two decodes (not adding the error term to one) keeps strength 0 exact.
+        shift_BTD = (sae.decode(steered_BTS) - sae.decode(codes_BTS)).to(prompt_embeds_BTD)
+    else:
+        raise ValueError(f"mode must be 'add' or 'amplify', not {mode!r}.")
+    return prompt_embeds_BTD + shift_BTD
+
+
+@dataclass
+class GenerationConfig:
+    """How `generate` runs the pipeline."""
+
+    layer: int = -2
+    """Text-encoder hidden state to steer; must be the layer the SAE was trained on."""
+    mode: SteerMode = "add"
+    """`add` a decoder direction or `amplify` the feature's activation (see `steer_embeddings`)."""
+    num_inference_steps: int = 50
+    """Denoising steps (the mini profile uses 2)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance weight; above 1 the negative embedding is steered away."""
+    height: int | None = None
+    """Image height in pixels; None uses the pipeline's native size."""
+    width: int | None = None
+    """Image width in pixels; None uses the pipeline's native size."""
+    max_sequence_length: int = 256
+    """T5 sequence length for SD 3 pipelines; ignored for SD 1.x/2.x."""
+
+
+def generate(
+    pipe,
+    prompts: str | Sequence[str],
+    sae=None,
+    feature: int = 0,
+    strength: float = 0.0,
+    seed: int = 0,
+    *,
+    negative: str = "",
+    config: GenerationConfig | None = None,
+) -> list[Image]:
+    """Generate one image per prompt, steered by `strength` along SAE `feature` (no SAE: unsteered).
+
+    The prompt embedding moves by `+strength` and the negative (unconditional) embedding by
+    `-strength`, so classifier-free guidance pushes towards the feature. Every image uses its
+    own generator seeded with `seed`, so an image does not depend on what else is in the batch.
+    """
+    config = config or GenerationConfig()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    embed = lambda texts: encode_prompts(pipe, texts, config.layer, config.max_sequence_length)  # noqa: E731
+    positive, negative_embeds = embed(prompts), embed([negative] * len(prompts))
+    if sae is not None:
+        positive.tokens_BTD = steer_embeddings(
+            positive.tokens_BTD, sae, feature, strength, config.mode
+        )
+        negative_embeds.tokens_BTD = steer_embeddings(
+            negative_embeds.tokens_BTD, sae, feature, -strength, config.mode
+        )
+    extra = {}
+    if positive.pooled_BE is not None:
+        extra = {
+            "pooled_prompt_embeds": positive.pooled_BE,
+            "negative_pooled_prompt_embeds": negative_embeds.pooled_BE,
+            "max_sequence_length": config.max_sequence_length,
+        }
+    generators = [torch.Generator("cpu").manual_seed(seed) for _ in prompts]
+    return pipe(
+        prompt_embeds=positive.tokens_BTD,
+        negative_prompt_embeds=negative_embeds.tokens_BTD,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        height=config.height,
+        width=config.width,
+        generator=generators,
+        **extra,
+    ).images
+
+
+# --------------------------------------------------------------------------- attribute discovery
+
+Lexicon = Callable[[str], "str | None"]
+"""Maps a word to its WordNet part of speech (`n`, `v`, `a`, `r`) or None when it has none."""
+
+DESCRIPTIVE_POS = frozenset("nar")
+# Closed-class words: WordNet lists only open-class words but gives some of these a rare noun
+# sense ("a" = vitamin A, "in" = inch), which would make them look descriptive.
+CLOSED_CLASS = frozenset(
+    "a an the this that these those some any each every no and or but nor so yet of in on at by "
+    "for with without from to into onto over under above below near behind between through "
+    "during before after up down out off about as than like is are was were be been being am "
+    "it its he she they them their his her him we us our you your i me my who which what".split()
+)
+
+
+def wordnet_lexicon(nltk_data: str | Path | None = None) -> Lexicon:
+    """Part of speech from WordNet lemma lookups (NLTK's tagger data cannot be downloaded here).
+
+    A word's POS is the one whose lemmas (after `morphy` lemmatisation) are most frequent in
+    SemCor, falling back to the POS with most senses. Adjective satellites count as `a`.
+    """
+    import nltk
+    from nltk.corpus import wordnet
+
+    if nltk_data is not None and str(nltk_data) not in nltk.data.path:
+        nltk.data.path.append(str(nltk_data))
+    try:
+        wordnet.ensure_loaded()
+    except LookupError as err:
+        raise RuntimeError(
+            "The WordNet corpus is not installed. Point NLTK_DATA (or nltk_data=) at a folder "
+            "holding corpora/wordnet, e.g. the one the project's setup script creates."
+        ) from err
+
+    @cache
+    def lookup(word: str) -> str | None:
+        best, best_key = None, (0, 0)
+        for pos in "nvar":
+            lemma = wordnet.morphy(word.lower(), pos)
+            if lemma is None:
+                continue
+            lemmas = wordnet.lemmas(lemma, pos)
+            key = (sum(entry.count() for entry in lemmas), len(lemmas))
+            if key > best_key:
+                best, best_key = pos, key
+        return best
+
+    return lookup
+
+
+def is_descriptive(word: str, lexicon: Lexicon | Mapping[str, str]) -> bool:
+    """Whether `word` is a noun, adjective or adverb (closed-class words never are)."""
+    word = word.lower()
+    if not word or word in CLOSED_CLASS:
+        return False
+    pos = lexicon.get(word) if isinstance(lexicon, Mapping) else lexicon(word)
+    return pos is not None and pos[0] in DESCRIPTIVE_POS | {"s"}
+
+
+@torch.inference_mode()
+def descriptive_features(
+    sae,
+    acts_ND: torch.Tensor,
+    words: Sequence[str],
+    lexicon: Lexicon | Mapping[str, str],
+    *,
+    min_share: float = 0.8,
+    min_active: int = 5,
+    top_k: int = 10,
+    batch_size: int = 4096,
+) -> pd.DataFrame:
+    """Score every SAE feature by how much of its activation lands on descriptive words (§4.2a).
+
+    `words[n]` is the word row n came from (`token_info.word`; "" for special tokens).
+    `descriptive_share` is the feature's activation mass on nouns/adjectives/adverbs over its
+    total mass; a feature is `selected` when that share is at least `min_share` and it fires on
+    at least `min_active` tokens. `top_words` are the words of its `top_k` strongest tokens.
+    Streams `acts_ND` in batches, so the [N, S] code matrix never exists at once.
+    """
+    if len(words) != len(acts_ND):
+        raise ValueError(
+            f"{len(words)} words for {len(acts_ND)} activation rows; pass token_info.word."
+        )
+    descriptive_N = torch.tensor([is_descriptive(w, lexicon) for w in words], dtype=torch.bool)
+    n_features = sae.cfg.d_sae
+    mass_S = torch.zeros(n_features, dtype=torch.float64)
+    descriptive_S = torch.zeros(n_features, dtype=torch.float64)
+    active_S = torch.zeros(n_features, dtype=torch.long)
+    top_values_KS = torch.full((0, n_features), -math.inf)
+    top_rows_KS = torch.zeros((0, n_features), dtype=torch.long)
+    for start in tqdm(range(0, len(acts_ND), batch_size), desc="feature activations"):
+        x_BD = acts_ND[start : start + batch_size].to(sae.W_dec)
+        codes_BS = sae.encode(x_BD).float().cpu().clamp_min(0)
+        mass_S += codes_BS.sum(0).double()
+        descriptive_S += codes_BS[descriptive_N[start : start + len(x_BD)]].sum(0).double()
+        active_S += (codes_BS > 0).sum(0)
+        rows_BS = torch.arange(start, start + len(x_BD)).unsqueeze(1).expand_as(codes_BS)
+        values_KS = torch.cat([top_values_KS, codes_BS])
+        k = min(top_k, len(values_KS))
+        top_values_KS, order_KS = values_KS.topk(k, dim=0)
+        top_rows_KS = torch.cat([top_rows_KS, rows_BS]).gather(0, order_KS)
+    share_S = (descriptive_S / mass_S.clamp_min(1e-12)).float()
+    top_words = [
+        [words[r] or "<special>" for r, v in zip(rows, values, strict=True) if v > 0]
+        for rows, values in zip(top_rows_KS.T.tolist(), top_values_KS.T.tolist(), strict=True)
+    ]
+    table = pd.DataFrame(
+        {
+            "feature": np.arange(n_features),
+            "n_active": active_S.numpy(),
+            "descriptive_share": share_S.numpy(),
+            "top_words": top_words,
+        }
+    )
+    table["selected"] = (table.descriptive_share >= min_share) & (table.n_active >= min_active)
+    return table
+
+
+class Describer(Protocol):
+    """Names what differs between original and steered images (§4.2c), e.g. an LMM or CLIP."""
+
+    def describe(self, originals: Sequence[Image], steered: Sequence[Image]) -> list[str]:
+        """Keywords for what the steered images show more of, most important first."""
+        ...
+
+
+@torch.inference_mode()
+def _clip_image_embeds(model, processor, images: Sequence[Image]) -> torch.Tensor:
+    pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    out = model.get_image_features(pixel_values=pixels.to(model.device))
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+
+
+@torch.inference_mode()
+def _clip_text_embeds(model, processor, texts: Sequence[str]) -> torch.Tensor:
+    enc = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+    out = model.get_text_features(
+        input_ids=enc["input_ids"].to(model.device),
+        attention_mask=enc["attention_mask"].to(model.device),
+    )
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+
+
+@dataclass
+class ClipDescriber:
+    """Zero-shot describer: the vocabulary words whose CLIP similarity rises most under steering.
+
+    Stands in for the paper's Qwen2.5-VL where no LMM is available (the mini profile).
+    """
+
+    model: object
+    """A transformers `CLIPModel`."""
+    processor: object
+    """Its `CLIPProcessor`."""
+    vocabulary: Sequence[str]
+    """Candidate attribute words or phrases."""
+    top_k: int = 3
+    """How many keywords to return."""
+    _vocab_VE: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def scores(self, originals: Sequence[Image], steered: Sequence[Image]) -> torch.Tensor:
+        """Mean cosine similarity gain (steered minus original) for every vocabulary word ([V])."""
+        if self._vocab_VE is None:
+            self._vocab_VE = _clip_text_embeds(self.model, self.processor, self.vocabulary)
+        orig_BE = _clip_image_embeds(self.model, self.processor, originals)
+        steer_BE = _clip_image_embeds(self.model, self.processor, steered)
+        return (steer_BE @ self._vocab_VE.T).mean(0) - (orig_BE @ self._vocab_VE.T).mean(0)
+
+    def describe(self, originals: Sequence[Image], steered: Sequence[Image]) -> list[str]:
+        order = self.scores(originals, steered).argsort(descending=True)[: self.top_k]
+        return [self.vocabulary[i] for i in order.tolist()]
+
+
+@dataclass
+class Discovery:
+    """Images and keywords from `discover_attributes`."""
+
+    prompts: list[str]
+    """The sample prompts."""
+    originals: list[Image]
+    """Unsteered image of each prompt."""
+    steered: dict[int, list[Image]]
+    """Per feature, the steered image of each prompt."""
+    keywords: dict[int, list[str]]
+    """Per feature, every keyword the describer returned (all calls, in order)."""
+
+
+def discover_attributes(
+    pipe,
+    sae,
+    features: Sequence[int],
+    prompts: Sequence[str],
+    describer: Describer,
+    strength: float,
+    *,
+    seed: int = 0,
+    images_per_call: int = 4,
+    config: GenerationConfig | None = None,
+) -> Discovery:
+    """Steer `prompts` along each feature and ask `describer` what changed (§4.2b-c).
+
+    Prompts go to the describer in groups of `images_per_call` (the paper shows Qwen2.5-VL 4
+    image pairs); each group's keywords are appended, so a keyword named by several groups
+    counts several times in `dominant_keywords`.
+    """
+    prompts = list(prompts)
+    originals = generate(pipe, prompts, seed=seed, config=config)
+    steered, keywords = {}, {}
+    for feature in tqdm(list(features), desc="steering features"):
+        images = generate(pipe, prompts, sae, feature, strength, seed, config=config)
+        steered[feature], keywords[feature] = images, []
+        for start in range(0, len(prompts), images_per_call):
+            group = slice(start, start + images_per_call)
+            keywords[feature] += describer.describe(originals[group], images[group])
+    return Discovery(prompts, originals, steered, keywords)
+
+
+def dominant_keywords(keywords: Mapping[int, Sequence[str]]) -> dict[int, str]:
+    """Each feature's main attribute: its keyword with the highest tf x idf (§4.2d).
+
+    A feature's keywords form one document; idf(w) = log(F / df(w)) over the F features that
+    have keywords, so words every feature gets ("colorful") lose to the feature's own. Ties
+    go to the more frequent keyword, then to the one named first. Written here rather than
+    taken from scikit-learn, which the project does not depend on, in a dozen lines.
+    """
+    documents = {
+        f: [w.strip().lower() for w in words if w.strip()] for f, words in keywords.items()
+    }
+    documents = {f: words for f, words in documents.items() if words}
+    document_frequency = Counter(w for words in documents.values() for w in set(words))
+    n_documents = len(documents)
+    chosen = {}
+    for feature, words in documents.items():
+        counts = Counter(words)
+
+        def score(word: str, counts: Counter = counts, words: list[str] = words) -> tuple:
+            idf = math.log(n_documents / document_frequency[word])
+            return (counts[word] * idf, counts[word], -words.index(word))
+
+        chosen[feature] = max(counts, key=score)
+    return chosen
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def clip_similarities(
+    model,
+    processor,
+    originals: Sequence[Image],
+    steered: Sequence[Image],
+    prompts: Sequence[str],
+    attributes: Sequence[str],
+) -> pd.DataFrame:
+    """CLIP cosine similarities for Table 3, one row per prompt-attribute pair.
+
+    Columns: `prompt`, `attribute`, `orig_orig` = cos(I_orig, t_orig), `steer_orig` =
+    cos(I_steer, t_orig), `steer_attr` = cos(I_steer, t_attr), where t_attr = "t_orig, attr".
+    """
+    n = len(prompts)
+    if not len(originals) == len(steered) == len(attributes) == n:
+        raise ValueError(
+            "originals, steered, prompts and attributes must be aligned lists of one length; got "
+            f"{len(originals)}, {len(steered)}, {n}, {len(attributes)}."
+        )
+    z_orig_NE = _clip_image_embeds(model, processor, originals)
+    z_steer_NE = _clip_image_embeds(model, processor, steered)
+    z_t_NE = _clip_text_embeds(model, processor, prompts)
+    attributed = [f"{p}, {a}" for p, a in zip(prompts, attributes, strict=True)]
+    z_attr_NE = _clip_text_embeds(model, processor, attributed)
+    return pd.DataFrame(
+        {
+            "prompt": list(prompts),
+            "attribute": list(attributes),
+            "orig_orig": (z_orig_NE * z_t_NE).sum(-1).numpy(),
+            "steer_orig": (z_steer_NE * z_t_NE).sum(-1).numpy(),
+            "steer_attr": (z_steer_NE * z_attr_NE).sum(-1).numpy(),
+        }
+    )
+
+
+def validate_steering(
+    pipe,
+    model,
+    processor,
+    sae,
+    pairs: Sequence[tuple[str, int, str]],
+    strength: float,
+    *,
+    seed: int = 0,
+    config: GenerationConfig | None = None,
+) -> pd.DataFrame:
+    """Generate original and steered images for (prompt, feature, attribute) triples and score them."""
+    prompts = [p for p, _, _ in pairs]
+    originals = generate(pipe, prompts, seed=seed, config=config)
+    steered = [
+        generate(pipe, p, sae, f, strength, seed, config=config)[0]
+        for p, f, _ in tqdm(pairs, desc="steered images")
+    ]
+    sims = clip_similarities(model, processor, originals, steered, prompts, [a for *_, a in pairs])
+    sims.insert(1, "feature", [f for _, f, _ in pairs])
+    return sims
+
+
+@dataclass
+class Table3:
+    """Paper 003's Table 3 with the paired t-test of (I_steer, t_attr) against (I_steer, t_orig)."""
+
+    table: pd.DataFrame
+    """Rows (image, text, mean cosine similarity, std) as in the paper."""
+    t_statistic: float
+    """Paired t statistic, positive when steered images match t_attr better than t_orig."""
+    p_value: float
+    """p-value of the paired t-test under `alternative`."""
+    n: int
+    """Number of prompt-attribute pairs."""
+    relative_increase: float
+    """mean(I_steer, t_attr) / mean(I_steer, t_orig) - 1 (the paper reports 5.8%)."""
+
+
+def table3(
+    sims: pd.DataFrame, alternative: Literal["two-sided", "greater", "less"] = "two-sided"
+) -> Table3:
+    """Summarise `clip_similarities` output as Table 3 with `scipy.stats.ttest_rel`."""
+    missing = {"orig_orig", "steer_orig", "steer_attr"} - set(sims.columns)
+    if missing:
+        raise ValueError(f"sims lacks columns {sorted(missing)}; pass clip_similarities' output.")
+    if len(sims) < 2:
+        raise ValueError("a paired t-test needs at least 2 prompt-attribute pairs.")
+    rows = [
+        ("I_orig", "t_orig", "orig_orig"),
+        ("I_steer", "t_orig", "steer_orig"),
+        ("I_steer", "t_attr", "steer_attr"),
+    ]
+    table = pd.DataFrame(
+        [(image, text, sims[col].mean(), sims[col].std()) for image, text, col in rows],
+        columns=["image", "text", "cosine_similarity", "std"],
+    )
+    test = stats.ttest_rel(sims.steer_attr, sims.steer_orig, alternative=alternative)
+    return Table3(
+        table=table,
+        t_statistic=float(test.statistic),
+        p_value=float(test.pvalue),
+        n=len(sims),
+        relative_increase=float(sims.steer_attr.mean() / sims.steer_orig.mean() - 1),
+    )

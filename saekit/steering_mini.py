@@ -1,0 +1,202 @@
+"""Miniature Stable Diffusion and CLIP for the steering chapter's `mini` profile.
+
+Everything here is a real diffusers / transformers architecture built from a tiny config,
+saved with `save_pretrained` and meant to be reloaded with `from_pretrained`, so the steering
+code runs the exact path it runs on `CompVis/stable-diffusion-v1-4`. Weights are random: the
+images are noise-like and the "attributes" mechanical, but every step executes.
+
+The tokenizer cannot be downloaded, so we train a small byte-level BPE with `tokenizers` on the
+generated prompt corpus, using the same normaliser, pre-tokeniser and `</w>` word-end marker as
+CLIP's, and hand its vocabulary and merges to `transformers.CLIPTokenizer`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's own pre-tokeniser pattern, so the trained BPE splits words exactly as CLIPTokenizer does.
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+# Word lists for the generated corpus. Grouped by part of speech so the attribute-discovery
+# tests know which words are descriptive (nouns, adjectives, adverbs) and which are not.
+SUBJECTS = ["man", "woman", "cat", "dog", "bird", "robot", "castle", "car", "tree", "dragon"]
+ADJECTIVES = ["red", "blue", "old", "young", "elderly", "tiny", "giant", "shiny", "neon", "golden"]
+ADVERBS = ["brightly", "softly", "quietly", "quickly"]
+PARTICIPLES = ["glowing", "sleeping", "running", "flying"]
+ACCESSORIES = ["wearing sunglasses", "with a hat", "holding an umbrella", "with a scarf"]
+SETTINGS = ["in the desert", "by the sea", "in a forest", "on a mountain", "in the city"]
+STYLES = ["anime", "watercolor", "photograph", "cartoon", "oil painting", "abstract art"]
+MINI_PROMPT_COUNT = 200
+
+
+def mini_prompts(n: int = MINI_PROMPT_COUNT, seed: int = 0) -> list[str]:
+    """A small, deterministic corpus of Midjourney-like prompts built from the word lists above.
+
+    Example: "a tiny dragon softly glowing wearing sunglasses in the desert, watercolor".
+    """
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        adjective = rng.choice(ADJECTIVES)
+        words = ["an" if adjective[0] in "aeiou" else "a", adjective, rng.choice(SUBJECTS)]
+        if rng.random() < 0.5:
+            words += [rng.choice(ADVERBS), rng.choice(PARTICIPLES)]
+        if rng.random() < 0.5:
+            words.append(rng.choice(ACCESSORIES))
+        words.append(rng.choice(SETTINGS))
+        prompts.append(" ".join(words) + ", " + rng.choice(STYLES))
+    return prompts
+
+
+def mini_vocabulary() -> list[str]:
+    """Candidate attribute words for the CLIP zero-shot describer in the mini profile."""
+    return (
+        SUBJECTS
+        + ADJECTIVES
+        + STYLES
+        + ["sunglasses", "hat", "umbrella", "scarf", "desert", "sea", "forest", "mountain", "city"]
+    )
+
+
+def train_clip_tokenizer(texts: list[str], vocab_size: int = 512) -> CLIPTokenizer:
+    """Train a byte-level BPE on `texts` and wrap it as a `CLIPTokenizer` (max length 77)."""
+    bpe = Tokenizer(BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    vocab = bpe.get_vocab()
+    # The BPE model's merges are only reachable through its JSON form.
+    import json
+
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 0) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `StableDiffusionPipeline` (32x32 images, 32-wide text encoder) to `path`.
+
+    Reload it with `saekit.steering.load_pipeline(path)` or
+    `StableDiffusionPipeline.from_pretrained(path)`. No safety checker.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(mini_prompts())
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_mini_clip(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `CLIPModel` + `CLIPProcessor` (32x32 images) to `path` for validation."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(mini_prompts() + mini_vocabulary())
+    text = _text_config(tokenizer, hidden=32, projection=16).to_dict()
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    model.save_pretrained(path)
+    return path
