@@ -1,0 +1,58 @@
+# The two commands a researcher needs (each sets up whatever is missing first):
+#   make test    run the test suite
+#   make book    execute every chapter on miniature models and build the HTML site (_build/html)
+# Options: make book PROFILE=paper   (the papers' models by hub id; needs a GPU and the data)
+#          make chapter NAME=01_layer_sweep ARGS="-p lam 5"   (rerun one chapter)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= mini
+NPM_WIDGETS := @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8
+WIDGET_JS := book/_static/widgets/require.js book/_static/widgets/embed-amd.js
+
+# Tiny models run far faster single-threaded; NLTK finds the WordNet laid out below.
+export OMP_NUM_THREADS ?= 1
+export NLTK_DATA := $(CURDIR)/nltk_data
+export PYTHONHASHSEED := 0
+
+.PHONY: setup test book chapter lint clean benchmarks
+
+setup: $(VENV)/.installed nltk_data/corpora/wordnet/lexnames
+
+# torch first, from its CPU wheel: otherwise pip resolves torch from PyPI with gigabytes of CUDA.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+nltk_data/corpora/wordnet/lexnames:
+	bash scripts/setup_wordnet.sh nltk_data
+
+# Widget JavaScript is served from the site itself so widgets render offline.
+$(WIDGET_JS):
+	rm -rf build/npm && mkdir -p build/npm book/_static/widgets
+	cd build/npm && npm install --silent --no-audit --no-fund --prefix . $(NPM_WIDGETS) >/dev/null
+	cp build/npm/node_modules/requirejs/require.js book/_static/widgets/require.js
+	cp -r build/npm/node_modules/@jupyter-widgets/html-manager/dist/. book/_static/widgets/
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+book: setup $(WIDGET_JS)
+	$(BIN)/saekit book --profile $(PROFILE)
+
+chapter: setup
+	$(BIN)/saekit book --profile $(PROFILE) --only $(NAME) --no-html $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check saekit tests benchmarks scripts notebooks
+
+benchmarks: setup
+	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done
+
+clean:
+	rm -rf _build build runs
