@@ -1,0 +1,99 @@
+"""The book runner: parameter validation, provenance, and pinned environments that agree."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from saekit.book import ParameterError, _declared_parameters, check_parameters, setup
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMETERS_CELL = (
+    'profile = "mini"\nlam = 10.0\nlayers = "all"\nepochs: int = 3\nshow_widgets = True\n'
+)
+
+
+def test_declared_parameters_are_read_with_their_defaults():
+    assert _declared_parameters(PARAMETERS_CELL) == {
+        "profile": "mini",
+        "lam": 10.0,
+        "layers": "all",
+        "epochs": 3,
+        "show_widgets": True,
+    }
+
+
+def test_unknown_parameter_lists_the_valid_ones():
+    declared = _declared_parameters(PARAMETERS_CELL)
+    with pytest.raises(ParameterError, match=r"Unknown parameter\(s\) \['lamda'\]") as err:
+        check_parameters(declared, {"lamda": 5.0})
+    assert "lam = 10.0  (float)" in str(err.value) and "epochs = 3  (int)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name,value", [("lam", "ten"), ("epochs", 2.5), ("show_widgets", 1), ("layers", 3)]
+)
+def test_wrong_type_is_refused(name, value):
+    with pytest.raises(ParameterError, match=f"Parameter {name}="):
+        check_parameters(_declared_parameters(PARAMETERS_CELL), {name: value})
+
+
+def test_ints_are_fine_for_floats_and_profile_is_checked():
+    declared = _declared_parameters(PARAMETERS_CELL)
+    check_parameters(declared, {"lam": 5, "profile": "paper"})
+    with pytest.raises(ParameterError, match="profile must be one of"):
+        check_parameters(declared, {"profile": "huge"})
+
+
+def test_setup_reads_the_parameters_cell_from_the_kernel_history(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAEKIT_WORKDIR", str(tmp_path))
+    # What papermill leaves in the kernel: the parameters cell, then its injected overrides.
+    namespace = {
+        "In": ["", PARAMETERS_CELL, "lam = 2\n"],
+        "profile": "mini",
+        "lam": 2,
+        "layers": "all",
+        "epochs": 3,
+        "show_widgets": True,
+        "np": __import__("numpy"),
+    }
+    chapter = setup(namespace, show=False)
+    assert chapter.params == {
+        "profile": "mini",
+        "lam": 2,
+        "layers": "all",
+        "epochs": 3,
+        "show_widgets": True,
+    }
+    assert chapter.workdir == tmp_path / "mini" and chapter.workdir.is_dir()
+    namespace["typo"] = 1
+    with pytest.raises(ParameterError, match="typo"):
+        setup(namespace, show=False)
+
+
+def test_missing_dataset_folder_shows_the_expected_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAEKIT_WORKDIR", str(tmp_path))
+    namespace = {
+        "In": ['profile = "paper"\nimagenet_val = ""\n'],
+        "profile": "paper",
+        "imagenet_val": str(tmp_path / "nope"),
+    }
+    chapter = setup(namespace, show=False)
+    with pytest.raises(FileNotFoundError, match=r"n01440764/\*\.JPEG"):
+        chapter.require_folder("imagenet_val")
+
+
+def test_environment_yml_mirrors_pyproject_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = set(project["dependencies"])
+    for extra in ("datasets", "book", "dev"):
+        pins |= set(project["optional-dependencies"][extra])
+    conda = set(
+        re.findall(
+            r"^\s+- ([A-Za-z0-9_.-]+==[^\s#]+)", (ROOT / "environment.yml").read_text(), re.M
+        )
+    )
+    assert pins == conda
