@@ -166,7 +166,7 @@ def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chap
 
 
 def _show_banner(chapter: Chapter) -> None:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows = "".join(
         f"<tr><td><code>{k}</code></td><td><code>{v!r}</code></td></tr>"
         for k, v in chapter.params.items()
