@@ -55,6 +55,12 @@ def _check_wnid(wnid: Any) -> str:
     return wnid
 
 
+def _as_float_tensor(acts: Any) -> torch.Tensor:
+    if torch.is_tensor(acts):
+        return acts.detach().float()
+    return torch.from_numpy(np.asarray(acts, dtype=np.float32))
+
+
 def _wordnet():
     """NLTK's WordNet 3.0 reader, with the repo's offline ./nltk_data on the search path."""
     try:
@@ -158,6 +164,10 @@ class Taxonomy:
 
     def __repr__(self) -> str:
         return f"Taxonomy({len(self.leaves)} leaves, {len(self.synsets)} synsets)"
+
+    def __contains__(self, wnid: object) -> bool:
+        """Whether ``wnid`` is a synset of S (a leaf or one of its ancestors)."""
+        return wnid in self.synset_index
 
     # ---- constructors
 
@@ -290,6 +300,7 @@ class Taxonomy:
         return sorted(out)
 
     def _lch_index(self, classes: list[int]) -> int:
+        """The reference search: every synset, compared by (|L(h)|, Σ dist, wnid)."""
         if self._leaf_sets is None:
             self._leaf_sets = [frozenset(np.flatnonzero(row).tolist()) for row in self.leaves_HC]
         wanted = set(classes)
@@ -500,10 +511,7 @@ def class_stats(
     fire_CS = act_CS = None
     n_images_C = torch.zeros(n_classes, dtype=torch.int64)
     for codes_BS, labels_B in tqdm(_as_batches(codes, labels), disable=not progress):
-        codes_BS = torch.as_tensor(
-            np.asarray(codes_BS) if not torch.is_tensor(codes_BS) else codes_BS
-        )
-        codes_BS = codes_BS.detach().to("cpu", torch.float32)
+        codes_BS = _as_float_tensor(codes_BS).cpu()
         labels_B = torch.as_tensor(np.asarray(labels_B)).to(torch.int64).reshape(-1)
         if codes_BS.ndim != 2 or codes_BS.shape[0] != labels_B.shape[0]:
             raise ValueError(
@@ -609,12 +617,6 @@ def class_sets_from_store(
 # --------------------------------------------------------------------------- baselines
 
 
-def _as_float_tensor(acts: Any) -> torch.Tensor:
-    if torch.is_tensor(acts):
-        return acts.detach().float()
-    return torch.from_numpy(np.asarray(acts, dtype=np.float32))
-
-
 class NeuronBaseline:
     """The encoder's own neurons as features: code_d = ReLU(x_d - mean_d). Centring is the
     normalisation that matters for firing (an SAE subtracts b_dec, near the data mean); any
@@ -667,10 +669,13 @@ class RandomDirections:
         for start in range(0, n, 1024):
             proj_NK = centred_ND @ W_DS[:, start : start + 1024]
             desc_NK = proj_NK.sort(dim=0, descending=True).values
-            # Row N (one past the smallest) makes every row fire when the rate is 1.
-            desc_NK = torch.cat([desc_NK, desc_NK[-1:] - 1.0])
+            # Pad above the largest and below the smallest projection, then put the threshold
+            # halfway between the k-th and (k+1)-th largest: exactly k rows fire, and float
+            # rounding in encode() cannot tip a row sitting on the threshold.
+            desc_NK = torch.cat([desc_NK[:1] + 1.0, desc_NK, desc_NK[-1:] - 1.0])
             k_K = n_fire_S[start : start + 1024]
-            b_S[start : start + 1024] = -desc_NK[k_K, torch.arange(k_K.numel())]
+            cols_K = torch.arange(k_K.numel())
+            b_S[start : start + 1024] = -(desc_NK[k_K, cols_K] + desc_NK[k_K + 1, cols_K]) / 2
         return cls(W_DS, b_S, mean_D)
 
     def encode(self, acts_BD: torch.Tensor) -> torch.Tensor:
