@@ -89,6 +89,12 @@ def run(
     metrics = taxonomy.metrics(X, progress=False)
     t_vec = time.perf_counter() - t0
 
+    # The whole per-feature output (metrics again, names, labels) for every layer.
+    t0 = time.perf_counter()
+    per_layer = {layer: X[layer * width : (layer + 1) * width] for layer in range(n_layers)}
+    table = feature_table(per_layer, taxonomy, progress=False)
+    t_table = time.perf_counter() - t0
+
     # Work of the sparse product: Σ_k Σ_{ω∈C_k} |ancestors(ω)| multiply-adds, and its output
     # size Σ_k |∪_{ω∈C_k} ancestors(ω)| (one candidate synset per stored entry).
     ancestors_C = taxonomy.leaves_HC.sum(axis=0)
@@ -130,6 +136,8 @@ def run(
         "sparse_product_mult_adds": mult_adds,
         "make_sets_s": round(t_make, 3),
         "vectorised_s": round(t_vec, 3),
+        "feature_table_s": round(t_table, 3),
+        "feature_table_rows": len(table),
         "naive_sample": int(picked.size),
         "naive_sample_s": round(t_naive, 3),
         "naive_extrapolated_s": round(t_naive / max(picked.size, 1) * nonempty.size, 1),
