@@ -26,13 +26,16 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 IMAGENET1K_FILE = Path(__file__).resolve().parent / "data" / "imagenet1k_taxonomy.json"
 FILE_FORMAT = "saekit.ontology.Taxonomy/1"
@@ -734,12 +737,12 @@ def class_sets_with_baselines(
     return out
 
 
-def _stack(class_sets: np.ndarray | sparse.sparray | Mapping[int, Any]) -> sparse.csr_array:
-    if isinstance(class_sets, Mapping):
-        if not class_sets:
-            raise ValueError("no class sets given")
-        return sparse.vstack([sparse.csr_array(v, dtype=bool) for v in class_sets.values()]).tocsr()
-    return sparse.csr_array(class_sets, dtype=bool)
+def _blocks(class_sets: np.ndarray | sparse.sparray | Mapping[int, Any]) -> list[sparse.csr_array]:
+    """One sparse boolean block per layer (a single array is one block)."""
+    values = list(class_sets.values()) if isinstance(class_sets, Mapping) else [class_sets]
+    if not values:
+        raise ValueError("no class sets given")
+    return [sparse.csr_array(v, dtype=bool) for v in values]
 
 
 def table2(
@@ -759,7 +762,7 @@ def table2(
     491,520) only make sense for multi-class features."""
     records = {}
     for row, sets in class_sets.items():
-        m = taxonomy.metrics(_stack(sets), progress=progress)
+        m = taxonomy.metrics(sparse.vstack(_blocks(sets)).tocsr(), progress=progress)
         multi_F = m.n_classes_F >= min_classes
         record = {f"> {t:g}": int(np.sum(multi_F & (m.coverage_F > t))) for t in thresholds}
         record["# Features"] = len(m.n_classes_F)
@@ -783,24 +786,30 @@ def feature_table(
     class_sets_SC (named by ``layer``) or ``{layer: class_sets_SC}``; all layers are scored in
     one vectorised pass. ``table.attrs['n_no_class']`` counts the excluded features per layer."""
     per_layer = class_sets if isinstance(class_sets, Mapping) else {layer: class_sets}
-    widths = [sparse.csr_array(v).shape[0] for v in per_layer.values()]
-    m = taxonomy.metrics(_stack(per_layer), progress=progress)
+    blocks = _blocks(per_layer)
+    widths = [block.shape[0] for block in blocks]
+    m = taxonomy.metrics(sparse.vstack(blocks).tocsr(), progress=progress)
     frame = pd.DataFrame(
         {
             "layer": np.repeat(np.array(list(per_layer.keys()), dtype=object), widths),
             "feature": np.concatenate([np.arange(w) for w in widths]),
             "n_classes": m.n_classes_F,
+            # lch_F = -1 (no LCH) picks the trailing None
             "lch": np.array(taxonomy.synsets + [None], dtype=object)[m.lch_F],
             "height": m.height_F,
             "coverage": m.coverage_F,
         }
     )
     fired = frame["n_classes"] > 0
-    n_no_class = (~fired).groupby(frame["layer"], sort=False).sum()
+    bounds = np.cumsum([0, *widths])
+    n_no_class = {
+        key: int(np.sum(m.n_classes_F[lo:hi] == 0))
+        for key, lo, hi in zip(per_layer, bounds[:-1], bounds[1:], strict=True)
+    }
     frame = frame[fired].reset_index(drop=True)
     frame.insert(4, "lch_name", frame["lch"].map(taxonomy.names))
     frame["label"] = feature_labels(frame)
-    frame.attrs["n_no_class"] = {k: int(v) for k, v in n_no_class.items()}
+    frame.attrs["n_no_class"] = n_no_class
     return frame
 
 
@@ -830,7 +839,7 @@ def plot_height_vs_coverage(
     height_bin: float = 0.5,
     coverage_bins: int = 20,
     ncols: int = 4,
-):
+) -> Figure:
     """Paper 000 Fig. 2: per layer, a 2D histogram of LCH height (x) against ontological
     coverage (y) of the features in a `feature_table`; log-scaled counts, since single-class
     features (top-left corner) outnumber the rest by orders of magnitude. Returns a Figure."""

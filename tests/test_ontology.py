@@ -506,6 +506,7 @@ def test_feature_table_and_labels(imagenet):
     # a single layer without a layer number
     alone = feature_table(layer36, imagenet, progress=False)
     assert alone["label"].iloc[-1] == "657: elasmobranch (coverage 1.00, 5 classes)"
+    assert alone.attrs["n_no_class"] == {None: 698}
 
 
 def test_height_vs_coverage_figure_has_a_panel_per_layer(imagenet):
