@@ -25,6 +25,7 @@ CLIP+T5 sequence and the pooled CLIP vector is left unsteered.
 from __future__ import annotations
 
 import math
+import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -235,34 +236,37 @@ def text_token_activations(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt.")
-    acts, info = [], []
+    acts_ND, info = [], []
+    segments = _token_segments(pipe, max_sequence_length)
     for start in tqdm(range(0, len(prompts), batch_size), desc="text activations"):
         batch = prompts[start : start + batch_size]
-        tokens_BTD = (
-            encode_prompts(pipe, batch, layer, max_sequence_length).tokens_BTD.float().cpu()
-        )
-        keep_BT = torch.zeros(tokens_BTD.shape[:2], dtype=torch.bool)
-        offset = 0
-        for tokenizer, length in _token_segments(pipe, max_sequence_length):
-            enc = tokenizer(batch, padding="max_length", max_length=length, truncation=True)
-            for b, prompt in enumerate(batch):
-                mask = enc["attention_mask"][b]
-                ids = enc["input_ids"][b]
-                word_ids = enc.word_ids(b)
+        tokens_BTD = encode_prompts(pipe, batch, layer, max_sequence_length).tokens_BTD
+        encodings = [
+            tok(batch, padding="max_length", max_length=length, truncation=True)
+            for tok, length in segments
+        ]
+        rows_B, rows_T = [], []
+        for b, prompt in enumerate(batch):
+            offset = 0
+            for (tokenizer, length), enc in zip(segments, encodings, strict=True):
+                mask, ids, word_ids = enc["attention_mask"][b], enc["input_ids"][b], enc.word_ids(b)
                 names = tokenizer.convert_ids_to_tokens(ids)
                 for t in range(length):
                     if not (mask[t] or include_padding):
                         continue
-                    keep_BT[b, offset + t] = True
                     word = ""
                     if word_ids[t] is not None and mask[t]:
                         span = enc.word_to_chars(b, word_ids[t])
                         word = prompt[span.start : span.end].lower()
+                        # T5 splits on spaces only, so "man," is one word; the lexicon wants "man".
+                        word = word.strip(string.punctuation) or word
                     info.append((start + b, offset + t, ids[t], names[t], word))
-            offset += length
-        acts.append(tokens_BTD[keep_BT])
+                    rows_B.append(b)
+                    rows_T.append(offset + t)
+                offset += length
+        acts_ND.append(tokens_BTD[rows_B, rows_T].float().cpu())
     columns = ["prompt", "position", "token_id", "token", "word"]
-    return torch.cat(acts), pd.DataFrame(info, columns=columns)
+    return torch.cat(acts_ND), pd.DataFrame(info, columns=columns)
 
 
 # --------------------------------------------------------------------------- steering
@@ -401,19 +405,23 @@ def wordnet_lexicon(nltk_data: str | Path | None = None) -> Lexicon:
     """Part of speech from WordNet lemma lookups (NLTK's tagger data cannot be downloaded here).
 
     A word's POS is the one whose lemmas (after `morphy` lemmatisation) are most frequent in
-    SemCor, falling back to the POS with most senses. Adjective satellites count as `a`.
+    SemCor, falling back to the POS with most senses. The lookup ignores context, so a word
+    whose commoner sense is a verb ("desert", "painting") counts as a verb. Searches
+    `nltk_data`, NLTK's usual paths (NLTK_DATA) and the repository's `nltk_data/`.
     """
     import nltk
     from nltk.corpus import wordnet
 
-    if nltk_data is not None and str(nltk_data) not in nltk.data.path:
-        nltk.data.path.append(str(nltk_data))
+    repo_data = Path(__file__).resolve().parents[1] / "nltk_data"
+    for folder in (nltk_data, repo_data if repo_data.is_dir() else None):
+        if folder is not None and str(folder) not in nltk.data.path:
+            nltk.data.path.append(str(folder))
     try:
         wordnet.ensure_loaded()
     except LookupError as err:
         raise RuntimeError(
-            "The WordNet corpus is not installed. Point NLTK_DATA (or nltk_data=) at a folder "
-            "holding corpora/wordnet, e.g. the one the project's setup script creates."
+            "The WordNet corpus is not installed: run scripts/setup_wordnet.sh (offline), or "
+            "point NLTK_DATA (or nltk_data=) at a folder holding corpora/wordnet."
         ) from err
 
     @cache

@@ -12,6 +12,8 @@ CLIP's, and hand its vocabulary and merges to `transformers.CLIPTokenizer`.
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 
@@ -93,12 +95,14 @@ def train_clip_tokenizer(texts: list[str], vocab_size: int = 512) -> CLIPTokeniz
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    vocab = bpe.get_vocab()
-    # The BPE model's merges are only reachable through its JSON form.
-    import json
-
+    # The merges are only reachable through the model's JSON form.
     merges = json.loads(bpe.to_str())["model"]["merges"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+    # The trainer numbers single symbols in hash-set order, which changes between runs;
+    # renumber them sorted so the same corpus always gives the same token ids.
+    merged = ["".join(pair) for pair in merges]
+    singles = sorted(set(bpe.get_vocab()) - {BOS, EOS} - set(merged))
+    vocab = {token: i for i, token in enumerate([BOS, EOS, *singles, *merged])}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
@@ -199,4 +203,96 @@ def build_mini_clip(path: str | Path, seed: int = 0) -> Path:
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     model.save_pretrained(path)
+    return path
+
+
+def _t5_tokenizer(texts: list[str]):
+    """A T5 (Unigram) tokenizer whose pieces are the corpus's words plus single characters.
+
+    Scores are log word frequencies, so known words stay whole and anything else falls back
+    to characters; no SentencePiece model is needed.
+    """
+    from collections import Counter
+
+    from transformers import T5Tokenizer
+
+    words = Counter(w for text in texts for w in text.lower().replace(",", " ,").split())
+    chars = sorted({c for text in texts for c in text.lower() if not c.isspace()})
+    total = sum(words.values())
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", math.log(n / total)) for w, n in sorted(words.items())]
+    pieces += [(c, -20.0) for c in chars] + [(f"▁{c}", -21.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `StableDiffusion3Pipeline` (two CLIP text encoders + T5, 32x32 images).
+
+    Paper 003 Appendix B steers SD 3.5 through the joint output of its three text encoders.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    corpus = mini_prompts()
+    tokenizer = train_clip_tokenizer(corpus)
+    tokenizer_3 = _t5_tokenizer(corpus)
+    clip_width, t5_width = 32, 64  # T5 must be at least as wide as the two CLIPs side by side
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=clip_width))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=clip_width))
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * clip_width,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    ).save_pretrained(path)
     return path

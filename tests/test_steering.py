@@ -1,0 +1,391 @@
+"""Tests for saekit.steering (paper 003 §4, Table 3) on a miniature Stable Diffusion and CLIP."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from sae_lens import StandardSAE, StandardSAEConfig
+from scipy import stats
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from saekit import steering as st
+from saekit.steering_mini import (
+    build_mini_clip,
+    build_mini_sd,
+    build_mini_sd3,
+    mini_prompts,
+    mini_vocabulary,
+    train_clip_tokenizer,
+)
+
+FAST = st.GenerationConfig(num_inference_steps=2)
+PROMPTS = ["an elderly man wearing sunglasses in the desert, anime", "a tiny red dragon by the sea"]
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    return build_mini_sd(tmp_path_factory.mktemp("mini_sd"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_path):
+    return st.load_pipeline(sd_path)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return st.load_clip(build_mini_clip(tmp_path_factory.mktemp("mini_clip"), seed=0))
+
+
+@pytest.fixture(scope="module")
+def sae():
+    torch.manual_seed(0)
+    return StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in images])
+
+
+def identity_sae(width: int) -> StandardSAE:
+    """codes = relu(x): identity encoder and decoder, zero biases, so codes can be planted."""
+    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=width))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(width))
+        sae.W_dec.copy_(torch.eye(width))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def sometimes_firing_feature(pipe, sae) -> int:
+    """The feature that fires on closest to half of PROMPTS' token positions."""
+    codes_BTS = sae.encode(st.encode_prompts(pipe, PROMPTS).tokens_BTD).detach()
+    firing_S = codes_BTS.gt(0).float().mean((0, 1))
+    return int((firing_S - 0.5).abs().argmin())
+
+
+# ------------------------------------------------------------------ miniature and loading
+
+
+def test_mini_sd_round_trips_and_generates_quickly(sd_path, pipe):
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.safety_checker is None
+    # The offline-trained BPE survives save/load and splits words as CLIP does (</w> word ends).
+    reloaded = CLIPTokenizer.from_pretrained(sd_path / "tokenizer")
+    trained = train_clip_tokenizer(mini_prompts())
+    assert reloaded(PROMPTS).input_ids == trained(PROMPTS).input_ids
+    assert reloaded.tokenize("an elderly man")[-1] == "man</w>"
+    images = st.generate(pipe, PROMPTS[0], config=FAST)
+    assert len(images) == 1 and images[0].size == (32, 32)
+
+
+def test_shipped_prompt_file_is_the_generated_corpus():
+    assert st.load_prompts(st.mini_prompt_file()) == mini_prompts()
+
+
+def test_last_layer_reproduces_diffusers_own_encoding_and_images(pipe):
+    config = st.GenerationConfig(layer=-1, num_inference_steps=2)
+    ours = st.encode_prompts(pipe, PROMPTS, layer=-1).tokens_BTD
+    theirs, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+    assert torch.equal(ours, theirs)
+    generator = torch.Generator("cpu").manual_seed(5)
+    reference = pipe(PROMPTS[0], negative_prompt="", num_inference_steps=2, generator=generator)
+    assert np.array_equal(
+        pixels(st.generate(pipe, PROMPTS[0], seed=5, config=config)), pixels(reference.images)
+    )
+
+
+def test_penultimate_layer_equals_a_truncated_text_encoder(sd_path, pipe):
+    n_layers = pipe.text_encoder.config.num_hidden_layers
+    truncated = CLIPTextModel.from_pretrained(
+        sd_path / "text_encoder", num_hidden_layers=n_layers - 1
+    )
+    ids = pipe.tokenizer(
+        PROMPTS, padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        expected = truncated(ids).last_hidden_state
+    torch.testing.assert_close(st.encode_prompts(pipe, PROMPTS, layer=-2).tokens_BTD, expected)
+
+
+def test_text_token_activations_rows_map_back_to_prompts_and_words(pipe):
+    acts_ND, info = st.text_token_activations(pipe, PROMPTS, batch_size=1)
+    lengths = [len(pipe.tokenizer(p).input_ids) for p in PROMPTS]
+    assert len(acts_ND) == len(info) == sum(lengths)
+    embeds_BTD = st.encode_prompts(pipe, PROMPTS).tokens_BTD
+    rows = torch.tensor(info.prompt.to_numpy()), torch.tensor(info.position.to_numpy())
+    torch.testing.assert_close(acts_ND, embeds_BTD[rows])
+    first = info[info.prompt == 0]
+    assert first.token.iloc[0] == "<|startoftext|>" and first.token.iloc[-1] == "<|endoftext|>"
+    words = [w for w in dict.fromkeys(first.word) if w]
+    assert words == [
+        "an",
+        "elderly",
+        "man",
+        "wearing",
+        "sunglasses",
+        "in",
+        "the",
+        "desert",
+        ",",
+        "anime",
+    ]
+    padded, padded_info = st.text_token_activations(pipe, PROMPTS, include_padding=True)
+    assert padded.shape == (2 * 77, 32) and (padded_info.word.iloc[70:77] == "").all()
+
+
+def test_bad_inputs_raise_clear_errors(pipe, sae):
+    with pytest.raises(ValueError, match="outside this text encoder"):
+        st.encode_prompts(pipe, PROMPTS, layer=-5)
+    with pytest.raises(IndexError, match="64 features"):
+        st.feature_direction(sae, 64)
+    with pytest.raises(ValueError, match="expects 32"):
+        st.steer_embeddings(torch.zeros(1, 3, 16), sae, 0, 1.0)
+    with pytest.raises(RuntimeError, match="huggingface-cli download"):
+        st.load_pipeline(st.PAPER_PIPELINE, local_files_only=True)
+    with pytest.raises(RuntimeError, match="save_pretrained"):
+        st.load_clip(st.PAPER_CLIP, local_files_only=True)
+
+
+# ------------------------------------------------------------------ steering
+
+
+@pytest.mark.parametrize("mode", ["add", "amplify"])
+def test_zero_strength_reproduces_the_unsteered_image_exactly(pipe, sae, mode):
+    config = st.GenerationConfig(num_inference_steps=2, mode=mode)
+    feature = sometimes_firing_feature(pipe, sae)
+    unsteered = pixels(st.generate(pipe, PROMPTS, seed=3, config=config))
+    zero = pixels(st.generate(pipe, PROMPTS, sae, feature, strength=0.0, seed=3, config=config))
+    assert np.array_equal(zero, unsteered)
+    steered = pixels(st.generate(pipe, PROMPTS, sae, feature, strength=30.0, seed=3, config=config))
+    assert not np.array_equal(steered, unsteered)
+
+
+def test_add_moves_every_token_by_strength_along_the_unit_direction(pipe, sae):
+    embeds_BTD = st.encode_prompts(pipe, PROMPTS).tokens_BTD
+    steered_BTD = st.steer_embeddings(embeds_BTD, sae, feature=5, strength=2.5)
+    unit_D = sae.W_dec[5].detach() / sae.W_dec[5].detach().norm()
+    shift_BTD = steered_BTD - embeds_BTD
+    torch.testing.assert_close(shift_BTD @ unit_D, torch.full(embeds_BTD.shape[:2], 2.5))
+    # Nothing moves orthogonally to the feature.
+    residual_BTD = shift_BTD - (shift_BTD @ unit_D)[..., None] * unit_D
+    assert residual_BTD.abs().max() < 1e-5
+
+
+def test_amplify_scales_the_code_and_keeps_the_error_term(pipe, sae):
+    embeds_BTD = st.encode_prompts(pipe, PROMPTS).tokens_BTD
+    codes_BTS = sae.encode(embeds_BTD).detach()
+    feature = sometimes_firing_feature(pipe, sae)
+    steered_BTD = st.steer_embeddings(embeds_BTD, sae, feature, strength=3.0, mode="amplify")
+    expected_BTD = embeds_BTD + 3.0 * codes_BTS[..., feature, None] * sae.W_dec[feature].detach()
+    torch.testing.assert_close(steered_BTD, expected_BTD)
+    silent_BT = codes_BTS[..., feature] == 0
+    assert silent_BT.any() and torch.equal(steered_BTD[silent_BT], embeds_BTD[silent_BT])
+
+
+def test_guidance_pushes_the_negative_embedding_away(pipe, sae, monkeypatch):
+    seen = {}
+    original_call = StableDiffusionPipeline.__call__
+
+    def spy(self, **kwargs):
+        seen.update(kwargs)
+        return original_call(self, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    st.generate(pipe, PROMPTS[0], sae, feature=2, strength=4.0, negative="blurry", config=FAST)
+    unit_D = st.feature_direction(sae, 2)
+    positive = st.encode_prompts(pipe, [PROMPTS[0]]).tokens_BTD
+    negative = st.encode_prompts(pipe, ["blurry"]).tokens_BTD
+    torch.testing.assert_close(seen["prompt_embeds"], positive + 4.0 * unit_D)
+    torch.testing.assert_close(seen["negative_prompt_embeds"], negative - 4.0 * unit_D)
+
+
+def test_sd3_steers_the_joint_clip_t5_sequence(tmp_path, monkeypatch):
+    pipe = st.load_pipeline(build_mini_sd3(tmp_path / "sd3"))
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    config = st.GenerationConfig(num_inference_steps=2, max_sequence_length=16)
+    embeds = st.encode_prompts(pipe, PROMPTS, max_sequence_length=16)
+    assert embeds.tokens_BTD.shape == (2, 77 + 16, 64) and embeds.pooled_BE.shape == (2, 64)
+    acts_ND, info = st.text_token_activations(pipe, PROMPTS, max_sequence_length=16)
+    rows = torch.tensor(info.prompt.to_numpy()), torch.tensor(info.position.to_numpy())
+    torch.testing.assert_close(acts_ND, embeds.tokens_BTD[rows])
+    # Both the CLIP run (positions < 77) and the T5 run name the same words, punctuation stripped.
+    t5_words = info[(info.prompt == 0) & (info.position >= 77)].word
+    assert [w for w in dict.fromkeys(t5_words) if w] == PROMPTS[0].replace(",", "").split()
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=32))
+    unsteered = pixels(st.generate(pipe, PROMPTS[0], seed=2, config=config))
+    seen = {}
+    original_call = StableDiffusion3Pipeline.__call__
+
+    def spy(self, **kwargs):
+        seen.update(kwargs)
+        return original_call(self, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", spy)
+    assert np.array_equal(
+        pixels(st.generate(pipe, PROMPTS[0], sae, 4, 0.0, seed=2, config=config)), unsteered
+    )
+    steered = st.generate(pipe, PROMPTS[0], sae, 4, 3.0, seed=2, config=config)
+    assert not np.array_equal(pixels(steered), unsteered)
+    torch.testing.assert_close(
+        seen["prompt_embeds"], embeds.tokens_BTD[:1] + 3.0 * st.feature_direction(sae, 4)
+    )
+    torch.testing.assert_close(seen["pooled_prompt_embeds"], embeds.pooled_BE[:1])  # left unsteered
+
+
+# ------------------------------------------------------------------ attribute discovery
+
+
+def test_descriptive_features_on_planted_codes():
+    words = ["red", "dog", "", "the", "quickly", "running", "a", "dog"]
+    lexicon = {"red": "a", "dog": "n", "quickly": "r", "running": "v", "a": "n"}
+    acts_ND = torch.zeros(len(words), 4)
+    acts_ND[[0, 1, 4], 0] = torch.tensor([1.0, 2.0, 3.0])  # adjective, noun, adverb only
+    acts_ND[[2, 3, 6], 1] = 5.0  # special token, "the", and "a" (a WordNet noun, but closed-class)
+    acts_ND[[5, 7], 2] = torch.tensor([3.0, 1.0])  # verb 3, noun 1
+    acts_ND[7, 3] = 9.0  # descriptive, but fires once
+    acts_ND[:, 1] -= 1.0  # negative pre-activations must not count
+    table = st.descriptive_features(
+        identity_sae(4), acts_ND, words, lexicon, min_share=0.8, min_active=2, top_k=2, batch_size=3
+    )
+    np.testing.assert_allclose(table.descriptive_share, [1.0, 0.0, 0.25, 1.0], atol=1e-6)
+    assert table.n_active.tolist() == [3, 3, 2, 1]
+    assert table.selected.tolist() == [True, False, False, False]
+    assert table.top_words[0] == ["quickly", "dog"] and table.top_words[2] == ["running", "dog"]
+
+
+def test_wordnet_lexicon_parts_of_speech():
+    try:
+        lexicon = st.wordnet_lexicon()
+    except RuntimeError:
+        pytest.skip("WordNet corpus not installed (NLTK_DATA)")
+    assert lexicon("dogs") == "n" and lexicon("quickly") == "r" and lexicon("eat") == "v"
+    assert lexicon("happy") in {"a", "s"} and lexicon("the") is None and lexicon("painted") == "v"
+    assert st.is_descriptive("sunglasses", lexicon) and not st.is_descriptive("a", lexicon)
+
+
+def test_dominant_keywords_by_idf_on_a_hand_made_table():
+    keywords = {
+        0: ["photo", "Elderly", "old"],  # idf: photo log(4/4)=0, elderly log4, old log2
+        1: ["photo", "neon", "neon", "old"],  # neon: 2*log4 beats old: log2
+        2: ["photo", "bird"],
+        3: ["photo", "colorful", "sea"],  # colorful, sea tie on tf*idf and tf: first named wins
+        4: [],  # no keywords: left out, and not counted as a document
+    }
+    assert st.dominant_keywords(keywords) == {0: "elderly", 1: "neon", 2: "bird", 3: "colorful"}
+    # A keyword every feature shares loses, even when named most often.
+    assert st.dominant_keywords({0: ["art", "art", "art", "cat"], 1: ["art", "dog"]}) == {
+        0: "cat",
+        1: "dog",
+    }
+
+
+def test_clip_describer_agrees_with_clip_forward(clip, pipe, sae):
+    model, processor = clip
+    vocabulary = mini_vocabulary()
+    originals = st.generate(pipe, PROMPTS, seed=1, config=FAST)
+    steered = st.generate(pipe, PROMPTS, sae, 9, 40.0, seed=1, config=FAST)
+    describer = st.ClipDescriber(model, processor, vocabulary, top_k=4)
+    with torch.no_grad():
+
+        def logits(images):
+            inputs = processor(text=vocabulary, images=images, return_tensors="pt", padding=True)
+            return model(**inputs).logits_per_image
+
+        expected_V = (logits(steered).mean(0) - logits(originals).mean(0)) / model.logit_scale.exp()
+    torch.testing.assert_close(
+        describer.scores(originals, steered), expected_V, atol=1e-5, rtol=1e-4
+    )
+    assert describer.describe(originals, steered) == [
+        vocabulary[i] for i in expected_V.argsort(descending=True)[:4]
+    ]
+
+
+def test_discovery_and_validation_run_end_to_end(pipe, clip, sae):
+    model, processor = clip
+    prompts = mini_prompts(4, seed=1)
+    describer = st.ClipDescriber(model, processor, mini_vocabulary(), top_k=2)
+    found = st.discover_attributes(
+        pipe, sae, [3, 8], prompts, describer, 30.0, images_per_call=2, config=FAST
+    )
+    assert set(found.keywords) == {3, 8} and all(len(k) == 4 for k in found.keywords.values())
+    assert not np.array_equal(pixels(found.steered[3]), pixels(found.originals))
+    attributes = st.dominant_keywords(found.keywords)
+    assert all(attributes[f] in found.keywords[f] for f in (3, 8))
+    pairs = [(p, f, attributes[f]) for p in prompts[:2] for f in (3, 8)]
+    sims = st.validate_steering(pipe, model, processor, sae, pairs, 30.0, config=FAST)
+    assert len(sims) == 4 and sims.feature.tolist() == [3, 8, 3, 8]
+    # Pairs with the same prompt share the original image, so share its (I_orig, t_orig) score.
+    assert sims.orig_orig[0] == pytest.approx(sims.orig_orig[1], abs=1e-6)
+    assert st.table3(sims).n == 4
+
+
+# ------------------------------------------------------------------ validation statistics
+
+
+def test_clip_similarities_match_clip_forward(clip, pipe):
+    model, processor = clip
+    originals = st.generate(pipe, PROMPTS, seed=0, config=FAST)
+    steered = st.generate(pipe, PROMPTS, seed=1, config=FAST)
+    sims = st.clip_similarities(model, processor, originals, steered, PROMPTS, ["neon", "bird"])
+
+    def cosine(image, text):
+        with torch.no_grad():
+            out = model(**processor(text=[text], images=[image], return_tensors="pt", padding=True))
+            return float(out.logits_per_image[0, 0] / model.logit_scale.exp())
+
+    for i, prompt in enumerate(PROMPTS):
+        assert sims.orig_orig[i] == pytest.approx(cosine(originals[i], prompt), abs=1e-5)
+        assert sims.steer_orig[i] == pytest.approx(cosine(steered[i], prompt), abs=1e-5)
+    assert sims.steer_attr[1] == pytest.approx(cosine(steered[1], PROMPTS[1] + ", bird"), abs=1e-5)
+    with pytest.raises(ValueError, match="aligned"):
+        st.clip_similarities(model, processor, originals, steered[:1], PROMPTS, ["neon", "bird"])
+
+
+def test_table3_statistics_agree_with_scipy_on_synthetic_numbers():
+    rng = np.random.default_rng(0)
+    n = 100
+    steer_orig = rng.normal(0.216, 0.03, n)
+    sims = pd.DataFrame(
+        {
+            "orig_orig": rng.normal(0.264, 0.03, n),
+            "steer_orig": steer_orig,
+            "steer_attr": steer_orig + rng.normal(0.012, 0.01, n),
+        }
+    )
+    result = st.table3(sims, alternative="greater")
+    expected = stats.ttest_rel(sims.steer_attr, sims.steer_orig, alternative="greater")
+    assert result.t_statistic == pytest.approx(expected.statistic)
+    assert result.p_value == pytest.approx(expected.pvalue)
+    assert result.n == n and result.p_value < 1e-4
+    assert result.table.cosine_similarity.tolist() == pytest.approx(
+        [sims.orig_orig.mean(), sims.steer_orig.mean(), sims.steer_attr.mean()]
+    )
+    assert result.relative_increase == pytest.approx(sims.steer_attr.mean() / steer_orig.mean() - 1)
+
+
+def test_table3_hand_computed_paired_t_test():
+    # Differences 1, 2, 3 (x0.01): mean 2, sd 1, t = 2 / (1 / sqrt 3) = 2 sqrt 3 with 2 dof, and
+    # the t(2) distribution's CDF 1/2 + t / (2 sqrt(2 + t^2)) gives p = 1 - sqrt(12 / 14).
+    sims = pd.DataFrame(
+        {
+            "orig_orig": [0.3, 0.3, 0.3],
+            "steer_orig": [0.20, 0.20, 0.20],
+            "steer_attr": [0.21, 0.22, 0.23],
+        }
+    )
+    result = st.table3(sims)
+    assert result.t_statistic == pytest.approx(2 * math.sqrt(3))
+    assert result.p_value == pytest.approx(1 - math.sqrt(12 / 14))
+    assert st.table3(sims, alternative="greater").p_value == pytest.approx(
+        (1 - math.sqrt(12 / 14)) / 2
+    )
+    assert result.relative_increase == pytest.approx(0.1)
+    assert result.table.image.tolist() == ["I_orig", "I_steer", "I_steer"]
+    assert result.table.text.tolist() == ["t_orig", "t_orig", "t_attr"]
