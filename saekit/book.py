@@ -23,9 +23,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import saekit
+
+if TYPE_CHECKING:
+    from saekit.activations import ActivationStore
+    from saekit.data import ImageFolder
 
 PROFILES = ("mini", "paper")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +43,18 @@ PAPER_ENCODERS = {
     "vit": "google/vit-large-patch16-224",
     "resnet": "microsoft/resnet-50",
 }
+
+#: Mini-profile split name -> (toy-world split, shift); and the default images per class.
+MINI_SPLITS = {
+    "train": ("train", None),
+    "val": ("val", None),
+    "v2": ("val", "v2"),
+    "sketch": ("val", "sketch"),
+    "rendition": ("val", "rendition"),
+    "hard": ("val", "hard"),
+    "far_ood": ("val", "far_ood"),
+}
+MINI_IMAGES_PER_CLASS = {"train": 60, "val": 20}
 
 IMAGENET_LAYOUT = """Expected ImageNet-style folders (one sub-folder per WordNet id):
     {path}/n01440764/*.JPEG
@@ -123,15 +139,66 @@ class Chapter:
         return Path(value).expanduser()
 
     def encoder_id(self, family: str) -> str:
-        """Hub id (paper) or a miniature saved under the work folder (mini) for `family`."""
+        """Hub id (paper) or, in the mini profile, the toy-world ViT ("toyvit") or a miniature."""
         if self.profile == "paper":
+            if family not in PAPER_ENCODERS:
+                raise KeyError(
+                    f"No paper encoder {family!r}; choose from {sorted(PAPER_ENCODERS)}."
+                )
             return PAPER_ENCODERS[family]
+        if family == "toyvit":
+            from saekit.toyworld import toyvit_path
+
+            return str(toyvit_path())
         from saekit.models import miniature
 
         path = self.workdir / "models" / family
         if not (path / "config.json").exists():
             miniature(family, path)
         return str(path)
+
+    def dataset(self, split: str, n_per_class: int | None = None) -> ImageFolder:
+        """Images of a split: "train", "val", a shift ("v2", "sketch", "rendition", "hard") or
+        "far_ood". Paper profile: the folder parameter ``imagenet_<split>``; mini profile: the
+        toy world exported once (ImageNet layout) under the work folder."""
+        from saekit.data import ImageFolder
+
+        if self.profile == "paper":
+            return ImageFolder(self.require_folder(f"imagenet_{split}"))
+        from saekit.toyworld import export_imagefolder
+
+        n_per_class = n_per_class or MINI_IMAGES_PER_CLASS.get(split, 20)
+        root = self.workdir / "data" / f"{split}-{n_per_class}"
+        if not (root / ".complete").exists():
+            base_split, shift = MINI_SPLITS[split]
+            export_imagefolder(root, n_per_class, split=base_split, shift=shift)
+            (root / ".complete").touch()
+        return ImageFolder(root)
+
+    def store(
+        self,
+        family: str,
+        split: str,
+        layers: str | list[int] = "all",
+        tokens: str = "cls",
+        n_per_class: int | None = None,
+    ) -> ActivationStore:
+        """Activations of encoder `family` over `split`, extracted once and reused by chapters."""
+        from saekit.activations import extract
+        from saekit.models import load_encoder
+
+        dataset = self.dataset(split, n_per_class)
+        encoder = load_encoder(self.encoder_id(family))
+        layer_tag = layers if isinstance(layers, str) else "-".join(map(str, layers))
+        out = self.workdir / "stores" / f"{family}-{split}-{len(dataset)}-{tokens}-{layer_tag}"
+        return extract(
+            encoder,
+            dataset,
+            layers=layers,
+            tokens=tokens,
+            out=out,
+            dtype="float32" if self.profile == "mini" else "float16",
+        )
 
 
 def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chapter:
