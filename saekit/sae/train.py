@@ -93,6 +93,7 @@ def sweep(
     resume: bool = True,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[SAE]:
     """Train every spec in one pass over ``batches``; returns SAELens SAEs in spec order.
 
@@ -100,7 +101,9 @@ def sweep(
     ``epochs`` defaults to the recipes' (which must then agree). With ``checkpoint_dir`` a
     checkpoint is written every ``checkpoint_every`` steps and, when ``resume`` is true, an
     existing checkpoint of the same sweep is picked up where it stopped. ``metadata`` is stored
-    with each SAE (under ``cfg.metadata.saekit``).
+    with each SAE (under ``cfg.metadata.saekit``). ``on_step``, if given, is called after every
+    step with ``{"step", "epoch", "lr", "sparsity", "mse"}`` (``lr``/``sparsity``: the values
+    each SAE's update used; ``mse``: its reconstruction error), e.g. to plot loss curves.
     """
     specs = [_resolve(spec) for spec in specs]
     labels = [spec.label for spec in specs]
@@ -135,8 +138,25 @@ def sweep(
         stream = iter(batches(epoch))
         for batch in itertools.islice(stream, skip, steps_per_epoch):
             inputs = _inputs(batch, specs, normalizers, device, epoch, n_seen)
+            record: dict[str, Any] = {
+                "step": step,
+                "epoch": epoch,
+                "lr": {},
+                "sparsity": {},
+                "mse": {},
+            }
             for group in groups:
                 mse_n = _train_step(group, _stack(inputs, group.members), step, total)
+                if on_step is not None:
+                    lr = group.optimizer.param_groups[0]["lr"]
+                    scale = group.recipe.sparsity_at(step, total)
+                    for j, i in enumerate(group.members):
+                        coef = specs[i].l1 if specs[i].l1 is not None else 0.0
+                        record["lr"][labels[i]] = lr
+                        record["sparsity"][labels[i]] = coef * scale
+                        record["mse"][labels[i]] = mse_n[j].item()
+            if on_step is not None:
+                on_step(record)
             step += 1
             n_seen += 1
             pbar.update(1)
