@@ -10,13 +10,16 @@ The stages, left to right:
    hand them to the denoiser through diffusers' `prompt_embeds`; with classifier-free guidance
    the negative embedding is moved the other way.
 4. Attribute discovery (§4.2): `descriptive_features` keeps features that fire mostly on nouns,
-   adjectives and adverbs; `discover_attributes` steers sample prompts and asks a `Describer` what
-   changed; `dominant_keywords` picks each feature's keyword by inverse document frequency.
+   adjectives and adverbs (`wordnet_lexicon`); `discover_attributes` steers sample prompts and
+   asks a `Describer` what changed (`LMMDescriber` for Qwen2.5-VL and the like, `ClipDescriber`
+   for zero-shot ranking over a vocabulary); `dominant_keywords` picks each feature's keyword
+   by inverse document frequency.
 5. Validation (Table 3): `clip_similarities` and `table3` (paired t-test from scipy).
 
 The activation space is exactly what the denoiser reads: `layer=-2` is the penultimate hidden
-state as diffusers feeds it with `clip_skip=1` (for SD 1.x through CLIP's final layer norm), so an
-SAE trained on `text_token_activations(pipe, ..., layer)` is steered with the same `layer`.
+state as diffusers feeds it (SD 1.x: `clip_skip=1`, through CLIP's final layer norm; SD 3: its
+default), so an SAE trained on `text_token_activations(pipe, ..., layer)` is steered with the
+same `layer`.
 Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SD 3.x (`StableDiffusion3Pipeline`,
 three text encoders, Appendix B) are supported; for SD 3 the rows are positions of the joint
 CLIP+T5 sequence and the pooled CLIP vector is left unsteered.
@@ -25,6 +28,7 @@ CLIP+T5 sequence and the pooled CLIP vector is left unsteered.
 from __future__ import annotations
 
 import math
+import re
 import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -52,10 +56,10 @@ SteerMode = Literal["add", "amplify"]
 def _offline_error(kind: str, id_or_path: str, err: Exception) -> RuntimeError:
     return RuntimeError(
         f"Could not load {kind} {id_or_path!r}: {err}\n"
-        "This machine has no access to the Hugging Face Hub. Either pass a local folder saved with "
-        "save_pretrained (the mini profile builds one with saekit.steering_mini), or download the "
-        f"model on a machine with internet (`huggingface-cli download {id_or_path}`) and copy the "
-        "HF cache (HF_HOME) here."
+        "Pass a local folder saved with save_pretrained (saekit.steering_mini builds the mini "
+        "profile's), or, where the Hugging Face Hub cannot be reached, download the model on a "
+        f"machine with internet (`huggingface-cli download {id_or_path}`) and copy its HF cache "
+        "(HF_HOME) here."
     )
 
 
@@ -84,9 +88,9 @@ def load_pipeline(
         raise ValueError(
             f"{source!r} is a {class_name}; steering supports {', '.join(SUPPORTED_PIPELINES)}."
         )
-    extra = {"safety_checker": None, "requires_safety_checker": False}
-    if class_name != "StableDiffusionPipeline":
-        extra = {}
+    # Only SD 1.x/2.x ship a safety checker; we want raw images, as the paper shows.
+    is_sd1 = class_name == "StableDiffusionPipeline"
+    extra = {"safety_checker": None, "requires_safety_checker": False} if is_sd1 else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(
             source, dtype=dtype, local_files_only=local_files_only, **extra
@@ -356,7 +360,10 @@ def generate(
     """
     config = config or GenerationConfig()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    embed = lambda texts: encode_prompts(pipe, texts, config.layer, config.max_sequence_length)  # noqa: E731
+
+    def embed(texts: list[str]) -> PromptEmbeds:
+        return encode_prompts(pipe, texts, config.layer, config.max_sequence_length)
+
     positive, negative_embeds = embed(prompts), embed([negative] * len(prompts))
     if sae is not None:
         positive.tokens_BTD = steer_embeddings(
@@ -390,7 +397,7 @@ def generate(
 Lexicon = Callable[[str], "str | None"]
 """Maps a word to its WordNet part of speech (`n`, `v`, `a`, `r`) or None when it has none."""
 
-DESCRIPTIVE_POS = frozenset("nar")
+DESCRIPTIVE_POS = frozenset("nars")  # noun, adjective, adverb, adjective satellite
 # Closed-class words: WordNet lists only open-class words but gives some of these a rare noun
 # sense ("a" = vitamin A, "in" = inch), which would make them look descriptive.
 CLOSED_CLASS = frozenset(
@@ -446,7 +453,7 @@ def is_descriptive(word: str, lexicon: Lexicon | Mapping[str, str]) -> bool:
     if not word or word in CLOSED_CLASS:
         return False
     pos = lexicon.get(word) if isinstance(lexicon, Mapping) else lexicon(word)
-    return pos is not None and pos[0] in DESCRIPTIVE_POS | {"s"}
+    return pos is not None and pos[:1] in DESCRIPTIVE_POS
 
 
 @torch.inference_mode()
@@ -563,6 +570,76 @@ class ClipDescriber:
     def describe(self, originals: Sequence[Image], steered: Sequence[Image]) -> list[str]:
         order = self.scores(originals, steered).argsort(descending=True)[: self.top_k]
         return [self.vocabulary[i] for i in order.tolist()]
+
+
+LMM_INSTRUCTION = (
+    "The first {k} images were generated from some prompts; the last {k} from the same prompts "
+    "with one hidden change. Answer with the most important keywords, comma-separated, that "
+    "describe what the last {k} images show and the first {k} do not."
+)
+
+
+def parse_keywords(text: str) -> list[str]:
+    """Split an LMM's answer into lower-case keywords: commas, semicolons or lines separate them,
+    and list bullets, numbering, a leading "keywords:" and trailing punctuation are dropped."""
+    keywords = []
+    for part in re.split(r"[,;\n]", text.lower()):
+        part = re.sub(r"^\s*(keywords?\s*:|[-*\u2022]|\d+[.)])\s*", "", part)
+        part = part.strip(" \t" + string.punctuation)
+        if any(c.isalnum() for c in part) and part not in keywords:
+            keywords.append(part)
+    return keywords
+
+
+@dataclass
+class LMMDescriber:
+    """The paper's describer: a multimodal LM (Qwen2.5-VL there) shown originals then steered
+    images in one chat turn and asked for keywords. Works with any transformers image-text-to-
+    text model whose processor has a chat template (Qwen2.5-VL, LLaVA)."""
+
+    model: object
+    """A transformers image-text-to-text model (`AutoModelForImageTextToText`)."""
+    processor: object
+    """Its processor, with a chat template that accepts several `{"type": "image"}` parts."""
+    instruction: str = LMM_INSTRUCTION
+    """The question; `{k}` becomes the number of image pairs."""
+    max_new_tokens: int = 32
+    """Length limit of the answer (greedy decoding)."""
+    last_answer: str = field(default="", init=False)
+    """The raw text of the most recent answer, for inspection."""
+
+    @torch.inference_mode()
+    def describe(self, originals: Sequence[Image], steered: Sequence[Image]) -> list[str]:
+        images = [*originals, *steered]
+        content = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": self.instruction.format(k=len(originals))})
+        prompt = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        inputs = self.processor(images=images, text=[prompt], return_tensors="pt").to(
+            self.model.device
+        )
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        answer_ids = out[:, inputs["input_ids"].shape[1] :]
+        self.last_answer = self.processor.batch_decode(answer_ids, skip_special_tokens=True)[0]
+        return parse_keywords(self.last_answer)
+
+
+def load_lmm(
+    id_or_path: str | Path, *, device: str | torch.device = "cpu", local_files_only: bool = False
+):
+    """Load an image-text-to-text model and processor (e.g. `Qwen/Qwen2.5-VL-7B-Instruct`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = str(id_or_path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, local_files_only=local_files_only
+        )
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise _offline_error("multimodal LM", source, err) from err
+    return model.to(device).eval(), processor
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from PIL import Image
 from sae_lens import StandardSAE, StandardSAEConfig
 from scipy import stats
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -305,6 +306,29 @@ def test_clip_describer_agrees_with_clip_forward(clip, pipe, sae):
     assert describer.describe(originals, steered) == [
         vocabulary[i] for i in expected_V.argsort(descending=True)[:4]
     ]
+
+
+def test_parse_keywords_cleans_an_lmm_answer():
+    answer = "Keywords: Neon, elderly man.\n- Sunglasses; 2) anime style\n* neon\n\ufffd\ufffd"
+    assert st.parse_keywords(answer) == ["neon", "elderly man", "sunglasses", "anime style"]
+
+
+def test_lmm_describer_shows_all_images_and_reads_only_the_answer(tmp_path, monkeypatch):
+    from saekit.multimodal_mini import build_mini_llava
+
+    model, processor = st.load_lmm(build_mini_llava(tmp_path / "llava"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    describer = st.LMMDescriber(model, processor, max_new_tokens=4)
+    assert isinstance(describer.describe(images[:2], images[2:]), list)  # the real generate runs
+    answer_ids = processor.tokenizer("neon, elderly man", add_special_tokens=False).input_ids
+
+    def scripted_generate(**inputs):
+        assert inputs["pixel_values"].shape[0] == 4 and inputs["max_new_tokens"] == 4
+        return torch.cat([inputs["input_ids"], torch.tensor([answer_ids])], dim=1)
+
+    monkeypatch.setattr(model, "generate", scripted_generate)
+    assert describer.describe(images[:2], images[2:]) == ["neon", "elderly man"]
 
 
 def test_discovery_and_validation_run_end_to_end(pipe, clip, sae):
