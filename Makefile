@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 export NLTK_DATA := $(CURDIR)/nltk_data
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test book chapter lint clean benchmarks
+.PHONY: setup test book chapter lint clean benchmarks chromium
 
 setup: $(VENV)/.installed nltk_data/corpora/wordnet/lexnames
 
@@ -42,8 +42,13 @@ $(WIDGET_JS):
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-book: setup $(WIDGET_JS)
+book: setup $(WIDGET_JS) chromium
 	$(BIN)/saekit book --profile $(PROFILE)
+	SAEKIT_SITE=_build/html $(BIN)/python -m pytest -q tests/site
+
+# The site checks open every chapter in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 chapter: setup
 	$(BIN)/saekit book --profile $(PROFILE) --only $(NAME) --no-html $(ARGS)
