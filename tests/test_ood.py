@@ -1,0 +1,320 @@
+"""The OOD study: grid, label alignment, class-subset scoring, probes, reconstruction by domain,
+Table 1, caching of the sweep, and the figures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+
+matplotlib.use("Agg")
+
+from conftest import WNIDS, write_image_folder  # noqa: E402
+
+from saekit import ood  # noqa: E402
+from saekit.activations import extract  # noqa: E402
+from saekit.data import ImageFolder  # noqa: E402
+from saekit.models import load_encoder  # noqa: E402
+from saekit.ontology import Taxonomy, imagenet_subset  # noqa: E402
+from saekit.probes import ProbeConfig, train_probe  # noqa: E402
+from saekit.sae import get_recipe  # noqa: E402
+
+# --- the grid ----------------------------------------------------------------------------------
+
+
+def test_paper_grid_has_the_papers_63_saes_with_the_right_sparsity_knob():
+    specs = ood.PAPER_GRID.specs(layer=39)
+    assert len(specs) == 7 * 3 * 3
+    assert len({s.label for s in specs}) == len(specs)
+    by_arch = {arch: [s for s in specs if s.arch == arch] for arch in ("relu", "topk", "gated")}
+    assert sorted({s.k for s in by_arch["topk"]}) == [4, 8, 16, 32, 64, 128, 256]
+    assert all(s.l1 is None for s in by_arch["topk"])
+    for arch in ("relu", "gated"):
+        assert sorted({s.l1 for s in by_arch[arch]}) == [0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0]
+        assert all(s.k is None for s in by_arch[arch])
+    assert {s.expansion for s in specs} == {8, 16, 32}
+    assert all(s.layer == 39 and s.resolved().recipe.name == "olson2025_ood" for s in specs)
+
+
+def test_grid_rejects_unknown_architectures_and_empty_axes():
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        ood.SweepGrid(archs=("relu", "sigmoid"))
+    with pytest.raises(ValueError, match="lambdas is empty"):
+        ood.SweepGrid(lambdas=())
+
+
+# --- class subsets -------------------------------------------------------------------------------
+
+
+def test_paper_subsets_map_imagenet_a_and_r_wnids_to_training_indices():
+    wnids = list(Taxonomy.imagenet1k().leaves)[::-1]  # any class order: indices must follow it
+    subsets = ood.restricted_classes(wnids, "paper")
+    for split, name in (("hard", "imagenet_a"), ("rendition", "imagenet_r")):
+        assert len(subsets[split]) == 200
+        assert {wnids[i] for i in subsets[split]} == set(imagenet_subset(name))
+    with pytest.raises(ValueError, match="not among the training classes"):
+        ood.restricted_classes(wnids[:500], "paper")
+
+
+def test_mini_subsets_are_every_other_class():
+    subsets = ood.restricted_classes([f"c{i}" for i in range(7)], "mini")
+    assert subsets == {"hard": [0, 2, 4, 6], "rendition": [0, 2, 4, 6]}
+
+
+def test_subset_scoring_drops_other_classes_and_takes_the_argmax_over_the_subset():
+    # four classes at the corners e0..e3; the probe learns them perfectly
+    rng = np.random.default_rng(0)
+    centers = 4 * np.eye(4, dtype=np.float32)
+    labels = np.repeat(np.arange(4), 50)
+    feats = centers[labels] + 0.1 * rng.standard_normal((200, 4)).astype(np.float32)
+    probe = train_probe(feats, labels, n_classes=4)
+    # test rows of class 2 drawn toward class 3 (outside the subset {0, 2}) so that the full
+    # argmax says 3 but among {0, 2} class 2 wins; rows of classes 1 and 3 must not be scored
+    test = np.stack([0.4 * centers[2] + 0.6 * centers[3]] * 5 + [centers[1]] * 7 + [centers[0]] * 3)
+    test_labels = np.array([2] * 5 + [1] * 7 + [0] * 3)
+    full, n_full = ood.probe_accuracy(probe, torch.as_tensor(test), test_labels, None)
+    assert (full, n_full) == (pytest.approx(10 / 15), 15)
+    restricted, n_restricted = ood.probe_accuracy(probe, torch.as_tensor(test), test_labels, [0, 2])
+    assert (restricted, n_restricted) == (1.0, 8)
+
+
+# --- reconstruction by domain, with a hand-built SAE ----------------------------------------------
+
+
+def _exact_sae(atoms_SD: torch.Tensor) -> StandardSAE:
+    """A ReLU SAE whose dictionary is the given orthonormal rows: it reconstructs every
+    non-negative combination of them exactly and maps their orthogonal complement to zero."""
+    s, d = atoms_SD.shape
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=s))
+    with torch.no_grad():
+        sae.W_enc.copy_(atoms_SD.T)
+        sae.W_dec.copy_(atoms_SD)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_reconstruction_error_by_domain_has_known_values():
+    d = 8
+    basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))[0].T
+    atoms, complement = basis[:4], basis[4:]
+    sae = _exact_sae(atoms)
+    gen = torch.Generator().manual_seed(1)
+    in_domain = torch.rand(50, 4, generator=gen) @ atoms
+    off = 0.5 * torch.randn(50, 4, generator=gen) @ complement  # the part no atom explains
+    near = torch.rand(50, 4, generator=gen) @ atoms + off
+    far = torch.randn(50, 4, generator=gen) @ complement
+    labels = np.zeros(50, dtype=int)
+    sets = {
+        "val": ood.LabelledActs(in_domain, labels),
+        "v2": ood.LabelledActs(near, labels),
+        "sketch": ood.LabelledActs(near, labels),
+        "far_ood": far,
+    }
+    recon = ood.reconstruction_table({"exact": sae}, sets, encoder="toy", progress=False)
+    assert list(recon["domain"]) == ["in-domain", "near-OOD", "near-OOD", "far-OOD"]
+    mse = recon.set_index("split")["mse"]
+    assert mse["val"] == pytest.approx(0.0, abs=1e-10)
+    assert mse["v2"] == pytest.approx(off.pow(2).sum(1).mean().item() / d, rel=1e-4)
+    assert mse["far_ood"] == pytest.approx(far.pow(2).sum(1).mean().item() / d, rel=1e-4)
+    assert recon.set_index("split")["l1"]["far_ood"] == pytest.approx(0.0, abs=1e-5)
+
+    summary = ood.domain_summary(recon)
+    assert list(summary.columns[:3]) == ["in-domain", "near-OOD", "far-OOD"]
+    assert summary.loc["exact", "near-OOD"] == pytest.approx(mse["v2"])
+    assert summary.loc["exact", "far-OOD ÷ in-domain"] > 1e6
+
+    with pytest.raises(KeyError, match="no domain"):
+        ood.reconstruction_table({"exact": sae}, {"imagenet_o": far}, progress=False)
+
+
+# --- the study on a real activation store ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stores(miniatures, tmp_path_factory):
+    """Train and validation stores of a miniature ViT, and a shifted store whose folder holds only
+    two of the three classes (so its own label 0 is the training set's label 1)."""
+    root = tmp_path_factory.mktemp("ood")
+    encoder = load_encoder(miniatures["vit"])
+    folders = {
+        "train": write_image_folder(root / "train", per_class=24, seed=1),
+        "val": write_image_folder(root / "val", per_class=6, seed=2),
+        "hard": write_image_folder(root / "hard", per_class=6, seed=3),
+    }
+    for extra in (folders["hard"] / WNIDS[0]).iterdir():
+        extra.unlink()
+    (folders["hard"] / WNIDS[0]).rmdir()
+    return {
+        split: extract(
+            encoder, ImageFolder(path), layers=[-1], out=root / f"s-{split}", progress=False
+        )
+        for split, path in folders.items()
+    }
+
+
+def test_labels_of_a_partial_folder_are_mapped_to_the_training_classes(stores):
+    train = ood.LabelledActs.from_store(stores["train"])
+    assert train.classes == list(WNIDS)
+    hard = ood.LabelledActs.from_store(stores["hard"], classes=train.classes)
+    assert stores["hard"].wnids == list(WNIDS[1:])
+    assert set(np.asarray(stores["hard"].labels)) == {0, 1}
+    np.testing.assert_array_equal(hard.labels_N, np.asarray(stores["hard"].labels) + 1)
+    with pytest.raises(ValueError, match="classes the training set lacks"):
+        ood.LabelledActs.from_store(stores["train"], classes=list(WNIDS[1:]))
+
+
+def test_per_class_subsample_is_seeded_and_balanced(stores):
+    train = ood.LabelledActs.from_store(stores["train"])
+    five = train.per_class(5, seed=3)
+    assert np.bincount(five.labels_N).tolist() == [5, 5, 5]
+    again = train.per_class(5, seed=3)
+    np.testing.assert_array_equal(np.asarray(five.acts_ND), np.asarray(again.acts_ND))
+    assert train.per_class(0) is train
+
+
+@pytest.fixture(scope="module")
+def sweep(stores, tmp_path_factory):
+    grid = ood.SweepGrid(lambdas=(0.5,), ks=(4,), expansions=(2,))
+    recipe = get_recipe("olson2025_ood", epochs=2)
+    specs = grid.specs(layer=stores["train"].layers[-1], recipe=recipe)
+    out = tmp_path_factory.mktemp("sweep")
+    saes = ood.train_or_load(stores["train"], specs, out, progress=False)
+    return specs, saes, out
+
+
+def test_sweep_is_cached_and_retrained_only_when_the_request_changes(stores, sweep, monkeypatch):
+    specs, saes, out = sweep
+    assert len(saes) == 3
+    calls = []
+    real = ood.sweep_from_store
+    monkeypatch.setattr(ood, "sweep_from_store", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ood.train_or_load(stores["train"], specs, out, progress=False)
+    assert calls == [] and list(again) == list(saes)
+    for name in saes:
+        torch.testing.assert_close(again[name].W_dec, saes[name].W_dec)
+    changed = [dataclasses.replace(spec, seed=1) for spec in specs[:1]]
+    retrained = ood.train_or_load(stores["train"], changed, out, progress=False)
+    assert calls == [1] and len(retrained) == 1
+
+
+def test_sweep_table_reads_each_saes_grid_point(sweep):
+    _, saes, _ = sweep
+    table = ood.sweep_table(saes, encoder="vit")
+    assert list(table.index) == list(saes)
+    assert table.set_index("arch")["sparsity"].to_dict() == {
+        "relu": "λ=0.5",
+        "topk": "k=4",
+        "gated": "λ=0.5",
+    }
+    assert (table["expansion"] == 2).all() and (table["encoder"] == "vit").all()
+    assert ood.pick_sae(table, "topk", 2, 4) == table.index[table["arch"] == "topk"][0]
+    with pytest.raises(KeyError, match="no relu SAE"):
+        ood.pick_sae(table, "relu", 8, 0.5)
+    with pytest.raises(ValueError, match="carries no saekit spec"):
+        ood.sweep_table({"hand-made": _exact_sae(torch.eye(4))})
+
+
+@pytest.fixture(scope="module")
+def results(stores, sweep):
+    _, saes, _ = sweep
+    train = ood.LabelledActs.from_store(stores["train"])
+    evals = {
+        split: ood.LabelledActs.from_store(stores[split], classes=train.classes)
+        for split in ("val", "hard")
+    }
+    subsets = {"hard": [1]}
+    probes = ood.probe_table(
+        saes,
+        train,
+        evals,
+        class_subsets=subsets,
+        encoder="vit",
+        progress=False,
+        config=ProbeConfig(max_iter=50),
+    )
+    recon = ood.reconstruction_table(
+        saes, {"val": evals["val"], "hard": evals["hard"]}, encoder="vit", progress=False
+    )
+    sweep_df = ood.sweep_table(saes, encoder="vit")
+    return probes, recon, sweep_df, evals
+
+
+def test_probe_table_scores_every_representation_on_every_set(results, sweep):
+    probes, _, _, evals = results
+    _, saes, _ = sweep
+    assert len(probes) == (1 + 2 * len(saes)) * 2
+    assert set(probes["input"]) == {"raw", "codes", "pre-activation"}
+    hard = probes[probes["split"] == "hard"]
+    assert (hard["n_classes"] == 1).all()
+    assert (hard["n_rows"] == (evals["hard"].labels_N == 1).sum()).all()
+    # one class left to choose from: the argmax over the subset is always right
+    assert (hard["accuracy"] == 1.0).all()
+    val = probes[probes["split"] == "val"]
+    assert (val["n_rows"] == len(evals["val"].labels_N)).all() and (val["n_classes"] == 3).all()
+    assert val["accuracy"].between(0, 1).all()
+
+
+def test_probe_table_matches_a_probe_fit_by_hand(results, stores):
+    probes, _, _, evals = results
+    train = ood.LabelledActs.from_store(stores["train"])
+    probe = train_probe(
+        np.asarray(train.acts_ND), train.labels_N, n_classes=3, config=ProbeConfig(max_iter=50)
+    )
+    expected = probe.accuracy(np.asarray(evals["val"].acts_ND), evals["val"].labels_N)
+    raw = probes[(probes["input"] == "raw") & (probes["split"] == "val")]["accuracy"].item()
+    assert raw == pytest.approx(expected)
+
+
+def test_summary_table1_and_figures(results):
+    probes, recon, sweep_df, _ = results
+    summary = ood.summary_table(sweep_df, probes, recon)
+    assert list(summary.index) == list(sweep_df.index)
+    for column in ("l0", "l1", "val", "hard", "ood", "pre:val", "in-domain", "near-OOD"):
+        assert summary[column].notna().all(), column
+    codes = probes[probes["input"] == "codes"].set_index(["sae", "split"])["accuracy"]
+    for name in summary.index:
+        assert summary.loc[name, "ood"] == pytest.approx(codes[(name, "hard")])
+    topk = summary[summary["arch"] == "topk"]
+    assert topk["l0"].item() <= 4 + 1e-6
+
+    name = ood.pick_sae(sweep_df, "relu", 2, 0.5)
+    table = ood.table1(probes, {"vit": name}, pre_activation=True)
+    assert list(table.columns) == ["Val", "A"]
+    assert list(table.index) == ["vit", "vit+SAE", "vit+SAE (pre-act.)"]
+    raw_val = probes[(probes["input"] == "raw") & (probes["split"] == "val")]["accuracy"].item()
+    assert table.loc["vit", "Val"] == pytest.approx(round(100 * raw_val, 2))
+    with pytest.raises(KeyError, match="no probe results"):
+        ood.table1(probes, {"vit": "no-such-sae"})
+
+    base = ood.baselines(probes)
+    assert base["vit"] == pytest.approx(1.0)  # the one-class subset of "hard"
+    figures = [
+        ood.ood_figure(summary, base),
+        ood.ood_figure(summary, base, focus=("arch", "topk")),
+        ood.split_figure(summary, "val", base),
+        ood.preactivation_figure(summary, "val", base),
+    ]
+    assert [len(f.axes) for f in figures[:2]] == [3, 3]
+    left = figures[0].axes[0]
+    assert any(np.allclose(line.get_ydata(), base["vit"]) for line in left.get_lines())
+    # focus greys out the other architectures but keeps their points
+    assert sum(len(c.get_offsets()) for c in figures[1].axes[0].collections) == len(summary)
+    for figure in figures:
+        matplotlib.pyplot.close(figure)
+    with pytest.raises(KeyError, match="pre_activation=True"):
+        ood.preactivation_figure(summary.drop(columns=["pre:val"]), "val")
+    with pytest.raises(ValueError, match="empty"):
+        ood.ood_figure(summary.iloc[:0])
+
+
+def test_evaluation_sets_in_another_class_order_are_refused(stores, sweep):
+    _, saes, _ = sweep
+    train = ood.LabelledActs.from_store(stores["train"])
+    own_order = ood.LabelledActs.from_store(stores["hard"])
+    with pytest.raises(ValueError, match="another class order"):
+        ood.probe_table(saes, train, {"hard": own_order}, progress=False)
