@@ -8,9 +8,11 @@ saekit book [--profile mini|paper] [--only CHAPTER]  (execute chapters, build th
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+
+from saekit import book
+from saekit.sae import commands as sae_commands
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -58,13 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--workers", type=int, default=4, help="image-decoding threads")
     extract.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
     extract.set_defaults(handler=_extract)
-    # Stages that own more commands register them here (train, sweep, book, ...).
-    for module in ("saekit.sae.commands", "saekit.book"):
-        try:
-            importlib.import_module(module).register(commands)
-        except ModuleNotFoundError as err:
-            if err.name is None or not module.startswith(err.name):
-                raise
+    # Stages that own more commands register them: train and sweep (SAE engine), book.
+    sae_commands.register(commands)
+    book.register(commands)
     return parser
 
 
