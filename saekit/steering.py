@@ -761,13 +761,23 @@ def validate_steering(
     seed: int = 0,
     config: GenerationConfig | None = None,
 ) -> pd.DataFrame:
-    """Generate original and steered images for (prompt, feature, attribute) triples and score them."""
+    """Generate original and steered images for (prompt, feature, attribute) triples and score them.
+
+    Each distinct prompt is generated once unsteered, and each feature's prompts in one batch.
+    """
     prompts = [p for p, _, _ in pairs]
-    originals = generate(pipe, prompts, seed=seed, config=config)
-    steered = [
-        generate(pipe, p, sae, f, strength, seed, config=config)[0]
-        for p, f, _ in tqdm(pairs, desc="steered images")
-    ]
+    unique = list(dict.fromkeys(prompts))
+    by_prompt = dict(zip(unique, generate(pipe, unique, seed=seed, config=config), strict=True))
+    steered = [None] * len(pairs)
+    features = sorted({f for _, f, _ in pairs})
+    for feature in tqdm(features, desc="steered images"):
+        rows = [i for i, (_, f, _) in enumerate(pairs) if f == feature]
+        images = generate(
+            pipe, [prompts[i] for i in rows], sae, feature, strength, seed, config=config
+        )
+        for i, image in zip(rows, images, strict=True):
+            steered[i] = image
+    originals = [by_prompt[p] for p in prompts]
     sims = clip_similarities(model, processor, originals, steered, prompts, [a for *_, a in pairs])
     sims.insert(1, "feature", [f for _, f, _ in pairs])
     return sims
