@@ -1,0 +1,493 @@
+"""Exemplars: the images a feature fires on most, drawn with its activating patches (paper 002).
+
+A patch SAE (paper 002 §3) reads one layer's patch tokens. Each of its features gets
+
+* a name, MODEL-WIDTH/INDEX such as ``DINOv2-24K/9823`` (:func:`feature_name`);
+* its top-K exemplar images, found by :func:`scan_store` in ONE streaming pass over an
+  activation store. Images are ranked by the feature's maximum patch activation, its mean over
+  the patches, or its activation on the CLS token. The pass keeps a running ``[S, K]`` top-k,
+  per-feature counters and per-class sums, never the codes of the whole store;
+* facts (:func:`feature_facts`): how often it fires (per token and per image), its largest
+  activation, the classes it fires on most, and the ontology label of the classes it fires on
+  reliably (LCH and coverage from :mod:`saekit.ontology`);
+* an exemplar grid (:func:`plot_exemplars`): each image as the model saw it (resized and
+  cropped by the encoder's own processor), with the feature's activation on every patch drawn
+  as a translucent heat map over that patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from tqdm.auto import tqdm
+
+from saekit.ontology import ClassSetRule, ClassStats, Taxonomy, class_stats, feature_table
+from saekit.sae.architectures import check_width
+
+RANK_BY = ("max", "mean", "cls")
+"""How exemplars are ranked: max patch activation, mean over patches, or the CLS activation."""
+
+#: transformers / saekit family name -> the label papers use in feature names.
+MODEL_LABELS = {"dinov2": "DINOv2", "clip": "CLIP", "vit": "ViT", "resnet": "ResNet"}
+
+
+# --------------------------------------------------------------------------- names
+
+
+def width_label(d_sae: int) -> str:
+    """SAE width as papers write it: 24576 -> '24K', 16000 -> '16K', 384 -> '384'."""
+    if d_sae >= 1024 and d_sae % 1024 == 0:
+        return f"{d_sae // 1024}K"
+    if d_sae >= 1000 and d_sae % 1000 == 0:
+        return f"{d_sae // 1000}K"
+    return str(d_sae)
+
+
+def model_label(family_or_id: str) -> str:
+    """'dinov2' or 'facebook/dinov2-base' -> 'DINOv2'; unknown names are returned unchanged."""
+    lowered = str(family_or_id).lower()
+    for family, label in MODEL_LABELS.items():
+        if family in lowered:
+            return label
+    return str(family_or_id)
+
+
+def feature_name(model: str, d_sae: int, index: int) -> str:
+    """Paper 002's MODEL-WIDTH/INDEX name, e.g. ``feature_name("DINOv2", 24576, 9823)`` ->
+    'DINOv2-24K/9823'. ``model`` may also be a family ('dinov2') or a hub id."""
+    if not 0 <= index < d_sae:
+        raise IndexError(f"feature {index} is out of range for an SAE of width {d_sae}")
+    return f"{model_label(model)}-{width_label(d_sae)}/{index}"
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+@dataclass
+class ExemplarScan:
+    """What one streaming pass over a store learned about every feature of an SAE."""
+
+    layer: int
+    """Store layer the SAE reads."""
+    rank_by: str
+    """Image score the exemplars are ranked by: 'max', 'mean' (over patches) or 'cls'."""
+    model: str
+    """Model label for feature names (e.g. 'DINOv2')."""
+    d_sae: int
+    """SAE width S."""
+    top_values_SK: np.ndarray
+    """Image scores of each feature's top-K images, best first (ties: lower store row first)."""
+    top_rows_SK: np.ndarray
+    """Store rows of those images."""
+    token_freq_S: np.ndarray
+    """Fraction of tokens (patches, or CLS tokens for 'cls') on which the feature fires."""
+    image_freq_S: np.ndarray
+    """Fraction of images on which it fires on at least one scored token."""
+    max_act_S: np.ndarray
+    """Largest activation on any scored token."""
+    class_stats: ClassStats
+    """Per-class firing fractions and mean image scores (`saekit.ontology.class_stats`)."""
+    class_names: list[str]
+    """Name of each class index of the store."""
+    wnids: list[str] | None
+    """WordNet id of each class index, when the store's classes are synsets."""
+    n_images: int
+    """Images scanned."""
+
+    @property
+    def k(self) -> int:
+        """Exemplars kept per feature."""
+        return self.top_rows_SK.shape[1]
+
+    def name(self, feature: int) -> str:
+        """The feature's MODEL-WIDTH/INDEX name."""
+        return feature_name(self.model, self.d_sae, feature)
+
+    def exemplars(self, feature: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(store rows, scores) of the feature's top images on which it fires at all."""
+        values = self.top_values_SK[feature, :k]
+        keep = values > 0
+        return self.top_rows_SK[feature, :k][keep], values[keep]
+
+
+def merge_top_k(
+    values_SK: torch.Tensor,
+    rows_SK: torch.Tensor,
+    scores_SB: torch.Tensor,
+    rows_B: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a chunk's scores into a running top-k, keeping exactly what a full sort would keep.
+
+    The running entries come first and a stable descending sort keeps equal scores in their
+    order, so ties go to the earlier store row, as ``argsort(-scores, kind="stable")`` does
+    (torch.topk promises no order among ties, which would make exemplars depend on chunking).
+    """
+    values = torch.cat([values_SK, scores_SB], dim=1)
+    rows = torch.cat([rows_SK, rows_B.expand(len(scores_SB), -1)], dim=1)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, order), rows.gather(1, order)
+
+
+def _sae_device_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
+    return sae.W_dec.device, sae.W_dec.dtype
+
+
+def scan_store(
+    store: Any,
+    sae: Any,
+    layer: int,
+    *,
+    k: int = 16,
+    rank_by: str = "max",
+    model: str | None = None,
+    tokens_per_chunk: int = 16384,
+    progress: bool = True,
+) -> ExemplarScan:
+    """One streaming pass over a store: every feature's top-``k`` images and its facts.
+
+    ``rank_by`` is 'max' or 'mean' (the feature's patch activations of an image, reduced) or
+    'cls' (its activation on the image's CLS token; the SAE then reads CLS tokens). Images are
+    read in chunks of about ``tokens_per_chunk`` tokens, so memory stays at one chunk's codes
+    (``tokens_per_chunk x S`` floats) plus the ``[S, k]`` running top-k. ``model`` labels the
+    feature names (default: from the store's model family).
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, not {rank_by!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    manifest = store.manifest
+    kind = "cls" if rank_by == "cls" else "patch"
+    if kind not in manifest["tokens"]:
+        hint = "--tokens both" if kind == "patch" else "--tokens cls (or both)"
+        raise ValueError(
+            f"rank_by={rank_by!r} needs {kind} tokens, but the store at {store.root} holds "
+            f"{manifest['tokens']}; extract them with {hint}, or rank by "
+            f"{'cls' if kind == 'patch' else 'max'}."
+        )
+    acts = store.cls(layer) if kind == "cls" else store.patches(layer)
+    check_width(sae, acts.shape[-1])
+    n_images = len(acts)
+    if n_images == 0:
+        raise ValueError(f"the store at {store.root} holds no images")
+    tokens_per_image = 1 if kind == "cls" else int(acts.shape[1])
+    chunk = max(1, tokens_per_chunk // tokens_per_image)
+    d_sae = int(sae.cfg.d_sae)
+    k = min(k, n_images)
+    device, dtype = _sae_device_dtype(sae)
+    labels_N = np.asarray(store.labels)
+
+    top_values = torch.empty(d_sae, 0, device=device)
+    top_rows = torch.empty(d_sae, 0, dtype=torch.int64, device=device)
+    fired_tokens_S = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    fired_images_S = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    max_act_S = torch.zeros(d_sae, device=device)
+
+    def image_scores() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        # class_stats consumes these (score, label) batches; the other accumulators are updated
+        # on the way, so the store is read once for everything.
+        nonlocal top_values, top_rows
+        starts = range(0, n_images, chunk)
+        for start in tqdm(starts, desc=f"exemplars L{layer}", disable=not progress):
+            stop = min(start + chunk, n_images)
+            x = torch.from_numpy(np.array(acts[start:stop], dtype=np.float32)).to(device, dtype)
+            with torch.no_grad():
+                codes = sae.encode(x).float()  # [b, S] for CLS, [b, P, S] for patches
+            if kind == "cls":
+                score_bS, fires_bS = codes, codes > 0
+                fired_tokens_S.add_(fires_bS.sum(0))
+                max_act_S.copy_(torch.maximum(max_act_S, codes.amax(0)))
+            else:
+                peak_bS = codes.amax(1)
+                score_bS = peak_bS if rank_by == "max" else codes.mean(1)
+                fires_bS = peak_bS > 0
+                fired_tokens_S.add_((codes > 0).sum((0, 1)))
+                max_act_S.copy_(torch.maximum(max_act_S, peak_bS.amax(0)))
+            fired_images_S.add_(fires_bS.sum(0))
+            rows_b = torch.arange(start, stop, device=device)
+            top_values, top_rows = merge_top_k(top_values, top_rows, score_bS.T, rows_b, k)
+            yield score_bS.cpu(), labels_N[start:stop]
+
+    stats = class_stats(image_scores(), None, len(store.class_names))
+    return ExemplarScan(
+        layer=layer,
+        rank_by=rank_by,
+        model=model or model_label(manifest.get("family") or manifest["model"]),
+        d_sae=d_sae,
+        top_values_SK=top_values.cpu().numpy(),
+        top_rows_SK=top_rows.cpu().numpy(),
+        token_freq_S=(fired_tokens_S / (n_images * tokens_per_image)).cpu().numpy(),
+        image_freq_S=(fired_images_S / n_images).cpu().numpy(),
+        max_act_S=max_act_S.cpu().numpy(),
+        class_stats=stats,
+        class_names=list(store.class_names),
+        wnids=list(store.wnids) if store.wnids else None,
+        n_images=n_images,
+    )
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def select_features(
+    scan: ExemplarScan,
+    n: int,
+    *,
+    min_image_freq: float = 0.0,
+    max_image_freq: float = 0.5,
+) -> list[int]:
+    """Up to ``n`` features worth browsing, strongest first: paper 002 §9 sorts by sparsity and
+    maximum activation, so dead features and dense ones (firing on more than
+    ``max_image_freq`` of the images) are dropped and the rest ranked by max activation."""
+    freq = scan.image_freq_S
+    keep = (freq > min_image_freq) & (freq <= max_image_freq) & (scan.max_act_S > 0)
+    candidates = np.flatnonzero(keep)
+    order = np.argsort(-scan.max_act_S[candidates], kind="stable")
+    return candidates[order][:n].tolist()
+
+
+def feature_facts(
+    scan: ExemplarScan,
+    features: Sequence[int] | None = None,
+    *,
+    taxonomy: Taxonomy | str | None = "auto",
+    n_top_classes: int = 3,
+    rule: ClassSetRule | None = None,
+) -> pd.DataFrame:
+    """One row per feature (index = feature): name, token_freq, image_freq, max_act,
+    top_classes (the classes with the highest mean image score, as 'name (score)'), n_classes
+    and ontology (the LCH of the classes the feature fires on by ``rule``, e.g. 'elasmobranch
+    (coverage 1.00, 5 classes)'). ``taxonomy='auto'`` builds one from the store's wnids when it
+    has them; pass None to skip the ontology column's work."""
+    features = list(range(scan.d_sae)) if features is None else [int(f) for f in features]
+    stats = scan.class_stats
+    mean_FC = stats.mean_act_SC[features]
+    top_FT = np.argsort(-mean_FC, axis=1, kind="stable")[:, :n_top_classes]
+    top_classes = [
+        ", ".join(
+            f"{scan.class_names[c]} ({mean_FC[i, c]:.3g})" for c in top_FT[i] if mean_FC[i, c] > 0
+        )
+        for i in range(len(features))
+    ]
+    sets_FC = (rule or ClassSetRule()).apply(stats)[features]
+    frame = pd.DataFrame(
+        {
+            "name": [scan.name(f) for f in features],
+            "token_freq": scan.token_freq_S[features],
+            "image_freq": scan.image_freq_S[features],
+            "max_act": scan.max_act_S[features],
+            "top_classes": top_classes,
+            "n_classes": sets_FC.sum(1),
+            "ontology": None,
+        },
+        index=pd.Index(features, name="feature"),
+    )
+    if taxonomy == "auto":
+        taxonomy = Taxonomy.from_wnids(scan.wnids) if scan.wnids else None
+    if taxonomy is not None:
+        if scan.wnids is None:
+            raise ValueError(
+                "an ontology label needs the store's classes as WordNet ids (store.wnids is "
+                "None); pass taxonomy=None to skip it"
+            )
+        if list(taxonomy.leaves) != list(scan.wnids):
+            raise ValueError(
+                "the taxonomy's leaf classes are not the store's classes in class-index order; "
+                "build it with Taxonomy.from_wnids(store.wnids)"
+            )
+        table = feature_table(sets_FC, taxonomy, progress=False)
+        labels = table["lch_name"].fillna("no common hypernym") + table.apply(
+            lambda row: (
+                f" (coverage {row.coverage:.2f}, {row.n_classes} "
+                f"class{'es' if row.n_classes != 1 else ''})"
+            ),
+            axis=1,
+        )
+        frame.iloc[table["feature"].to_numpy(), frame.columns.get_loc("ontology")] = (
+            labels.to_numpy()
+        )
+    return frame
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def model_view(image: Image.Image, processor: Any | None = None) -> Image.Image:
+    """The image as the encoder saw it: the processor's resize and crop, without normalising.
+
+    Patch overlays must line up with the pixels the patches came from. Without a processor the
+    image is centre-cropped to a square, which is what resize-shortest-edge-then-centre-crop
+    processors (DINOv2, CLIP) do up to scale.
+    """
+    image = image.convert("RGB")
+    if processor is not None:
+        pixels = processor(
+            images=[image], do_rescale=False, do_normalize=False, return_tensors="np"
+        )["pixel_values"][0]
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def exemplar_patch_acts(
+    scan: ExemplarScan, store: Any, sae: Any, feature: int, k: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(store rows, image scores, the feature's activation on every patch ``[K, P]``) of its
+    exemplars, re-encoding only those K images' patches."""
+    rows, values = scan.exemplars(feature, k)
+    if "patch" not in store.manifest["tokens"]:
+        return rows, values, np.zeros((len(rows), 0), np.float32)
+    device, dtype = _sae_device_dtype(sae)
+    order = np.argsort(rows)  # memory-mapped reads in store order
+    patches = np.empty((len(rows), *store.patches(scan.layer).shape[1:]), np.float32)
+    patches[order] = np.asarray(store.patches(scan.layer)[rows[order]], np.float32)
+    with torch.no_grad():
+        codes = sae.encode(torch.from_numpy(patches).to(device, dtype))
+    return rows, values, codes[..., feature].float().cpu().numpy()
+
+
+def overlay_patches(
+    ax: plt.Axes,
+    image: Image.Image,
+    acts_P: np.ndarray,
+    grid: tuple[int, int],
+    *,
+    vmax: float | None = None,
+    cmap: str = "inferno",
+    max_alpha: float = 0.75,
+) -> None:
+    """Draw ``image`` with each patch's activation as a heat square whose opacity grows with it.
+
+    The ``[h, w]`` activation grid is stretched over the image (``extent``), so every patch
+    covers exactly its pixel block, as paper 002 draws patch predictions.
+    """
+    ax.imshow(image)
+    if acts_P.size:
+        acts_hw = np.asarray(acts_P, np.float32).reshape(grid)
+        top = float(vmax if vmax is not None else acts_hw.max())
+        level_hw = np.clip(acts_hw / top, 0.0, 1.0) if top > 0 else np.zeros_like(acts_hw)
+        ax.imshow(
+            level_hw,
+            cmap=cmap,
+            vmin=0.0,
+            vmax=1.0,
+            alpha=level_hw * max_alpha,
+            extent=(0, image.width, image.height, 0),
+            interpolation="nearest",
+        )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_exemplars(
+    images: Sequence[Image.Image],
+    acts_KP: np.ndarray,
+    grid: tuple[int, int],
+    *,
+    captions: Sequence[str] | None = None,
+    title: str | None = None,
+    ncols: int = 4,
+    axes: Sequence[plt.Axes] | None = None,
+    tile: float = 1.8,
+) -> Figure:
+    """An exemplar grid: ``images`` (already as the model saw them, see `model_view`) with the
+    feature's patch activations ``acts_KP`` overlaid, all on one colour scale (the largest
+    activation among them) so brightness compares across tiles."""
+    if len(images) != len(acts_KP):
+        raise ValueError(f"{len(images)} images but {len(acts_KP)} rows of patch activations")
+    n = max(len(images), 1)
+    if axes is None:
+        ncols = min(ncols, n)
+        nrows = -(-n // ncols)
+        fig, grid_axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(tile * ncols, tile * nrows + (0.4 if title else 0)),
+            squeeze=False,
+        )
+        axes = list(grid_axes.ravel())
+    else:
+        fig = axes[0].figure
+    vmax = float(np.max(acts_KP)) if np.size(acts_KP) else None
+    for i, ax in enumerate(axes):
+        if i >= len(images):
+            ax.axis("off")
+            continue
+        overlay_patches(ax, images[i], acts_KP[i], grid, vmax=vmax)
+        if captions is not None:
+            ax.set_title(captions[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def row_images(
+    store: Any, dataset: Any, rows: Sequence[int], processor: Any | None = None
+) -> list[Image.Image]:
+    """The images of store ``rows``, loaded from the dataset the store was extracted from."""
+    images = []
+    for row in rows:
+        index = int(store.rows[row])
+        if dataset.image_ids[index] != store.image_ids[row]:
+            raise ValueError(
+                f"store row {row} is image {store.image_ids[row]!r} but the dataset's image "
+                f"{index} is {dataset.image_ids[index]!r}: pass the dataset the store was "
+                "extracted from"
+            )
+        images.append(model_view(dataset.load(index), processor))
+    return images
+
+
+def exemplar_figure(
+    scan: ExemplarScan,
+    store: Any,
+    sae: Any,
+    dataset: Any,
+    feature: int,
+    *,
+    k: int | None = None,
+    processor: Any | None = None,
+    ncols: int = 4,
+    title: str | None = None,
+    axes: Sequence[plt.Axes] | None = None,
+) -> Figure:
+    """`plot_exemplars` for one feature of a scan: its top images with their patch overlays,
+    captioned with the image score and class, titled with the feature's name."""
+    rows, values, acts_KP = exemplar_patch_acts(scan, store, sae, feature, k)
+    images = row_images(store, dataset, rows, processor)
+    grid = store.grid(scan.layer) if acts_KP.size else (1, 1)
+    captions = [
+        f"{scan.class_names[store.labels[row]]} {value:.2g}"
+        for row, value in zip(rows, values, strict=True)
+    ]
+    if title is None:
+        title = f"{scan.name(feature)} ({scan.rank_by} activation)"
+    return plot_exemplars(
+        images, acts_KP, grid, captions=captions, title=title, ncols=ncols, axes=axes
+    )
+
+
+def patch_features(
+    sae: Any, acts_PD: torch.Tensor | np.ndarray, top: int = 10
+) -> list[list[tuple[int, float]]]:
+    """For every patch, the features active there as (feature, activation), strongest first
+    (at most ``top``)."""
+    device, dtype = _sae_device_dtype(sae)
+    x = torch.as_tensor(np.array(acts_PD, np.float32)).to(device, dtype)
+    check_width(sae, x.shape[-1])
+    with torch.no_grad():
+        codes_PS = sae.encode(x).float().cpu()
+    values_PT, index_PT = torch.sort(codes_PS, dim=1, descending=True, stable=True)
+    out = []
+    for values_T, index_T in zip(values_PT[:, :top], index_PT[:, :top], strict=True):
+        out.append([(int(i), float(v)) for v, i in zip(values_T, index_T, strict=True) if v > 0])
+    return out
