@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from saekit.ontology import TABLE2_ROWS, Taxonomy, plot_height_vs_coverage, table2
-from saekit.sae import SAESpec, load_sweep, sweep_from_store
+from saekit.sae import SAESpec, load_sae, sweep_from_store
 from saekit.sae.train import SWEEP_MANIFEST
 
 #: A few ImageNet synsets paper 000 names among layer 36's coverage-1 features, plus two broad
@@ -53,12 +53,28 @@ PAPER_SYNSETS = {
 # --------------------------------------------------------------------------- SAEs
 
 
-def layer_specs(layers: Sequence[int], lam: float) -> list[SAESpec]:
+def layer_specs(layers: Sequence[int], lam: float, seed: int = 0) -> list[SAESpec]:
     """The layer sweep's SAEs: ReLU, recipe olson2025 (expansion 8), sparsity λ = ``lam``."""
     return [
-        SAESpec(arch="relu", layer=int(layer), l1=float(lam), recipe="olson2025")
+        SAESpec(arch="relu", layer=int(layer), l1=float(lam), recipe="olson2025", seed=seed)
         for layer in layers
     ]
+
+
+def _trained_by(folder: Path, spec: SAESpec, epochs: int, store: Any, seed: int) -> bool:
+    """Whether ``folder`` holds ``spec``'s SAE trained for ``epochs`` on ``store``'s CLS tokens
+    with batch order ``seed`` (read from the provenance the sweep trainer saves with each SAE)."""
+    cfg_file = folder / spec.label / "cfg.json"
+    if not cfg_file.is_file():
+        return False
+    info = json.loads(cfg_file.read_text()).get("metadata", {}).get("saekit", {})
+    return (
+        info.get("name") == spec.label
+        and info.get("epochs") == epochs
+        and info.get("tokens") == "cls"
+        and info.get("data_seed") == seed
+        and Path(info.get("store") or "").resolve() == Path(store.root).resolve()
+    )
 
 
 def layer_saes(
@@ -69,36 +85,33 @@ def layer_saes(
     epochs: int | None = None,
     layers: Sequence[int] | None = None,
     seed: int = 0,
+    reuse: Sequence[str | Path] = (),
     progress: bool = True,
 ) -> dict[int, Any]:
     """One SAE per layer of ``store`` (CLS tokens), trained together by the sweep trainer and
-    saved to ``out_dir``; a later call with the same settings loads them instead of training.
+    saved to ``out_dir``; {layer: SAE}.
 
-    ``epochs`` defaults to the recipe's (3). A folder holding another sweep (other λ, layers,
-    epochs or store) is refused rather than silently reused."""
+    Before training, ``out_dir`` and then each folder of ``reuse`` (e.g. the layer-sweep
+    chapter's) are searched for the same SAEs trained the same way (same names, i.e. λ,
+    expansion, recipe and init seed; same epochs, store and batch order); the first folder that
+    holds them all is loaded instead. ``epochs`` defaults to the recipe's (3). An ``out_dir``
+    holding another sweep is refused rather than overwritten."""
     layers = list(store.layers if layers is None else layers)
-    specs = layer_specs(layers, lam)
-    wanted = {
-        "names": [spec.label for spec in specs],
-        "epochs": int(epochs if epochs is not None else specs[0].resolved().recipe.epochs),
-        "store": str(Path(getattr(store, "root", "")).resolve()),
-        "seed": int(seed),
-    }
+    specs = layer_specs(layers, lam, seed)
+    epochs = int(epochs if epochs is not None else specs[0].resolved().recipe.epochs)
     out_dir = Path(out_dir)
-    study_file = out_dir / "ontology_study.json"
+    for folder in [out_dir, *map(Path, reuse)]:
+        if all(_trained_by(folder, spec, epochs, store, seed) for spec in specs):
+            return {spec.layer: load_sae(folder / spec.label) for spec in specs}
     if (out_dir / SWEEP_MANIFEST).exists():
-        found = json.loads(study_file.read_text()) if study_file.exists() else None
-        if found != wanted:
-            raise ValueError(
-                f"{out_dir} holds another sweep ({found}); wanted {wanted}. Delete the folder "
-                "or pass another out_dir."
-            )
-        loaded = load_sweep(out_dir)
-        return {spec.layer: loaded[spec.label] for spec in specs}
+        names = [e["name"] for e in json.loads((out_dir / SWEEP_MANIFEST).read_text())["saes"]]
+        raise ValueError(
+            f"{out_dir} holds another sweep ({names}, or other epochs / store / seed than "
+            f"{epochs} epochs on {store.root}, seed {seed}); delete it or pass another out_dir."
+        )
     trained = sweep_from_store(
-        store, specs, out_dir=out_dir, seed=seed, epochs=wanted["epochs"], progress=progress
+        store, specs, out_dir=out_dir, seed=seed, epochs=epochs, progress=progress
     )
-    study_file.write_text(json.dumps(wanted, indent=1))
     return {spec.layer: sae for spec, sae in zip(specs, trained, strict=True)}
 
 

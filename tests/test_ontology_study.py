@@ -287,7 +287,13 @@ def test_layer_saes_train_once_then_reload(store_and_data, tmp_path, monkeypatch
     for layer in saes:
         torch.testing.assert_close(again[layer].W_enc, saes[layer].W_enc)
         torch.testing.assert_close(again[layer].b_dec, saes[layer].b_dec)
-    with pytest.raises(ValueError, match="another sweep"):
-        study.layer_saes(store, out, lam=5.0, epochs=3, progress=False)
-    with pytest.raises(ValueError, match="another sweep"):
-        study.layer_saes(store, out, lam=1.0, epochs=2, progress=False)
+    # Another chapter's folder with the same SAEs is reused; a subset of its layers too.
+    elsewhere = tmp_path / "mine"
+    reused = study.layer_saes(store, elsewhere, lam=5.0, epochs=2, layers=[2], reuse=[out])
+    torch.testing.assert_close(reused[2].W_dec, saes[2].W_dec)
+    assert not elsewhere.exists()
+    # Other epochs, λ or batch order: the folder is refused, never silently reused.
+    for changed in ({"epochs": 3}, {"lam": 1.0}, {"seed": 1}):
+        settings = {"lam": 5.0, "epochs": 2, **changed}
+        with pytest.raises(ValueError, match="another sweep"):
+            study.layer_saes(store, out, progress=False, **settings)

@@ -1,0 +1,246 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {name: python3, display_name: Python 3, language: python}
+# ---
+
+# %% [markdown]
+# # Ontology: do SAE features follow the WordNet hierarchy?
+#
+# Olson, Hinck et al. (paper 000, §3.2 and Fig. 2) and Olson et al. (paper 003, Fig. 3 and
+# Table 2) train a ReLU SAE on the CLS token of every layer of DINOv2 and ask whether a feature
+# that fires on several ImageNet classes fires on a *meaningful* set of them: all the sharks and
+# rays, say, rather than a shark, a violin and a tow truck. Classes are WordNet synsets, so for
+# the set $C_k$ of classes feature $k$ fires on, the **lowest common hypernym** is the synset
+# with the smallest set of leaves $L(h)$ that holds them all,
+#
+# $$h_k = \mathrm{LCH}(C_k) = \operatorname*{argmin}_{h \in \mathcal{S}:\ C_k \subseteq L(h)} |L(h)|,$$
+#
+# and two numbers describe the feature:
+#
+# $$\text{LCH height}(C_k) = \frac{1}{|C_k|}\sum_{\omega \in C_k} \mathrm{dist}(\omega, h_k),
+# \qquad \text{coverage}(C_k) = \frac{|C_k|}{|L(h_k)|}.$$
+#
+# Height says how abstract the shared concept is; coverage says how completely the feature
+# covers it. A feature with coverage 1 and height above 0 fires on *every* class below a
+# higher-order synset and on nothing else: a learnt superordinate concept. (A single-class
+# feature also has coverage 1, at height 0, so the counts below keep only multi-class ones.)
+#
+# This chapter trains the SAEs (the layer-sweep chapter's specs), scores every feature of every
+# layer, compares the counts against the encoder's own neurons and random directions
+# (Table 2), looks at the most hierarchical features and their top images, and, in the `mini`
+# profile, checks the answer against ground truth: the toy world's classes were *generated*
+# from a planted hierarchy of 5 groups → 10 mid-level synsets → 30 ImageNet classes.
+
+# %% tags=["parameters"]
+profile = "mini"
+lam = 0.0  # λ of the ReLU SAEs (recipe olson2025); 0 = profile default (mini 0.3, paper 10)
+epochs = 0  # passes over the training store; 0 = profile default (mini 60, paper 3)
+seed = 0  # seeds the SAEs' initialisation and the batch order
+min_fire_frac = (
+    0.5  # a class joins C_k when the feature fires on at least this fraction of its images
+)
+figure_layers = []  # layers of the static histogram figure; [] = the profile's default
+n_features = 6  # most hierarchical features shown with their top images
+n_images = 6  # top images per feature
+imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
+imagenet_val = ""  # paper profile: ImageNet-1k validation folder, same layout
+
+# %%
+import saekit.book
+
+chapter = saekit.book.setup(globals())
+
+# %% [markdown]
+# ## Setting up
+#
+# The `mini` profile reads the toy-world ViT (6 layers, width 64); the `paper` profile reads
+# DINOv2 ViT-g/14 (40 layers) over ImageNet. The SAEs are the layer-sweep chapter's, with its
+# profile defaults: the paper's λ = 10 and 3 epochs over ImageNet in `paper`; in `mini`,
+# λ = 0.3 (the toy ViT's activations are far smaller than DINOv2's, and λ = 10 would switch
+# every latent off) and 60 epochs (its training split has only 1,800 images). The static
+# histogram shows every layer in `mini` and the paper's layers 24, 28, 32 and 36 in `paper`;
+# the widget shows them all.
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from saekit import ontology_study
+from saekit.ontology import (
+    ClassSetRule,
+    Taxonomy,
+    class_sets_with_baselines,
+    feature_table,
+    plot_height_vs_coverage,
+    table2,
+)
+from saekit.sae import evaluate, metrics_table
+from saekit.widgets import switcher
+
+family = "toyvit" if chapter.profile == "mini" else "dinov2"
+lam = lam or (0.3 if chapter.profile == "mini" else 10.0)
+epochs = epochs or (60 if chapter.profile == "mini" else 3)
+pd.set_option("display.precision", 3)
+
+# %%
+train = chapter.store(family, "train")
+val = chapter.store(family, "val")
+layers = val.layers
+figure_layers = figure_layers or (layers if chapter.profile == "mini" else [24, 28, 32, 36])
+taxonomy = Taxonomy.from_store(val)
+print(f"{val.n_rows} validation images of {len(val.class_names)} classes; {taxonomy!r}")
+print(f"layers {layers}, width {val.d_model}")
+
+# %% [markdown]
+# ## One SAE per layer
+#
+# A ReLU SAE with 8× expansion on every layer's CLS token, trained together in one sweep over
+# the training store (recipe `olson2025`: Adam at 1e-4 with 5% warm-up and 20% decay, λ warmed
+# up over 5% of the steps, minibatch 64). The SAEs are cached: rerunning the chapter reuses
+# them, and so does running it after the layer-sweep chapter has trained the same SAEs (same
+# λ, epochs and seed). Their quality on the validation images:
+
+# %%
+saes = ontology_study.layer_saes(
+    train,
+    chapter.workdir / "saes" / f"ontology-{family}-l{lam:g}-e{epochs}-s{seed}",
+    lam=lam,
+    epochs=epochs,
+    seed=seed,
+    reuse=[chapter.workdir / "saes" / f"layer-sweep-{family}-l{lam:g}-x8-e{epochs}"],
+)
+metrics_table({f"layer {layer}": evaluate(sae, val.cls(layer)) for layer, sae in saes.items()})
+
+# %% [markdown]
+# ## Class sets, and the same for the baselines
+#
+# A class joins $C_k$ when feature $k$ fires on at least `min_fire_frac` of that class's
+# validation images. Table 2 compares against two baselines scored by the same rule: the
+# encoder's own neurons (centred, then ReLU), and as many random directions as the SAE has
+# features, each with its bias set so that it fires exactly as often as one SAE feature does.
+
+# %%
+rule = ClassSetRule(min_fire_frac=min_fire_frac)
+class_sets = class_sets_with_baselines(val, saes, rule)
+table = feature_table(class_sets["SAE features"], taxonomy)
+table.head()
+
+# %% [markdown]
+# ## LCH height against coverage, layer by layer (paper 000 Fig. 2, paper 003 Fig. 3)
+#
+# Each panel is a 2D histogram of the features of one layer that fire on at least one class
+# (log-scaled counts). Single-class features sit in the top-left corner (height 0, coverage 1);
+# features firing on many unrelated classes form the strip along the bottom; learnt
+# superordinate concepts are the cells along the top edge to the right of 0.
+
+# %%
+plot_height_vs_coverage(table, figure_layers)
+
+# %% [markdown]
+# Pick a layer to see its histogram beside its most hierarchical features (multi-class,
+# coverage ≥ 0.99, most classes first):
+
+# %%
+switcher(
+    {f"layer {layer}": ontology_study.layer_view(table, layer) for layer in layers},
+    "layer",
+    control="slider",
+)
+
+# %% [markdown]
+# The same, as counts per layer: how many features fire on no class, on one, on several, how
+# many of the multi-class ones reach high coverage, and how high their LCH sits on average.
+
+# %%
+ontology_study.hierarchy_by_layer(table)
+
+# %% [markdown]
+# ## Table 2: SAE features against neurons and random directions
+#
+# Paper 003 counts, over all layers, the multi-class features whose coverage exceeds 0.99 and
+# 0.75. If SAE features capture superordinate concepts more often than chance, the SAE row
+# should stand well above both baselines.
+
+# %%
+table2(class_sets, taxonomy)
+
+# %%
+per_layer = ontology_study.table2_by_layer(class_sets, taxonomy)
+ontology_study.plot_table2_by_layer(per_layer)
+
+# %% [markdown]
+# ## The most hierarchical features
+#
+# The multi-class, coverage-≥ 0.99 features with the largest class sets, one per LCH synset,
+# named automatically after their LCH. Below each name, the validation images the feature
+# fires on most, with their class and the feature's activation.
+
+# %%
+top = ontology_study.most_hierarchical(table, n_features)
+top[["label", "lch", "n_classes", "height", "coverage"]]
+
+# %%
+tops = [
+    ontology_study.top_images(val, saes[row.layer], row.layer, [row.feature], n_images)
+    for row in top.itertuples()
+]
+ontology_study.plot_top_images(tops, val, chapter.dataset("val"), list(top["label"]))
+
+# %% [markdown]
+# ## Ground truth: are the planted synsets found?
+#
+# In the `mini` profile the answer is known: the toy world draws each image's shape from its
+# group (dog, bird, fish, vehicle, instrument), its style from its mid-level synset (hound,
+# terrier, finch, ...) and its pattern frequency from its class. A feature *covers a synset
+# fully* when the classes it fires on are exactly that synset's leaves, i.e. coverage 1 with
+# an LCH that has the synset's leaves (the LCH itself may be a synonym-like synset with the
+# same leaves: with these 30 classes the six dogs' LCH is *hunting dog*, just below *dog*).
+# The heat map shows, per layer, how many features do that (the number) and, where none does,
+# how close the best one comes (colour: Jaccard overlap of its class set with the synset's
+# leaves). In the `paper` profile the rows are a few ImageNet synsets paper 000 names instead.
+
+# %%
+synsets = (
+    ontology_study.toyworld_synsets() if chapter.profile == "mini" else ontology_study.PAPER_SYNSETS
+)
+recovery = {
+    row: ontology_study.synset_recovery(sets, taxonomy, synsets) for row, sets in class_sets.items()
+}
+ontology_study.plot_synset_recovery(recovery["SAE features"])
+
+# %% [markdown]
+# The same heat map for the baselines' features, to switch between:
+
+# %%
+switcher(
+    {row: ontology_study.plot_synset_recovery(rec) for row, rec in recovery.items()},
+    "features",
+    control="toggle",
+)
+
+# %%
+found = (
+    pd.DataFrame(
+        {
+            row: rec[rec["n_exact"] > 0].groupby("level")["synset"].nunique()
+            for row, rec in recovery.items()
+        }
+    )
+    .reindex(sorted(set(synsets.values())))
+    .fillna(0)
+    .astype(int)
+)
+found.index.name = "synsets covered exactly at some layer"
+found.assign(of=pd.Series(synsets).value_counts())
+
+# %%
+sae_rec = recovery["SAE features"]
+per_layer_found = sae_rec[sae_rec["n_exact"] > 0].groupby("layer")["synset"].nunique()
+for layer in layers:
+    print(
+        f"layer {layer}: {per_layer_found.get(layer, 0)} of {len(synsets)} synsets covered "
+        "exactly by some SAE feature"
+    )
+plt.close("all")
