@@ -402,20 +402,59 @@ def summary_table(
     sweep: pd.DataFrame, probes: pd.DataFrame, recon: pd.DataFrame, in_domain: str = "val"
 ) -> pd.DataFrame:
     """One row per SAE: its grid point, L0 and L1 on the in-domain set, probe accuracy on every
-    split (codes, and ``pre:<split>`` for pre-activation codes), mean OOD accuracy over the shifts,
-    and mean MSE per domain (the data behind Fig. 2 and Fig. 10)."""
-    out = sweep.copy()
-    sparsity = recon[recon["split"] == in_domain].set_index("sae")[["l0", "l1"]]
-    out = out.join(sparsity)
-    for kind, prefix in ((CODES, ""), (PRE, "pre:")):
-        acc = probes[probes["input"] == kind].pivot(index="sae", columns="split", values="accuracy")
-        if acc.empty:
-            continue
-        shifts = [s for s in SHIFTS if s in acc.columns]
-        if shifts:
-            acc["ood"] = acc[shifts].mean(axis=1)
-        out = out.join(acc.add_prefix(prefix))
-    return out.join(domain_summary(recon))
+    split (codes, and ``pre:<split>`` for pre-activation codes), mean OOD accuracy over the shifts
+    (``ood``, ``pre:ood``), and mean MSE per domain: the data behind Fig. 2, 10 and 12.
+    Several encoders are summarised each on its own (their SAEs may share names)."""
+    parts = []
+    for encoder, rows in sweep.groupby("encoder", sort=False):
+        mine_probes = probes[probes["encoder"] == encoder]
+        mine_recon = recon[recon["encoder"] == encoder]
+        out = rows.join(mine_recon[mine_recon["split"] == in_domain].set_index("sae")[["l0", "l1"]])
+        for kind, prefix in ((CODES, ""), (PRE, "pre:")):
+            acc = mine_probes[mine_probes["input"] == kind].pivot(
+                index="sae", columns="split", values="accuracy"
+            )
+            if acc.empty:
+                continue
+            shifts = [split for split in SHIFTS if split in acc.columns]
+            if shifts:
+                acc["ood"] = acc[shifts].mean(axis=1)
+            out = out.join(acc.add_prefix(prefix))
+        parts.append(out.join(domain_summary(mine_recon)))
+    if not parts:
+        raise ValueError("the sweep table is empty: train at least one SAE")
+    return pd.concat(parts)
+
+
+def findings(summary: pd.DataFrame, probes: pd.DataFrame) -> str:
+    """The study's numbers in words, per encoder: the best SAE's OOD accuracy against the raw
+    embedding's, how many SAEs beat it, and how much worse near- and far-OOD data reconstruct."""
+    raw = baselines(probes)
+    lines = []
+    for encoder, rows in summary.groupby("encoder", sort=False):
+        who = encoder or "the encoder"
+        if "ood" in rows and encoder in raw:
+            best = rows["ood"].idxmax()
+            beat = int((rows["ood"] > raw[encoder]).sum())
+            lines.append(
+                f"{who}: mean accuracy over the shifted sets is {raw[encoder]:.1%} for the raw "
+                f"embedding and {rows.loc[best, 'ood']:.1%} for the best SAE ({best}); "
+                f"{beat} of {len(rows)} SAEs beat the raw embedding."
+            )
+        if "pre:ood" in rows and "ood" in rows:
+            gain = (rows["pre:ood"] - rows["ood"]).mean()
+            lines.append(
+                f"{who}: probing the pre-activation codes changes OOD accuracy by "
+                f"{gain:+.1%} on average over the SAEs."
+            )
+        for domain in ("near-OOD", "far-OOD"):
+            column = f"{domain} ÷ in-domain"
+            if column in rows:
+                lines.append(
+                    f"{who}: {domain} MSE is {rows[column].median():.2f}× the in-domain MSE "
+                    f"(median over SAEs; range {rows[column].min():.2f}–{rows[column].max():.2f})."
+                )
+    return "\n".join(lines)
 
 
 def pick_sae(
@@ -578,41 +617,75 @@ def ood_figure(
     return fig
 
 
+def _raw_lines(ax: plt.Axes, probes: pd.DataFrame | None, split: str) -> None:
+    if probes is None:
+        return
+    raw = probes[(probes["input"] == RAW) & (probes["split"] == split)]
+    for i, (encoder, value) in enumerate(
+        raw.groupby("encoder", sort=False)["accuracy"].mean().items()
+    ):
+        ax.axhline(
+            value,
+            linestyle="--",
+            color="0.3" if i == 0 else f"C{i}",
+            linewidth=1.2,
+            label=f"{encoder or 'encoder'} raw embedding",
+        )
+
+
 def split_figure(
     summary: pd.DataFrame,
-    split: str,
-    baseline: Mapping[str, float] | pd.Series | None = None,
+    splits: str | Sequence[str],
+    probes: pd.DataFrame | None = None,
     *,
-    figsize: tuple[float, float] = (6.0, 4.0),
+    panel_size: tuple[float, float] = (4.2, 3.6),
 ) -> Figure:
-    """Fig. 10 for one evaluation set: probe accuracy on SAE codes (filled) and pre-activation
-    codes (hollow) against L0, with the raw embedding's accuracy dashed."""
-    if split not in summary:
-        raise KeyError(f"no accuracy column {split!r}; the summary has {list(summary.columns)}")
+    """Fig. 10, one panel per evaluation set: probe accuracy on SAE codes (filled) and on
+    pre-activation codes (hollow) against L0; with `probes`, the raw embedding's accuracy dashed.
+    Panels share the y axis so the drop from in-domain to each shift reads across."""
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    missing = [split for split in splits if split not in summary]
+    if missing:
+        raise KeyError(f"no accuracy column(s) {missing}; the summary has {list(summary.columns)}")
     data = summary.reset_index()
+    archs = list(dict.fromkeys(data["arch"]))
+    colors = dict(zip(archs, sns.color_palette("deep", len(archs)), strict=True))
     with sns.axes_style("whitegrid"):
-        fig, ax = plt.subplots(figsize=figsize)
-        sns.scatterplot(data=data, x="l0", y=split, hue="arch", style="arch", s=70, ax=ax)
-        if f"pre:{split}" in data:
-            for i, arch in enumerate(data["arch"].unique()):
+        fig, axes = plt.subplots(
+            1,
+            len(splits),
+            figsize=(panel_size[0] * len(splits), panel_size[1]),
+            sharey=True,
+            squeeze=False,
+        )
+        for ax, split in zip(axes[0], splits, strict=True):
+            for arch in archs:
                 part = data[data["arch"] == arch]
-                ax.scatter(
-                    part["l0"],
-                    part[f"pre:{split}"],
-                    facecolors="none",
-                    edgecolors=f"C{i}",
-                    s=70,
-                    label=f"{arch} pre-activation",
-                )
-        for encoder, value in dict(baseline if baseline is not None else {}).items():
-            ax.axhline(
-                value, linestyle="--", color="0.3", linewidth=1.2, label=f"{encoder} raw embedding"
-            )
-        _log_x(ax, data["l0"])
-        name = TABLE1_COLUMNS.get(split, split)
-        ax.set_xlabel("L0 (active latents, in-domain)")
-        ax.set_ylabel(f"top-1 accuracy on {split} ({name})")
-        ax.legend(fontsize=8)
+                ax.scatter(part["l0"], part[split], color=colors[arch], s=50, label=f"{arch} codes")
+                if f"pre:{split}" in part:
+                    ax.scatter(
+                        part["l0"],
+                        part[f"pre:{split}"],
+                        facecolors="none",
+                        edgecolors=colors[arch],
+                        s=50,
+                        label=f"{arch} pre-activation",
+                    )
+            _raw_lines(ax, probes, split)
+            _log_x(ax, data["l0"])
+            ax.set_title(f"{split} ({TABLE1_COLUMNS.get(split, split)})")
+            ax.set_xlabel("L0 (in-domain)")
+        axes[0][0].set_ylabel("top-1 accuracy")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=4,
+            frameon=False,
+            fontsize=8,
+        )
         fig.tight_layout()
     return fig
 
@@ -620,12 +693,13 @@ def split_figure(
 def preactivation_figure(
     summary: pd.DataFrame,
     split: str = "val",
-    baseline: Mapping[str, float] | pd.Series | None = None,
+    probes: pd.DataFrame | None = None,
     *,
     figsize: tuple[float, float] = (6.0, 4.0),
 ) -> Figure:
-    """Paper 003 Fig. 12: accuracy of probes on codes vs on pre-activation codes, one line per SAE
-    from its codes' accuracy to its pre-activation accuracy, against L0."""
+    """Paper 003 Fig. 12: accuracy of probes on codes vs on pre-activation codes (the encoder
+    output before its nonlinearity) against L0; a grey line joins each SAE's two points. With
+    `probes`, the raw embedding's accuracy is dashed."""
     needed = [split, f"pre:{split}"]
     missing = [c for c in needed if c not in summary]
     if missing:
@@ -650,10 +724,7 @@ def preactivation_figure(
         sns.scatterplot(
             data=long, x="l0", y="accuracy", hue="input", style="arch", s=70, ax=ax, zorder=2
         )
-        for encoder, value in dict(baseline if baseline is not None else {}).items():
-            ax.axhline(
-                value, linestyle="--", color="0.3", linewidth=1.2, label=f"{encoder} raw embedding"
-            )
+        _raw_lines(ax, probes, split)
         _log_x(ax, data["l0"])
         ax.set_xlabel("L0 (active latents, in-domain)")
         ax.set_ylabel(f"top-1 accuracy on {split}")

@@ -7,6 +7,7 @@ import dataclasses
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
@@ -296,20 +297,41 @@ def test_summary_table1_and_figures(results):
     figures = [
         ood.ood_figure(summary, base),
         ood.ood_figure(summary, base, focus=("arch", "topk")),
-        ood.split_figure(summary, "val", base),
-        ood.preactivation_figure(summary, "val", base),
+        ood.split_figure(summary, ["val", "hard"], probes),
+        ood.preactivation_figure(summary, "val", probes),
     ]
-    assert [len(f.axes) for f in figures[:2]] == [3, 3]
+    assert [len(f.axes) for f in figures[:3]] == [3, 3, 2]
     left = figures[0].axes[0]
     assert any(np.allclose(line.get_ydata(), base["vit"]) for line in left.get_lines())
     # focus greys out the other architectures but keeps their points
     assert sum(len(c.get_offsets()) for c in figures[1].axes[0].collections) == len(summary)
+    # the raw embedding's line sits at its accuracy on that panel's set
+    val_lines = [line.get_ydata()[0] for line in figures[2].axes[0].get_lines()]
+    assert val_lines == [pytest.approx(raw_val)]
     for figure in figures:
         matplotlib.pyplot.close(figure)
+    text = ood.findings(summary, probes)
+    assert "100.0% for the raw embedding" in text and "near-OOD MSE is" in text
     with pytest.raises(KeyError, match="pre_activation=True"):
         ood.preactivation_figure(summary.drop(columns=["pre:val"]), "val")
     with pytest.raises(ValueError, match="empty"):
         ood.ood_figure(summary.iloc[:0])
+
+
+def test_summary_keeps_encoders_apart_when_their_saes_share_names(results):
+    probes, recon, sweep_df, _ = results
+    other = probes.assign(encoder="clip", accuracy=1 - probes["accuracy"])
+    other_recon = recon.assign(encoder="clip", mse=2 * recon["mse"])
+    summary = ood.summary_table(
+        pd.concat([sweep_df, sweep_df.assign(encoder="clip")]),
+        pd.concat([probes, other]),
+        pd.concat([recon, other_recon]),
+    )
+    vit, clip = summary[summary["encoder"] == "vit"], summary[summary["encoder"] == "clip"]
+    assert len(vit) == len(clip) == len(sweep_df)
+    np.testing.assert_allclose(clip["val"], 1 - vit["val"])
+    np.testing.assert_allclose(clip["in-domain"], 2 * vit["in-domain"])
+    np.testing.assert_allclose(clip["l0"], vit["l0"])
 
 
 def test_evaluation_sets_in_another_class_order_are_refused(stores, sweep):
