@@ -23,7 +23,7 @@ SAEs are SAELens SAE objects; this module only calls `sae.encode`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ import seaborn as sns
 import torch
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
@@ -459,7 +460,9 @@ def overlap_heatmap_frame(
 
 def plot_overlap_heatmap(frame: pd.DataFrame, ax: Axes | None = None) -> Axes:
     """Draw `overlap_heatmap_frame` (Fig. 6): grey = one modality only, red = shared."""
-    ax = ax or plt.subplots(figsize=(max(6, 0.25 * frame.shape[1]), 0.35 * len(frame) + 1))[1]
+    # Wide enough to read a few dozen features, capped so a 1% set of a big SAE still fits a page.
+    width = min(14, max(6, 0.25 * frame.shape[1]))
+    ax = ax or plt.subplots(figsize=(width, 0.35 * len(frame) + 1))[1]
     labels = [f"{name} · {modality}" for name, modality in frame.index]
     sns.heatmap(
         frame.set_axis(labels, axis=0),
@@ -467,7 +470,7 @@ def plot_overlap_heatmap(frame: pd.DataFrame, ax: Axes | None = None) -> Axes:
         vmin=0,
         vmax=2,
         cbar=False,
-        linewidths=0.3,
+        linewidths=0.3 if frame.shape[1] <= 80 else 0,
         linecolor="0.9",
         ax=ax,
     )
@@ -712,3 +715,166 @@ def plot_evolution(
         ax.set_title(title)
         ax.axis("off")
     return axes
+
+
+# ------------------------------------------------------------------ study helpers (chapter 7)
+
+
+def study_images(
+    labels_N: Sequence[int], n_classes: int, per_class: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Choose the study's classes and images from a labelled dataset.
+
+    `n_classes` classes spread evenly over the dataset's class indices (so a toy world's or
+    ImageNet's whole range is sampled, not just its first few classes), and the first
+    `per_class` images of each. Returns the chosen class indices [C], the dataset indices of the
+    images [C * per_class], grouped by class, and each image's study label in 0..C-1 [C * per_class].
+    """
+    labels_N = np.asarray(labels_N)
+    n_available = int(labels_N.max()) + 1 if len(labels_N) else 0
+    if not 1 <= n_classes <= n_available:
+        raise ValueError(
+            f"n_classes={n_classes} but the dataset has {n_available} classes; "
+            f"pick between 1 and {n_available}."
+        )
+    classes_C = np.unique(np.linspace(0, n_available - 1, n_classes).round().astype(int))
+    indices, study_labels = [], []
+    for c, label in enumerate(classes_C):
+        found = np.flatnonzero(labels_N == label)[:per_class]
+        if len(found) < per_class:
+            raise ValueError(
+                f"Class {label} has {len(found)} images but images_per_class={per_class}; "
+                "lower images_per_class or add images."
+            )
+        indices.extend(found.tolist())
+        study_labels.extend([c] * per_class)
+    return classes_C, np.asarray(indices), np.asarray(study_labels)
+
+
+def shuffled_batches(
+    acts_ND: torch.Tensor, batch_size: int, seed: int = 0
+) -> Callable[[int], Iterator[torch.Tensor]]:
+    """`batches(epoch)` for `saekit.sae.train_sae` over an in-memory [N, D] matrix: every row
+    once per epoch, in an order fixed by (seed, epoch), so a rerun sees the same batches."""
+
+    def batches(epoch: int) -> Iterator[torch.Tensor]:
+        order = torch.randperm(
+            len(acts_ND), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+        )
+        for start in range(0, len(acts_ND), batch_size):
+            yield acts_ND[order[start : start + batch_size]]
+
+    return batches
+
+
+def train_relu_sae(
+    acts_ND: torch.Tensor,
+    *,
+    expansion: int = 8,
+    l1: float = 0.3,
+    lr: float = 1e-4,
+    epochs: int = 3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> SAE:
+    """A ReLU SAE on in-memory activations (response tokens or image tokens).
+
+    The `olson2025` recipe (paper 003 §3.3) with input normalisation switched on: a LLaVA-7B
+    residual stream and the miniature's differ in scale by orders of magnitude, and normalised
+    inputs let one λ mean the same sparsity for both. The normalisation is folded into the
+    weights, so the SAE encodes raw activations. `saekit.sae.train_from_store` needs an
+    activation store on disk; these few thousand rows live in memory, hence this wrapper.
+    """
+    from saekit.sae import SAESpec, get_recipe, train_sae
+
+    acts_ND = torch.as_tensor(acts_ND, dtype=torch.float32)
+    if acts_ND.ndim != 2 or len(acts_ND) < 2:
+        raise ValueError(
+            f"Expected activations [N, D] with N >= 2, got shape {tuple(acts_ND.shape)}."
+        )
+    recipe = get_recipe(
+        "olson2025", lr=lr, epochs=epochs, batch_size=batch_size, normalize_inputs=True
+    )
+    spec = SAESpec(
+        arch="relu", d_in=acts_ND.shape[1], expansion=expansion, l1=l1, recipe=recipe, seed=seed
+    )
+    return train_sae(
+        spec,
+        shuffled_batches(acts_ND, batch_size, seed),
+        math.ceil(len(acts_ND) / batch_size),
+        device=device,
+        progress=progress,
+    )
+
+
+def evolution_table(
+    evolution: Evolution,
+    labels_N: Sequence[int],
+    class_names: Sequence[str],
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> pd.DataFrame:
+    """One row per image: its class, active patches early / late / both, persistence, new.
+
+    `features` (early, late), as returned by `patch_maps`, adds the feature each map shows."""
+    early_N = evolution.early_BHW.flatten(1).sum(1)
+    late_N = evolution.late_BHW.flatten(1).sum(1)
+    frame = pd.DataFrame(
+        {
+            "class": [class_names[int(c)] for c in labels_N],
+            "early": early_N.numpy(),
+            "late": late_N.numpy(),
+            "both": (evolution.early_BHW & evolution.late_BHW).flatten(1).sum(1).numpy(),
+            "persistence": evolution.persistence_B.numpy(),
+            "new": evolution.new_B.numpy(),
+        }
+    )
+    if features is not None:
+        frame.insert(1, "early_feature", features[0].numpy())
+        frame.insert(2, "late_feature", features[1].numpy())
+    return frame
+
+
+def plot_permutation_null(baseline: PermutationBaseline, ax: Axes | None = None) -> Axes:
+    """The chance distribution of mean Jaccard (mismatched class pairings) and the matched value."""
+    ax = ax or plt.subplots(figsize=(6, 3))[1]
+    sns.histplot(baseline.null, bins=30, color="0.6", ax=ax, label="mismatched pairings")
+    ax.axvline(baseline.observed, color="tab:red", lw=2, label="matched classes")
+    ax.axvline(baseline.expected_chance, color="k", ls="--", lw=1, label="exact chance level")
+    ax.set_xlabel("mean Jaccard over classes (text set vs image set)")
+    ax.set_title(f"Permutation baseline, p = {baseline.p_value:.3g}")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_class_view(
+    c: int,
+    class_names: Sequence[str],
+    text_CS: np.ndarray,
+    image_CS: np.ndarray,
+    images: Sequence[Image.Image],
+    evolution: Evolution,
+    indices: Sequence[int],
+    names: tuple[str, str] = ("projector", "layer 6"),
+) -> Figure:
+    """One class at a glance: its text and image top sets (a Fig. 6 strip) above the Fig. 7
+    panels of its images `indices` (positions in `images` and `evolution`)."""
+    fig = plt.figure(figsize=(9, 1.6 + 2.6 * len(indices)), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.3, 2.6 * len(indices)])
+    ax = top.subplots()
+    frame = overlap_heatmap_frame(text_CS[[c]], image_CS[[c]], [class_names[c]])
+    if frame.shape[1]:
+        plot_overlap_heatmap(frame, ax=ax)
+    else:
+        ax.text(0.5, 0.5, "no active features in either modality", ha="center", va="center")
+        ax.axis("off")
+    shared = int(overlap_size(text_CS[[c]], image_CS[[c]])[0])
+    ax.set_title(
+        f"{class_names[c]}: {shared} shared top features, "
+        f"Jaccard {jaccard(text_CS[[c]], image_CS[[c]])[0]:.2f}"
+    )
+    axes = np.atleast_2d(bottom.subplots(len(indices), 3))
+    for row, index in zip(axes, indices, strict=True):
+        plot_evolution(images[index], evolution, index, names, axes=row)
+    return fig

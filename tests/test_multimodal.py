@@ -330,3 +330,88 @@ def test_evolution_study_end_to_end_on_mini(llava):
     assert mm.square_crop(processor, images[0]).size == (48, 48)
     with pytest.raises(ValueError, match="block index"):
         mm.image_token_activations(model, processor, images, (99,))
+
+
+# ------------------------------------------------------------------ study helpers (chapter 7)
+
+
+def test_study_images_spreads_classes_and_takes_first_per_class():
+    labels_N = np.tile(np.arange(5), 3)  # 0 1 2 3 4 0 1 2 3 4 0 1 2 3 4
+    classes_C, indices, study_labels = mm.study_images(labels_N, n_classes=3, per_class=2)
+    assert classes_C.tolist() == [0, 2, 4]
+    assert indices.tolist() == [0, 5, 2, 7, 4, 9]
+    assert study_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert labels_N[indices].tolist() == classes_C[study_labels].tolist()
+    assert mm.study_images(labels_N, 5, 3)[0].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        mm.study_images(labels_N, 6, 1)
+    with pytest.raises(ValueError, match="images_per_class"):
+        mm.study_images(labels_N, 2, 4)
+
+
+def test_shuffled_batches_visit_every_row_once_per_epoch_reproducibly():
+    acts_ND = torch.arange(23.0)[:, None].repeat(1, 3)
+    batches = mm.shuffled_batches(acts_ND, batch_size=5, seed=1)
+    epoch0 = list(batches(0))
+    assert [len(b) for b in epoch0] == [5, 5, 5, 5, 3]
+    rows0 = torch.cat(epoch0)[:, 0]
+    assert sorted(rows0.tolist()) == list(range(23))
+    assert torch.equal(torch.cat(list(batches(0)))[:, 0], rows0)  # same epoch, same order
+    assert not torch.equal(torch.cat(list(batches(1)))[:, 0], rows0)  # next epoch reshuffles
+
+
+def test_train_relu_sae_recovers_planted_atoms_at_any_scale():
+    """Tiny activations on a large offset (like the miniature's residual stream): input
+    normalisation lets λ = 0.3 find every planted atom, and the SAE encodes raw inputs."""
+    from saekit.sae import evaluate
+    from saekit.sae.synthetic import atom_recovery, planted_dictionary
+
+    planted = planted_dictionary(n_rows=2048, d_in=16, n_atoms=24, active=2, seed=0)
+    raw_ND = 0.01 * planted.acts_ND + torch.linspace(-1, 1, 16)
+    sae = mm.train_relu_sae(raw_ND, expansion=4, l1=0.3, lr=3e-3, epochs=10, progress=False)
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (16, 64)
+    assert atom_recovery(sae.W_dec.detach(), planted.atoms_AD) == 1.0
+    metrics = evaluate(sae, raw_ND)
+    assert metrics.explained_variance > 0.85 and metrics.l0 < 12
+    again = mm.train_relu_sae(raw_ND, expansion=4, l1=0.3, lr=3e-3, epochs=10, progress=False)
+    assert torch.equal(sae.W_dec, again.W_dec)
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        mm.train_relu_sae(raw_ND[0])
+
+
+def test_evolution_table_counts_planted_patches():
+    early_BHW = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    late_BHW = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [0.0, 0.0]]])
+    evo = mm.compare_patch_maps(early_BHW, late_BHW)
+    features = (torch.tensor([3, 4]), torch.tensor([7, 8]))
+    table = mm.evolution_table(evo, [1, 0], ["cat", "dog"], features)
+    assert table["class"].tolist() == ["dog", "cat"]
+    assert table["early_feature"].tolist() == [3, 4] and table["late_feature"].tolist() == [7, 8]
+    assert table["early"].tolist() == [2, 0] and table["late"].tolist() == [3, 1]
+    assert table["both"].tolist() == [1, 0] and table["new"].tolist() == [2, 1]
+    assert table["persistence"][0] == 0.5 and np.isnan(table["persistence"][1])
+
+
+def test_baseline_and_class_view_figures():
+    sets_CS = np.kron(np.eye(3, dtype=bool), np.ones((1, 4), bool))
+    baseline = mm.permutation_baseline(sets_CS, sets_CS, n_permutations=20)
+    ax = mm.plot_permutation_null(baseline)
+    assert ax.lines[0].get_xdata()[0] == 1.0  # the matched value
+    # A wide heatmap stays page-sized.
+    wide_CS = np.zeros((1, 400), bool)
+    wide_CS[0, ::2] = True
+    frame = mm.overlap_heatmap_frame(wide_CS, ~wide_CS, ["x"])
+    assert mm.plot_overlap_heatmap(frame).figure.get_figwidth() <= 14
+    image_CS = sets_CS.copy()
+    image_CS[1] = False  # class 1: nothing active for images
+    evo = mm.compare_patch_maps(torch.rand(4, 2, 3), torch.rand(4, 2, 3))
+    images = [Image.new("RGB", (48, 48))] * 4
+    fig = mm.plot_class_view(0, ["a", "b", "c"], sets_CS, image_CS, images, evo, [0, 1])
+    assert len(fig.axes) == 1 + 2 * 3
+    assert "4 shared" in fig.axes[0].get_title() and "Jaccard 1.00" in fig.axes[0].get_title()
+    fig = mm.plot_class_view(1, ["a", "b", "c"], sets_CS, image_CS, images, evo, [2])
+    assert "Jaccard 0.00" in fig.axes[0].get_title()
+    empty = mm.plot_class_view(
+        1, ["a", "b", "c"], np.zeros_like(sets_CS), image_CS, images, evo, [3]
+    )
+    assert "0 shared" in empty.axes[0].get_title()
