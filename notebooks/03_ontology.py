@@ -90,7 +90,8 @@ val = chapter.store(family, "val")
 layers = val.layers
 figure_layers = figure_layers or (layers if chapter.profile == "mini" else [24, 28, 32, 36])
 taxonomy = Taxonomy.from_store(val)
-print(f"{val.n_rows} validation images of {len(val.class_names)} classes; {taxonomy!r}")
+n_classes = len(val.class_names)
+print(f"{val.n_rows} validation images of {n_classes} classes; {taxonomy!r}")
 print(f"layers {layers}, width {val.d_model}")
 
 # %% [markdown]
@@ -140,28 +141,34 @@ plot_height_vs_coverage(table, figure_layers)
 
 # %% [markdown]
 # Pick a layer to see its histogram beside its most hierarchical features (multi-class,
-# coverage ≥ 0.99, most classes first):
+# coverage ≥ 0.99, most classes first; features that fire on *every* class are left out, since
+# their LCH is the root and their coverage is 1 for free):
 
 # %%
 switcher(
-    {f"layer {layer}": ontology_study.layer_view(table, layer) for layer in layers},
+    {
+        f"layer {layer}": ontology_study.layer_view(table, layer, max_classes=n_classes - 1)
+        for layer in layers
+    },
     "layer",
     control="slider",
 )
 
 # %% [markdown]
-# The same, as counts per layer: how many features fire on no class, on one, on several, how
-# many of the multi-class ones reach high coverage, and how high their LCH sits on average.
+# The same, as counts per layer: how many features fire on no class, on one, on several and
+# on every class, how many of the multi-class ones reach high coverage, and how high their LCH
+# sits on average.
 
 # %%
-ontology_study.hierarchy_by_layer(table)
+ontology_study.hierarchy_by_layer(table, n_classes)
 
 # %% [markdown]
 # ## Table 2: SAE features against neurons and random directions
 #
 # Paper 003 counts, over all layers, the multi-class features whose coverage exceeds 0.99 and
 # 0.75. If SAE features capture superordinate concepts more often than chance, the SAE row
-# should stand well above both baselines.
+# should stand well above both baselines. (As in the paper, a feature that fires on every
+# class counts too; the per-layer table above shows how many those are.)
 
 # %%
 table2(class_sets, taxonomy)
@@ -173,12 +180,12 @@ ontology_study.plot_table2_by_layer(per_layer)
 # %% [markdown]
 # ## The most hierarchical features
 #
-# The multi-class, coverage-≥ 0.99 features with the largest class sets, one per LCH synset,
-# named automatically after their LCH. Below each name, the validation images the feature
+# The multi-class, coverage-≥ 0.99 features with the largest class sets (short of all of
+# them), one per LCH synset, named automatically after their LCH. Below each name, the validation images the feature
 # fires on most, with their class and the feature's activation.
 
 # %%
-top = ontology_study.most_hierarchical(table, n_features)
+top = ontology_study.most_hierarchical(table, n_features, max_classes=n_classes - 1)
 top[["label", "lch", "n_classes", "height", "coverage"]]
 
 # %%

@@ -119,11 +119,13 @@ def layer_saes(
 
 
 def hierarchy_by_layer(
-    table: pd.DataFrame, thresholds: Sequence[float] = (0.99, 0.75)
+    table: pd.DataFrame, n_classes: int, thresholds: Sequence[float] = (0.99, 0.75)
 ) -> pd.DataFrame:
-    """Per layer of a `saekit.ontology.feature_table`: features that fire on no class, on one
-    class and on several; how many multi-class ones have coverage above each threshold; and the
-    mean LCH height of the multi-class ones. One row per layer, in the table's layer order."""
+    """Per layer of a `saekit.ontology.feature_table`: features that fire on no class, on one,
+    on several and on all ``n_classes`` (coverage 1 at the root, but no concept: counted apart);
+    how many multi-class ones have coverage above each threshold (those on every class
+    included, as in Table 2); and the mean LCH height of the multi-class ones. One row per
+    layer, in the table's layer order."""
     n_no_class = table.attrs.get("n_no_class", {})
     layers = list(dict.fromkeys(list(n_no_class) + list(pd.unique(table["layer"]))))
     rows = {}
@@ -134,6 +136,7 @@ def hierarchy_by_layer(
             "no class": int(n_no_class.get(layer, 0)),
             "1 class": int((part["n_classes"] == 1).sum()),
             "multi-class": len(multi),
+            "every class": int((part["n_classes"] == n_classes).sum()),
         }
         for t in thresholds:
             row[f"multi, coverage > {t:g}"] = int((multi["coverage"] > t).sum())
@@ -191,13 +194,19 @@ def most_hierarchical(
     *,
     min_coverage: float = 0.99,
     min_classes: int = 2,
+    max_classes: int | None = None,
     one_per_lch: bool = True,
 ) -> pd.DataFrame:
-    """The ``n`` multi-class features of a `feature_table` with coverage ≥ ``min_coverage`` and
-    the most classes (ties: greater LCH height, later layer, lower index). With ``one_per_lch``
-    a synset appears once, by its best feature, so that one concept learnt at every late layer
-    does not fill the list."""
-    keep = table[(table["n_classes"] >= min_classes) & (table["coverage"] >= min_coverage)]
+    """The ``n`` features of a `feature_table` with ``min_classes`` to ``max_classes`` classes
+    and coverage ≥ ``min_coverage``, most classes first (ties: greater LCH height, later layer,
+    lower index). Pass ``max_classes`` = number of classes - 1 to leave out features that fire
+    on every class: their coverage is trivially 1. With ``one_per_lch`` a synset appears once,
+    by its best feature, so that one concept learnt at every late layer does not fill the list."""
+    n_classes = table["n_classes"]
+    many = n_classes >= min_classes
+    if max_classes is not None:
+        many &= n_classes <= max_classes
+    keep = table[many & (table["coverage"] >= min_coverage)]
     keep = keep.assign(_layer=pd.to_numeric(keep["layer"], errors="coerce"))
     keep = keep.sort_values(
         ["n_classes", "height", "_layer", "feature"],
@@ -409,14 +418,16 @@ def plot_synset_recovery(recovery: pd.DataFrame) -> Figure:
 # --------------------------------------------------------------------------- widget view
 
 
-def layer_view(table: pd.DataFrame, layer: Any, n: int = 5) -> str:
+def layer_view(table: pd.DataFrame, layer: Any, n: int = 5, max_classes: int | None = None) -> str:
     """One layer's page for a `saekit.widgets.switcher`: its height-vs-coverage histogram and
-    its ``n`` most hierarchical features, as one HTML string (an inline PNG and a table), so the
-    static site shows it without a kernel."""
+    its ``n`` most hierarchical features (`most_hierarchical`), as one HTML string (an inline
+    PNG and a table), so the static site shows it without a kernel."""
     from saekit.widgets import figure_png
 
     png = figure_png(plot_height_vs_coverage(table, [layer], ncols=1))
-    top = most_hierarchical(table[table["layer"] == layer], n, one_per_lch=False)
+    top = most_hierarchical(
+        table[table["layer"] == layer], n, max_classes=max_classes, one_per_lch=False
+    )
     shown = top[["feature", "n_classes", "lch_name", "height", "coverage"]]
     listing = (
         shown.to_html(index=False, float_format="{:.2f}".format, border=0)

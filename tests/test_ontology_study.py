@@ -133,13 +133,17 @@ def test_plot_synset_recovery_annotates_exact_counts(toy_taxonomy, planted_sets)
 
 def test_hierarchy_by_layer_counts(toy_taxonomy, planted_sets):
     table = feature_table(planted_sets, toy_taxonomy, progress=False)
-    counts = study.hierarchy_by_layer(table)
+    counts = study.hierarchy_by_layer(table, planted.N_CLASSES)
     assert counts.loc[0, "no class"] == 1 and counts.loc[0, "1 class"] == 1
     assert counts.loc[0, "multi-class"] == 2 and counts.loc[0, "multi, coverage > 0.99"] == 1
     assert counts.loc[1, "multi-class"] == 5 and counts.loc[1, "multi, coverage > 0.99"] == 4
     # 5 of 6 birds: coverage 5/6 > 0.75
     assert counts.loc[1, "multi, coverage > 0.75"] == 5
-    assert counts.loc[1, "no class"] == 0
+    assert counts.loc[1, "no class"] == 0 and counts[["every class"]].sum().item() == 0
+    everything = {2: np.ones((1, planted.N_CLASSES), bool)}
+    table = feature_table({**planted_sets, **everything}, toy_taxonomy, progress=False)
+    counts = study.hierarchy_by_layer(table, planted.N_CLASSES)
+    assert counts.loc[2, "every class"] == 1 and counts.loc[2, "multi, coverage > 0.99"] == 1
     # layer 0: hounds (height 1) and hounds + a terrier (LCH hunting dog, height 2)
     assert counts.loc[0, "mean height (multi)"] == pytest.approx(1.5)
 
@@ -169,6 +173,12 @@ def test_most_hierarchical_orders_and_deduplicates(toy_taxonomy, planted_sets):
     every = study.most_hierarchical(table, n=10, one_per_lch=False)
     assert len(every) == 5 and (every["coverage"] >= 0.99).all() and (every["n_classes"] >= 2).all()
     assert study.most_hierarchical(table, n=1).shape[0] == 1
+    # a feature on all 30 classes has coverage 1 at the root: first unless max_classes drops it
+    everything = {2: np.ones((1, planted.N_CLASSES), bool)}
+    table = feature_table({**planted_sets, **everything}, toy_taxonomy, progress=False)
+    assert study.most_hierarchical(table, n=1)["n_classes"].item() == planted.N_CLASSES
+    kept = study.most_hierarchical(table, n=10, max_classes=planted.N_CLASSES - 1)
+    assert list(zip(kept["layer"], kept["feature"], strict=True)) == [(1, 0), (1, 3), (1, 4)]
 
 
 def test_layer_view_is_self_contained_html(toy_taxonomy, planted_sets):
