@@ -1,0 +1,265 @@
+"""The feature browser: pick a feature to see its exemplars, pick a patch to see its features.
+
+Paper 002 explores SAEs through a custom UI (§9: "displays exemplar images that maximally
+activate SAE features"; §5: "select specific image patches" to list the features there). Here:
+
+* :func:`feature_cards` renders, per feature, its exemplar grid and facts once;
+* :func:`patch_views` renders, per image, the features active at every patch, strongest first;
+* :func:`feature_browser` puts both in an ipywidgets app. Every view is pre-rendered and the
+  pickers are ``jslink``'ed to ``ipywidgets.Stack`` containers (`saekit.widgets.switcher`), so
+  the app also works in the published book, which has no kernel;
+* :func:`export_html` writes the top features as one standalone HTML page (images inlined).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from saekit.compare import ExemplarSource
+from saekit.exemplars import exemplar_figure, feature_facts, patch_features, row_images
+from saekit.widgets import figure_png, switcher
+
+#: fact columns shown on a card, with their labels
+CARD_FACTS = {
+    "image_freq": "fires on images",
+    "token_freq": "fires on tokens",
+    "max_act": "max activation",
+    "top_classes": "top classes",
+    "ontology": "ontology label",
+}
+
+
+@dataclass
+class FeatureCard:
+    """One feature, rendered: its name, facts and exemplar grid."""
+
+    feature: int
+    """SAE feature index."""
+    name: str
+    """MODEL-WIDTH/INDEX name."""
+    facts: dict[str, Any]
+    """Its row of `saekit.exemplars.feature_facts`."""
+    grid_png: bytes
+    """The exemplar grid as PNG."""
+
+
+@dataclass
+class PatchView:
+    """One image, rendered, with the features active at each of its patches."""
+
+    row: int
+    """Store row of the image."""
+    caption: str
+    """Class name and image id."""
+    image_png: bytes
+    """The image as the model saw it, with its patch grid numbered."""
+    grid: tuple[int, int]
+    """Patch grid (rows, cols)."""
+    features: list[list[tuple[int, float]]]
+    """Per patch: (feature, activation), strongest first."""
+    names: dict[int, str]
+    """Name of every listed feature."""
+
+
+def _format(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, float | np.floating):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def feature_cards(
+    source: ExemplarSource,
+    features: Sequence[int],
+    *,
+    k: int = 8,
+    facts: pd.DataFrame | None = None,
+    taxonomy: Any = "auto",
+    ncols: int = 4,
+    progress: bool = True,
+) -> list[FeatureCard]:
+    """Render ``features`` of one SAE: exemplar grid (top ``k``) and facts per feature.
+    ``facts`` defaults to `feature_facts` of the scan (with ``taxonomy``)."""
+    if facts is None:
+        facts = feature_facts(source.scan, features, taxonomy=taxonomy)
+    cards = []
+    for feature in tqdm(features, desc="feature cards", disable=not progress):
+        figure = exemplar_figure(
+            source.scan,
+            source.store,
+            source.sae,
+            source.dataset,
+            int(feature),
+            k=k,
+            processor=source.processor,
+            ncols=ncols,
+        )
+        cards.append(
+            FeatureCard(
+                int(feature),
+                source.scan.name(int(feature)),
+                facts.loc[int(feature)].to_dict(),
+                figure_png(figure),
+            )
+        )
+    return cards
+
+
+def _numbered_grid_png(image: Any, grid: tuple[int, int]) -> bytes:
+    h, w = grid
+    fig, ax = plt.subplots(figsize=(3, 3 * image.height / image.width))
+    ax.imshow(image, extent=(0, w, h, 0))
+    for r in range(h + 1):
+        ax.axhline(r, color="white", lw=0.5, alpha=0.7)
+    for c in range(w + 1):
+        ax.axvline(c, color="white", lw=0.5, alpha=0.7)
+    if h * w <= 256:
+        for p in range(h * w):
+            ax.text(p % w + 0.5, p // w + 0.5, str(p), ha="center", va="center", fontsize=6,
+                    color="white", alpha=0.9)  # fmt: skip
+    ax.set_axis_off()
+    return figure_png(fig)
+
+
+def patch_views(
+    source: ExemplarSource,
+    rows: Sequence[int],
+    *,
+    top: int = 8,
+    progress: bool = True,
+) -> list[PatchView]:
+    """For each store row: the image (patches numbered) and every patch's active features."""
+    store, scan = source.store, source.scan
+    if "patch" not in store.manifest["tokens"]:
+        raise ValueError("patch views need a store with patch tokens (extract with tokens='both')")
+    grid = store.grid(scan.layer)
+    images = row_images(store, source.dataset, rows, source.processor)
+    views = []
+    for row, image in tqdm(zip(rows, images, strict=True), total=len(rows), desc="patch views",
+                           disable=not progress):  # fmt: skip
+        listed = patch_features(source.sae, store.patches(scan.layer)[int(row)], top=top)
+        names = {f: scan.name(f) for entries in listed for f, _ in entries}
+        label = scan.class_names[int(store.labels[row])]
+        views.append(
+            PatchView(
+                int(row),
+                f"{label} ({store.image_ids[row]})",
+                _numbered_grid_png(image, grid),
+                tuple(grid),
+                listed,
+                names,
+            )
+        )
+    return views
+
+
+def _png_tag(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" style="max-width:100%">'
+    )
+
+
+def card_html(card: FeatureCard, *, anchor: bool = False) -> str:
+    """A card as HTML: name, facts table and the exemplar grid (inlined PNG)."""
+    rows = "".join(
+        f"<tr><th style='text-align:left;padding-right:1em'>{label}</th>"
+        f"<td>{html.escape(_format(card.facts.get(key)))}</td></tr>"
+        for key, label in CARD_FACTS.items()
+    )
+    anchor_id = f" id='feature-{card.feature}'" if anchor else ""
+    return (
+        f"<section{anchor_id}><h3>{html.escape(card.name)}</h3>"
+        f"<table>{rows}</table>{_png_tag(card.grid_png, card.name)}</section>"
+    )
+
+
+def patch_html(view: PatchView, patch: int) -> str:
+    """The features active at one patch, strongest first, as an HTML table."""
+    h, w = view.grid
+    entries = view.features[patch]
+    title = f"patch {patch} (row {patch // w}, col {patch % w})"
+    if not entries:
+        return f"<p><b>{title}</b>: no feature fires here.</p>"
+    peak = max(value for _, value in entries)
+    rows = "".join(
+        f"<tr><td>{html.escape(view.names[f])}</td><td style='text-align:right'>{v:.3g}</td>"
+        f"<td><div style='background:#e4572e;height:0.8em;width:{100 * v / peak:.0f}px'></div></td>"
+        "</tr>"
+        for f, v in entries
+    )
+    return f"<p><b>{title}</b></p><table>{rows}</table>"
+
+
+def feature_browser(
+    cards: Sequence[FeatureCard], views: Sequence[PatchView] | None = None
+) -> widgets.Widget:
+    """The app: a 'features' tab (pick a feature, see its card) and, with ``views``, a
+    'patches' tab (pick an image, then a patch, see its features strongest first)."""
+    if not cards:
+        raise ValueError("no feature cards to browse; render some with feature_cards(...)")
+    by_feature = switcher({card.name: card_html(card) for card in cards}, description="feature")
+    tabs = [by_feature]
+    titles = ["features"]
+    if views:
+        per_image = {}
+        for view in views:
+            patches = switcher(
+                {
+                    f"{p} (row {p // view.grid[1]}, col {p % view.grid[1]})": patch_html(view, p)
+                    for p in range(len(view.features))
+                },
+                description="patch",
+            )
+            picture = widgets.Image(value=view.image_png, format="png",
+                                    layout=widgets.Layout(width="300px"))  # fmt: skip
+            per_image[view.caption] = widgets.HBox([picture, patches])
+        tabs.append(switcher(per_image, description="image"))
+        titles.append("patches")
+    app = widgets.Tab(children=tabs)
+    for i, title in enumerate(titles):
+        app.set_title(i, title)
+    return app
+
+
+def export_html(
+    path: str | os.PathLike,
+    cards: Sequence[FeatureCard],
+    *,
+    title: str = "SAE features",
+    intro: str = "",
+) -> Path:
+    """Write the cards as one standalone HTML page (PNG images inlined), with an index."""
+    if not cards:
+        raise ValueError("no feature cards to export")
+    path = Path(path)
+    index = "".join(
+        f"<li><a href='#feature-{card.feature}'>{html.escape(card.name)}</a>"
+        f" – {html.escape(_format(card.facts.get('ontology')))}</li>"
+        for card in cards
+    )
+    body = "\n".join(card_html(card, anchor=True) for card in cards)
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+        "section{border-top:1px solid #ccc;padding:0.5em 0}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p><ol>{index}</ol>{body}"
+        "</body></html>"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
