@@ -490,6 +490,7 @@ def plot_jaccard_matrix(
         pd.DataFrame(j_CC, index=list(class_names), columns=list(class_names)),
         cmap="viridis",
         vmin=0,
+        vmax=max(float(np.max(j_CC)), 0.01),  # an all-zero matrix still gets a 0-based scale
         square=True,
         ax=ax,
     )
@@ -702,7 +703,7 @@ def plot_evolution(
         ),
     ]
     for ax, (values_HW, colors, title) in zip(axes, panels, strict=True):
-        ax.imshow(image)
+        ax.imshow(image, extent=(0, width, height, 0))  # same extent as the grid: cells align
         ax.imshow(
             values_HW.numpy(),
             cmap=ListedColormap(colors),
@@ -718,6 +719,16 @@ def plot_evolution(
 
 
 # ------------------------------------------------------------------ study helpers (chapter 7)
+
+
+def _first_images(labels_N: np.ndarray, label: int, start: int, count: int) -> list[int]:
+    found = np.flatnonzero(labels_N == label)[start : start + count]
+    if len(found) < count:
+        raise ValueError(
+            f"Class {label} has {len(np.flatnonzero(labels_N == label))} images; {start + count} "
+            "are needed (images_per_class plus sae_captions_per_class). Lower those or add images."
+        )
+    return found.tolist()
 
 
 def study_images(
@@ -737,18 +748,38 @@ def study_images(
             f"n_classes={n_classes} but the dataset has {n_available} classes; "
             f"pick between 1 and {n_available}."
         )
-    classes_C = np.unique(np.linspace(0, n_available - 1, n_classes).round().astype(int))
+    # Points spaced >= 1 apart round to distinct integers.
+    classes_C = np.linspace(0, n_available - 1, n_classes).round().astype(int)
     indices, study_labels = [], []
     for c, label in enumerate(classes_C):
-        found = np.flatnonzero(labels_N == label)[:per_class]
-        if len(found) < per_class:
-            raise ValueError(
-                f"Class {label} has {len(found)} images but images_per_class={per_class}; "
-                "lower images_per_class or add images."
-            )
-        indices.extend(found.tolist())
+        indices.extend(_first_images(labels_N, label, 0, per_class))
         study_labels.extend([c] * per_class)
-    return classes_C, np.asarray(indices), np.asarray(study_labels)
+    return classes_C, np.asarray(indices, dtype=int), np.asarray(study_labels, dtype=int)
+
+
+def caption_images(labels_N: Sequence[int], skip: int, per_class: int) -> np.ndarray:
+    """Dataset indices of images `skip .. skip + per_class - 1` of *every* class: images to
+    caption only for the overlap SAE's training data (the paper trains it on activations
+    recorded while LLaVA captions ImageNet), kept apart from the first `skip` study images."""
+    labels_N = np.asarray(labels_N)
+    indices = [
+        i for label in np.unique(labels_N) for i in _first_images(labels_N, label, skip, per_class)
+    ]
+    return np.asarray(indices, dtype=int)
+
+
+def training_activations(
+    text: Responses, image: Responses, on: str = "both", captions: Responses | None = None
+) -> torch.Tensor:
+    """The overlap SAE's training rows, [N, D]: the caption answers (if any) plus both
+    modalities' study answers (`on="both"`) or the image answers only (`on="image"`)."""
+    if on not in ("both", "image"):
+        raise ValueError(f"sae_train_on must be 'both' or 'image', got {on!r}.")
+    parts = [r for r in (captions, text if on == "both" else None, image) if r is not None]
+    layers = {r.layer for r in parts}
+    if len(layers) != 1:
+        raise ValueError(f"The answers come from blocks {sorted(layers)}; one SAE needs one layer.")
+    return torch.cat([r.stacked() for r in parts if r.acts])
 
 
 def shuffled_batches(
@@ -860,12 +891,14 @@ def plot_class_view(
 ) -> Figure:
     """One class at a glance: its text and image top sets (a Fig. 6 strip) above the Fig. 7
     panels of its images `indices` (positions in `images` and `evolution`)."""
-    fig = plt.figure(figsize=(9, 1.6 + 2.6 * len(indices)), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.3, 2.6 * len(indices)])
+    strip, row = 2.4, 3.0  # inches: the strip needs room for its rotated feature labels
+    fig = plt.figure(figsize=(9, strip + row * len(indices)), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[strip, row * len(indices)])
     ax = top.subplots()
     frame = overlap_heatmap_frame(text_CS[[c]], image_CS[[c]], [class_names[c]])
     if frame.shape[1]:
         plot_overlap_heatmap(frame, ax=ax)
+        ax.set_yticklabels(["text", "image"], rotation=0)  # the title names the class
     else:
         ax.text(0.5, 0.5, "no active features in either modality", ha="center", va="center")
         ax.axis("off")

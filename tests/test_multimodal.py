@@ -409,9 +409,38 @@ def test_baseline_and_class_view_figures():
     fig = mm.plot_class_view(0, ["a", "b", "c"], sets_CS, image_CS, images, evo, [0, 1])
     assert len(fig.axes) == 1 + 2 * 3
     assert "4 shared" in fig.axes[0].get_title() and "Jaccard 1.00" in fig.axes[0].get_title()
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["text", "image"]
     fig = mm.plot_class_view(1, ["a", "b", "c"], sets_CS, image_CS, images, evo, [2])
     assert "Jaccard 0.00" in fig.axes[0].get_title()
     empty = mm.plot_class_view(
         1, ["a", "b", "c"], np.zeros_like(sets_CS), image_CS, images, evo, [3]
     )
     assert "0 shared" in empty.axes[0].get_title()
+
+
+def test_caption_images_skip_the_study_images_of_every_class():
+    labels_N = np.repeat(np.arange(3), 4)  # 0 0 0 0 1 1 1 1 2 2 2 2
+    study = mm.study_images(labels_N, n_classes=3, per_class=2)[1]
+    captions = mm.caption_images(labels_N, skip=2, per_class=2)
+    assert captions.tolist() == [2, 3, 6, 7, 10, 11]
+    assert not set(captions.tolist()) & set(study.tolist())
+    assert mm.caption_images(labels_N, skip=2, per_class=0).tolist() == []
+    with pytest.raises(ValueError, match="sae_captions_per_class"):
+        mm.caption_images(labels_N, skip=2, per_class=3)
+
+
+def test_training_activations_pick_modalities():
+    text = mm.Responses([torch.zeros(2, 3), torch.zeros(1, 3)], ["", ""], np.array([0, 1]), 2)
+    image = mm.Responses([torch.ones(4, 3)], [""], np.array([0]), 2)
+    captions = mm.Responses([torch.full((5, 3), 2.0)], [""], np.array([0]), 2)
+    both = mm.training_activations(text, image, "both")
+    assert both.shape == (7, 3) and both.sum() == 12  # text rows are 0, image rows 1
+    assert torch.equal(mm.training_activations(text, image, "image"), torch.ones(4, 3))
+    with_captions = mm.training_activations(text, image, "image", captions)
+    assert with_captions.shape == (9, 3) and with_captions.sum() == 12 + 30
+    no_captions = mm.Responses([], [], np.array([], int), 2)
+    assert torch.equal(mm.training_activations(text, image, "image", no_captions), image.acts[0])
+    with pytest.raises(ValueError, match="'both' or 'image'"):
+        mm.training_activations(text, image, "text")
+    with pytest.raises(ValueError, match="one layer"):
+        mm.training_activations(text, mm.Responses(image.acts, [""], image.labels, 3))
