@@ -202,6 +202,55 @@ def frequency_histogram_figure(
     return fig
 
 
+def frequency_by_layer_figure(
+    frequencies: Mapping[int, np.ndarray],
+    *,
+    n_rows: int | None = None,
+    bins: int = 30,
+    dense_threshold: float = 0.01,
+    figsize: tuple[float, float] = (8.0, 4.0),
+) -> Figure:
+    """Every layer's latent-frequency histogram in one figure (step outlines, one colour per
+    layer, dead latents counted in the legend): the static overview of a per-layer widget.
+
+    `frequencies` maps layer -> per-latent firing frequency [S]; `n_rows` as in
+    `frequency_histogram_figure`.
+    """
+    if not frequencies:
+        raise ValueError("no layers to draw")
+    live = {layer: np.asarray(f, dtype=np.float64) for layer, f in sorted(frequencies.items())}
+    logs = {layer: np.log10(f[f > 0]) for layer, f in live.items()}
+    lowest = min((x.min() for x in logs.values() if len(x)), default=np.log10(dense_threshold) - 1)
+    low = np.log10(1.0 / n_rows) if n_rows is not None else lowest
+    edges = np.linspace(low - 0.05, 0.0, bins + 1)
+    names = {layer: f"{layer} ({int((f == 0).sum())} dead)" for layer, f in live.items()}
+    long = pd.DataFrame(
+        {
+            "log10 firing frequency": np.concatenate(list(logs.values())),
+            "layer": np.concatenate([[names[layer]] * len(x) for layer, x in logs.items()]),
+        }
+    )
+    with sns.axes_style("whitegrid"):
+        fig, ax = plt.subplots(figsize=figsize)
+        sns.histplot(
+            data=long,
+            x="log10 firing frequency",
+            hue="layer",
+            hue_order=list(names.values()),
+            bins=edges.tolist(),
+            element="step",
+            fill=False,
+            palette="viridis",
+            ax=ax,
+        )
+        ax.axvline(np.log10(dense_threshold), color="C3", linestyle="--", linewidth=1)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.set_ylabel("latents")
+        ax.set_title("How often each SAE latent fires, layer by layer", fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
 def metric_correlations(
     table: pd.DataFrame,
     target: str = ACCURACY,
@@ -250,7 +299,12 @@ def correlation_summary(correlations: pd.DataFrame, target: str = "probe accurac
             parts.append(f"* **{name}** is constant over the layers, so it cannot track {target}.")
             continue
         parts.append(
-            f"* **{name}**: Pearson r = {row['pearson_r']:+.2f} (p = {row['pearson_p']:.2g}), "
-            f"Spearman ρ = {row['spearman_rho']:+.2f} (p = {row['spearman_p']:.2g})."
+            f"* **{name}**: Pearson r = {row['pearson_r']:+.2f} ({_p(row['pearson_p'])}), "
+            f"Spearman ρ = {row['spearman_rho']:+.2f} ({_p(row['spearman_p'])})."
         )
     return f"Correlation with {target} across {n} layers:\n\n" + "\n".join(parts)
+
+
+def _p(p: float) -> str:
+    # scipy reports p = 0 for a perfect correlation; "p = 0" would overstate what few layers show
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"

@@ -159,10 +159,22 @@ def test_correlation_summary_states_the_numbers():
     text = plots.correlation_summary(plots.metric_correlations(table))
     assert "across 4 layers" in text
     assert "**MSE**: Pearson r = +0.80 (p = 0.2), Spearman ρ = +0.80" in text
-    assert "**L0**: Pearson r = -1.00" in text
+    assert "**L0**: Pearson r = -1.00 (p < 0.001), Spearman ρ = -1.00 (p < 0.001)" in text
     assert "**L1** is constant" in text
 
 
 def test_correlations_need_three_layers():
     with pytest.raises(ValueError, match="at least 3 layers"):
         plots.metric_correlations(sweep_table().iloc[:2])
+
+
+def test_frequency_by_layer_draws_each_layer_and_counts_its_dead():
+    freqs = {
+        5: np.array([0.0, 0.0, 0.5, 0.1, 0.02]),
+        1: np.array([0.0, 0.9, 0.9, 0.9, 0.9]),
+    }
+    fig = plots.frequency_by_layer_figure(freqs, n_rows=100)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["1 (1 dead)", "5 (2 dead)"]  # sorted by layer, dead counted per layer
+    assert ax.get_xlim()[0] == pytest.approx(np.log10(1 / 100) - 0.05)
