@@ -48,6 +48,7 @@ from sae_lens import (
     TopKTrainingSAEConfig,
     TrainingSAE,
 )
+from sae_lens.registry import get_sae_class
 from tqdm.auto import tqdm
 
 from saekit.sae.recipes import Recipe, get_recipe, renormalize_decoder_
@@ -198,14 +199,25 @@ def build_training_sae(spec: SAESpec, device: str | torch.device = "cpu") -> Tra
 
 def to_inference(training_sae: TrainingSAE) -> SAE:
     """The SAELens inference SAE a training SAE saves as (e.g. batchtopk -> jumprelu)."""
-    cfg = copy.deepcopy(training_sae.cfg).get_inference_sae_cfg_dict()
-    cfg["device"] = str(training_sae.W_dec.device)
-    sae = SAE.from_dict(cfg)
+    cfg_dict = copy.deepcopy(training_sae.cfg).get_inference_sae_cfg_dict()
+    sae_cls, cfg_cls = get_sae_class(cfg_dict["architecture"])
+    cfg = cfg_cls.from_dict({**cfg_dict, "device": str(training_sae.W_dec.device)})
     state = {k: v.detach().clone() for k, v in training_sae.state_dict().items()}
     training_sae.process_state_dict_for_saving_inference(state)
-    sae.load_state_dict(state)
-    sae.eval()
-    return sae
+    return build_on_meta(sae_cls, cfg, state).eval()
+
+
+def build_on_meta(sae_cls: type[SAE], cfg: Any, state: dict[str, torch.Tensor]) -> SAE:
+    """Construct ``sae_cls(cfg)`` without a throw-away random init, then adopt ``state``.
+
+    The same trick SAELens's ``load_from_disk`` uses: build on the meta device, assign weights.
+    """
+    device = cfg.device
+    cfg.device = "meta"
+    sae = sae_cls(cfg)
+    sae.cfg.device = device
+    sae.load_state_dict(state, assign=True)
+    return sae.to(device=device)
 
 
 def save_sae(sae: SAE, path: str | Path) -> Path:

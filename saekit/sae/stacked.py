@@ -24,7 +24,7 @@ import torch
 from sae_lens import TrainingSAE
 from torch import nn
 
-from saekit.sae.architectures import ARCH_ALIASES, ARCHITECTURES
+from saekit.sae.architectures import ARCH_ALIASES, ARCHITECTURES, build_on_meta
 
 
 @dataclass
@@ -60,10 +60,9 @@ class StackedSAEs(nn.Module):
         self._cfgs = [copy.deepcopy(m.cfg) for m in members]
         for name, _ in first.named_parameters():
             stacked = torch.stack([m.get_parameter(name).detach() for m in members])
-            self.register_parameter(name, nn.Parameter(stacked.clone()))
+            self.register_parameter(name, nn.Parameter(stacked))
         for name, _ in first.named_buffers():
-            stacked = torch.stack([m.get_buffer(name).detach() for m in members])
-            self.register_buffer(name, stacked.clone())
+            self.register_buffer(name, torch.stack([m.get_buffer(name).detach() for m in members]))
         cfg = first.cfg
         device = first.W_dec.device
         coef = [
@@ -87,10 +86,10 @@ class StackedSAEs(nn.Module):
         return state
 
     def export(self, i: int) -> TrainingSAE:
-        """Member ``i`` as a SAELens training SAE."""
-        sae = self._classes[i](copy.deepcopy(self._cfgs[i]))
-        sae.load_state_dict(self.member_state_dict(i))
-        return sae.to(self.W_dec.device)
+        """Member ``i`` as a SAELens training SAE (its own copy of the weights)."""
+        return build_on_meta(
+            self._classes[i], copy.deepcopy(self._cfgs[i]), self.member_state_dict(i)
+        )
 
     # --- the batched forward pass ---------------------------------------------------------------
 
@@ -104,8 +103,18 @@ class StackedSAEs(nn.Module):
         """
         return getattr(self, f"_forward_{self.arch}")(x_nBD, sparsity_scale, dead_nS)
 
-    def _encode_in(self, x_nBD: torch.Tensor) -> torch.Tensor:
-        return x_nBD - self.b_dec[:, None, :]
+    def _project(self, x_nBD: torch.Tensor, bias_nS: torch.Tensor | None) -> torch.Tensor:
+        """``(x − b_dec) W_enc + bias`` computed as ``x W_enc + (bias − b_dec W_enc)``.
+
+        Same value, but autograd no longer needs the [n, B, D] gradient of ``x − b_dec`` (one
+        of the six large matmuls of a step): b_dec's gradient comes through the small product.
+        """
+        shift = torch.bmm(self.b_dec[:, None, :], self.W_enc)
+        if bias_nS is not None:
+            shift = bias_nS[:, None, :] - shift
+        else:
+            shift = -shift
+        return torch.baddbmm(shift, x_nBD, self.W_enc)
 
     def _decode(self, codes_nBS: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.b_dec[:, None, :], codes_nBS, self.W_dec)
@@ -115,7 +124,7 @@ class StackedSAEs(nn.Module):
         return (x_hat - x).pow(2).sum(-1).mean(-1)
 
     def _forward_relu(self, x, sparsity_scale, dead_nS):
-        hidden_pre = torch.baddbmm(self.b_enc[:, None, :], self._encode_in(x), self.W_enc)
+        hidden_pre = self._project(x, self.b_enc)
         codes = torch.relu(hidden_pre)
         mse = self._mse(self._decode(codes), x)
         dec_norm = self.W_dec.norm(dim=-1)[:, None, :]
@@ -123,7 +132,7 @@ class StackedSAEs(nn.Module):
         return StepOutput(mse + l1, mse, codes)
 
     def _forward_gated(self, x, sparsity_scale, dead_nS):
-        proj = torch.bmm(self._encode_in(x), self.W_enc)
+        proj = self._project(x, None)
         pi_gate = proj + self.b_gate[:, None, :]
         magnitude = torch.relu(proj * self.r_mag.exp()[:, None, :] + self.b_mag[:, None, :])
         codes = (pi_gate > 0).to(magnitude.dtype) * magnitude
@@ -137,7 +146,7 @@ class StackedSAEs(nn.Module):
     def _forward_jumprelu(self, x, sparsity_scale, dead_nS):
         with torch.no_grad():
             self.threshold.data.clamp_(min=0.0)
-        hidden_pre = torch.baddbmm(self.b_enc[:, None, :], self._encode_in(x), self.W_enc)
+        hidden_pre = self._project(x, self.b_enc)
         threshold = self.threshold[:, None, :].to(hidden_pre.dtype)
         codes = _StackedJumpReLU.apply(hidden_pre, threshold, self.bandwidth)
         mse = self._mse(self._decode(codes), x)
@@ -161,7 +170,7 @@ class StackedSAEs(nn.Module):
         return out
 
     def _topk_pre(self, x):
-        hidden_pre = torch.baddbmm(self.b_enc[:, None, :], self._encode_in(x), self.W_enc)
+        hidden_pre = self._project(x, self.b_enc)
         dec_norm = self.W_dec.norm(dim=-1)[:, None, :]
         if self.rescale:
             hidden_pre = hidden_pre * dec_norm
