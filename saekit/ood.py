@@ -522,8 +522,12 @@ def _scatter(
     palette: Any = "deep",
     legend: bool = True,
 ) -> None:
-    """seaborn scatter of `data`; with `focus` = (column, value) the other rows are drawn grey."""
+    """seaborn scatter of `data`; with `focus` = (column, value) the other rows are drawn grey.
+    Colours and markers are assigned over all of `data`, so a focused view keeps them."""
     shown = data
+    levels = list(dict.fromkeys(data[hue]))
+    colors = dict(zip(levels, sns.color_palette(palette, len(levels)), strict=True))
+    style_order = list(dict.fromkeys(data[style])) if style else None
     if focus is not None:
         column, value = focus
         rest = data[data[column] != value]
@@ -537,10 +541,28 @@ def _scatter(
         style=style,
         s=70,
         ax=ax,
-        palette=palette,
+        palette=colors,
+        style_order=style_order,
         legend=legend,
         zorder=2,
     )
+
+
+def _legend_below(ax: plt.Axes) -> None:
+    """Move an axis' legend under it, so no point hides behind it."""
+    handles, labels = ax.get_legend_handles_labels()
+    keep = [
+        (h, label) for h, label in zip(handles, labels, strict=True) if not label.startswith("_")
+    ]
+    if keep:
+        ax.legend(
+            *zip(*keep, strict=True),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=3,
+            fontsize=8,
+            frameon=False,
+        )
 
 
 def ood_figure(
@@ -582,7 +604,7 @@ def ood_figure(
                     linewidth=1.2,
                     label=f"{encoder} raw embedding",
                 )
-            left.legend(fontsize=8)
+            _legend_below(left)
             left.set_ylabel("OOD top-1 accuracy (mean of shifts)")
         left.set_xlabel("L0 (active latents, in-domain)")
         _log_x(left, data["l0"])
@@ -609,7 +631,7 @@ def ood_figure(
         right.set_ylabel("reconstruction MSE")
         right.set_yscale("log")
         _log_x(right, long["l0"])
-        right.legend(fontsize=8)
+        _legend_below(right)
         right.set_title(f"reconstruction by domain ({first['encoder'].iloc[0] or 'encoder'})")
         if title:
             fig.suptitle(title)
@@ -651,14 +673,16 @@ def split_figure(
     archs = list(dict.fromkeys(data["arch"]))
     colors = dict(zip(archs, sns.color_palette("deep", len(archs)), strict=True))
     with sns.axes_style("whitegrid"):
+        n_cols = min(3, len(splits))
+        n_rows = -(-len(splits) // n_cols)
         fig, axes = plt.subplots(
-            1,
-            len(splits),
-            figsize=(panel_size[0] * len(splits), panel_size[1]),
+            n_rows,
+            n_cols,
+            figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows),
             sharey=True,
             squeeze=False,
         )
-        for ax, split in zip(axes[0], splits, strict=True):
+        for ax, split in zip(axes.flat, splits, strict=False):
             for arch in archs:
                 part = data[data["arch"] == arch]
                 ax.scatter(part["l0"], part[split], color=colors[arch], s=50, label=f"{arch} codes")
@@ -675,17 +699,14 @@ def split_figure(
             _log_x(ax, data["l0"])
             ax.set_title(f"{split} ({TABLE1_COLUMNS.get(split, split)})")
             ax.set_xlabel("L0 (in-domain)")
-        axes[0][0].set_ylabel("top-1 accuracy")
+            ax.set_ylabel("top-1 accuracy")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(
-            handles,
-            labels,
-            loc="upper center",
-            bbox_to_anchor=(0.5, 0.0),
-            ncol=4,
-            frameon=False,
-            fontsize=8,
-        )
+        for ax in axes.flat[len(splits) :]:
+            ax.axis("off")  # a spare panel holds the legend
+        if len(splits) < axes.size:
+            axes.flat[-1].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+        else:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.tight_layout()
     return fig
 
