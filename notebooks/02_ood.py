@@ -48,6 +48,7 @@ table1_arch = "relu"  # the SAE Table 1 reports: architecture,
 table1_sparsity = 0.5  # its λ (or k for TopK),
 table1_expansion = 8  # and its expansion
 seed = 0  # seeds the SAEs' initialisation, the batch order and the probes' subsample
+device = ""  # where SAEs and probes train; "" = "cuda" when available, else "cpu"
 imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
 imagenet_val = ""  # paper profile: ImageNet-1k val folder
 imagenet_v2 = ""  # paper profile: ImageNet-V2 (matched frequency), folders named by wnid
@@ -64,6 +65,7 @@ chapter = saekit.book.setup(globals())
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 from IPython.display import Markdown, display
 
 import saekit.widgets
@@ -98,8 +100,9 @@ recipe = get_recipe(
     "olson2025_ood", epochs=epochs or (30 if mini else 3), lr=lr or (1e-3 if mini else 1e-4)
 )
 probe_per_class = probe_per_class or (0 if mini else 100)
+device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 eval_splits = ["val", *ood.SHIFTS]
-print(f"encoders {encoders}; {grid}; epochs {recipe.epochs}, lr {recipe.lr:g}")
+print(f"encoders {encoders}; {grid}; epochs {recipe.epochs}, lr {recipe.lr:g}; on {device}")
 
 # %% [markdown]
 # ## Activations
@@ -129,7 +132,7 @@ for encoder in encoders:
     train_store = stores[encoder]["train"]
     specs = grid.specs(layer=train_store.layers[-1], recipe=recipe)
     out_dir = chapter.workdir / "saes" / f"ood-{encoder}"
-    saes[encoder] = ood.train_or_load(train_store, specs, out_dir, seed=seed)
+    saes[encoder] = ood.train_or_load(train_store, specs, out_dir, seed=seed, device=device)
 sweep = pd.concat([ood.sweep_table(saes[encoder], encoder) for encoder in encoders])
 sweep
 
@@ -159,6 +162,7 @@ for encoder in encoders:
             class_subsets=subsets,
             pre_activation=pre_activation,
             encoder=encoder,
+            device=device,
         )
     )
 probes = pd.concat(probes, ignore_index=True)

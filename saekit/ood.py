@@ -154,13 +154,15 @@ def train_or_load(
     SAEs an identical earlier request saved in `out_dir`. Returns ``{name: SAE}`` in spec order.
 
     "Identical" means the same store (its manifest identity), specs and keyword arguments; anything
-    else retrains and overwrites `out_dir`. Keywords go to `sweep_from_store` (e.g. ``seed``).
+    else retrains and overwrites `out_dir`. Keywords go to `sweep_from_store` (e.g. ``seed``,
+    ``device``; loaded SAEs go to ``device`` too).
     """
     out_dir = Path(out_dir)
-    request = _request(store, specs, kwargs)
+    # where the SAEs train does not change what they are
+    request = _request(store, specs, {k: v for k, v in kwargs.items() if k != "device"})
     marker = out_dir / _REQUEST_FILE
     if marker.exists() and json.loads(marker.read_text()) == request:
-        return load_sweep(out_dir)
+        return load_sweep(out_dir, device=str(kwargs.get("device", "cpu")))
     marker.unlink(missing_ok=True)
     saes = sweep_from_store(store, specs, out_dir=out_dir, **kwargs)
     marker.write_text(json.dumps(request, indent=1))
