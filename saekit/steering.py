@@ -5,7 +5,7 @@ The stages, left to right:
 1. `text_token_activations`: every token position of every prompt, taken at one layer of the
    pipeline's text encoder, becomes an independent row `acts_ND`, with a table saying which
    prompt, position, token and word each row came from.
-2. An SAE (SAELens) is trained on those rows elsewhere (`saekit.sae`).
+2. `train_text_sae`: an SAE (SAELens, trained by `saekit.sae`) on those rows, cached on disk.
 3. `steer_embeddings` / `generate`: move the prompt's token embeddings along one SAE feature and
    hand them to the denoiser through diffusers' `prompt_embeds`; with classifier-free guidance
    the negative embedding is moved the other way.
@@ -14,7 +14,8 @@ The stages, left to right:
    asks a `Describer` what changed (`LMMDescriber` for Qwen2.5-VL and the like, `ClipDescriber`
    for zero-shot ranking over a vocabulary); `dominant_keywords` picks each feature's keyword
    by inverse document frequency.
-5. Validation (Table 3): `clip_similarities` and `table3` (paired t-test from scipy).
+5. Validation (Table 3): `attribute_pairs`, `validate_steering` / `clip_similarities` and
+   `table3` (paired t-test from scipy), drawn by `table3_figure`; `steering_grid` draws Fig. 5.
 
 The activation space is exactly what the denoiser reads: `layer=-2` is the penultimate hidden
 state as diffusers feeds it (SD 1.x: `clip_skip=1`, through CLIP's final layer norm; SD 3: its
@@ -27,15 +28,20 @@ CLIP+T5 sequence and the pooled CLIP vector is left unsteered.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import random
 import re
 import string
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,6 +49,13 @@ import torch
 from PIL.Image import Image
 from scipy import stats
 from tqdm.auto import tqdm
+
+from saekit.sae import SAESpec, load_sae, save_sae, train_sae
+from saekit.sae.architectures import SAE_CFG_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from sae_lens import SAE
 
 PAPER_PIPELINE = "CompVis/stable-diffusion-v1-4"
 PAPER_CLIP = "openai/clip-vit-base-patch32"
@@ -118,6 +131,12 @@ def load_clip(
 
 def load_prompts(path: str | Path) -> list[str]:
     """Read a prompt file: one prompt per line; blank lines and `#` comments are skipped."""
+    if not str(path) or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"No prompt file at {str(path)!r}. Pass a text file with one prompt per line (the "
+            "paper used Midjourney Prompts for steering and MS-COCO captions for finding "
+            "descriptive features); saekit.steering.mini_prompt_file() is the mini corpus."
+        )
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not prompts:
@@ -273,6 +292,63 @@ def text_token_activations(
     return torch.cat(acts_ND), pd.DataFrame(info, columns=columns)
 
 
+# --------------------------------------------------------------------------- the SAE
+
+
+def _fingerprint(acts_ND: torch.Tensor) -> str:
+    """A short hash of the activations, so a cached SAE is reused only for the same data."""
+    digest = hashlib.sha256(str(tuple(acts_ND.shape)).encode())
+    digest.update(acts_ND.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_text_sae(
+    acts_ND: torch.Tensor,
+    spec: SAESpec,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> SAE:
+    """Train an SAE (saekit's SAE engine) on text-token rows held in memory, cached at `out`.
+
+    `sweep_from_store` wants an `ActivationStore` of images; text tokens are a plain [N, D]
+    tensor, so here each epoch is a seeded shuffle of the rows in minibatches (the recipe's
+    batch size unless given). With `out`, a saved SAE is loaded instead of retrained when it was
+    trained with the same spec, epochs and batch size on the same rows (a hash of `acts_ND`);
+    otherwise it is trained and saved there.
+    """
+    if acts_ND.ndim != 2 or len(acts_ND) == 0:
+        raise ValueError(f"acts_ND must be a non-empty [N, D] matrix, got {tuple(acts_ND.shape)}.")
+    spec = dataclasses.replace(spec, d_in=acts_ND.shape[1]).resolved()
+    batch_size = batch_size or spec.recipe.batch_size
+    epochs = epochs or spec.recipe.epochs
+    run = {
+        "spec": json.loads(json.dumps(spec.to_dict())),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "data_seed": seed,
+        "data": _fingerprint(acts_ND),
+    }
+    if out is not None and (Path(out) / SAE_CFG_FILE).exists():
+        cached = load_sae(out)
+        if (cached.cfg.metadata.get("saekit") or {}).get("text_sae") == run:
+            return cached
+    x_ND = acts_ND.detach().float().cpu()
+
+    def batches(epoch: int):
+        order = torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, len(x_ND), batch_size):
+            yield x_ND[order[start : start + batch_size]]
+
+    steps_per_epoch = math.ceil(len(x_ND) / batch_size)
+    sae = train_sae(spec, batches, steps_per_epoch, epochs=epochs, metadata={"text_sae": run})
+    if out is not None:
+        save_sae(sae, out)
+    return sae
+
+
 # --------------------------------------------------------------------------- steering
 
 
@@ -390,6 +466,91 @@ def generate(
         generator=generators,
         **extra,
     ).images
+
+
+def steer_sweep(
+    pipe,
+    prompts: Sequence[str],
+    sae,
+    features: Sequence[int],
+    strengths: Sequence[float],
+    seed: int = 0,
+    *,
+    config: GenerationConfig | None = None,
+) -> dict[int, dict[float, list[Image]]]:
+    """Steered images of `prompts` for every feature at every strength: `{feature: {λ: images}}`."""
+    grid = [(f, s) for f in features for s in strengths]
+    out: dict[int, dict[float, list[Image]]] = {f: {} for f in features}
+    for feature, strength in tqdm(grid, desc="steering sweep"):
+        out[feature][strength] = generate(
+            pipe, prompts, sae, feature, strength, seed, config=config
+        )
+    return out
+
+
+def steering_effect(
+    originals: Sequence[Image], sweep: Mapping[int, Mapping[float, Sequence[Image]]]
+) -> pd.DataFrame:
+    """Mean absolute pixel change (0-255 scale) from the originals, per feature and strength:
+    a number for how far steering moved the images where the eye cannot tell."""
+    base_BHWC = np.stack([np.asarray(image, dtype=np.float32) for image in originals])
+    rows = []
+    for feature, by_strength in sweep.items():
+        for strength, images in by_strength.items():
+            steered_BHWC = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+            change = float(np.abs(steered_BHWC - base_BHWC).mean())
+            rows.append((feature, strength, change))
+    table = pd.DataFrame(rows, columns=["feature", "strength", "pixel_change"])
+    return table.pivot(index="feature", columns="strength", values="pixel_change")
+
+
+def steering_grid(
+    originals: Sequence[Image],
+    columns: Mapping[Any, Sequence[Image]],
+    prompts: Sequence[str] | None = None,
+    *,
+    column_format: str = "{}",
+    title: str | None = None,
+    image_inches: float = 1.4,
+) -> Figure:
+    """Paper 003 Fig. 5's layout: one row per prompt, the unsteered image first, then one
+    column per entry of `columns` (e.g. a feature's attribute, or a strength), its key shown
+    through `column_format` (e.g. `"λ = {:.3g}"` for strengths)."""
+    import matplotlib.pyplot as plt
+
+    n_rows = len(originals)
+    if n_rows == 0:
+        raise ValueError("no images to show; pass at least one original image.")
+    for label, images in columns.items():
+        if len(images) != n_rows:
+            raise ValueError(
+                f"column {label!r} has {len(images)} images but there are {n_rows} originals; "
+                "each column needs one steered image per prompt."
+            )
+    labels = ["original", *(column_format.format(key) for key in columns)]
+    fig, axes = plt.subplots(
+        n_rows,
+        len(labels),
+        figsize=(image_inches * len(labels), image_inches * n_rows + 0.4),
+        squeeze=False,
+    )
+    for r in range(n_rows):
+        images = [originals[r], *(column[r] for column in columns.values())]
+        for c, image in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(labels[c], fontsize=9)
+        if prompts is not None:
+            axes[r, 0].set_ylabel(
+                textwrap.fill(prompts[r], 22), fontsize=6, rotation=0, ha="right", va="center"
+            )
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------- attribute discovery
@@ -513,6 +674,11 @@ def descriptive_features(
     )
     table["selected"] = (table.descriptive_share >= min_share) & (table.n_active >= min_active)
     return table
+
+
+def word_counts(words: Sequence[str], k: int = 3) -> str:
+    """The `k` most frequent of `words` with their counts, e.g. "tiny ×7, car ×3"."""
+    return ", ".join(f"{word} ×{n}" if n > 1 else word for word, n in Counter(words).most_common(k))
 
 
 class Describer(Protocol):
@@ -642,6 +808,27 @@ def load_lmm(
     return model.to(device).eval(), processor
 
 
+def load_describer(
+    name: str,
+    clip_model=None,
+    clip_processor=None,
+    vocabulary: Sequence[str] = (),
+    *,
+    top_k: int = 3,
+    device: str | torch.device = "cpu",
+) -> Describer:
+    """`"clip"`: a `ClipDescriber` over `vocabulary` with the given CLIP model; anything else is
+    an image-text-to-text model's hub id or folder, loaded as an `LMMDescriber`."""
+    if name == "clip":
+        if clip_model is None or clip_processor is None or not vocabulary:
+            raise ValueError(
+                "the CLIP describer needs clip_model, clip_processor and a non-empty vocabulary "
+                "of candidate attribute words."
+            )
+        return ClipDescriber(clip_model, clip_processor, list(vocabulary), top_k=top_k)
+    return LMMDescriber(*load_lmm(name, device=device))
+
+
 @dataclass
 class Discovery:
     """Images and keywords from `discover_attributes`."""
@@ -712,6 +899,25 @@ def dominant_keywords(keywords: Mapping[int, Sequence[str]]) -> dict[int, str]:
     return chosen
 
 
+def attribute_table(
+    discovery: Discovery, dominant: Mapping[int, str], descriptive: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per steered feature: the describer's keywords with counts, the dominant one and,
+    given `descriptive_features`' table, the words the feature fires on most."""
+    rows = []
+    for feature, keywords in discovery.keywords.items():
+        counts = Counter(k.strip().lower() for k in keywords if k.strip())
+        row = {
+            "feature": feature,
+            "attribute": dominant.get(feature, ""),
+            "keywords": ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.most_common()),
+        }
+        if descriptive is not None:
+            row["fires_on"] = word_counts(descriptive.set_index("feature").top_words[feature])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -748,6 +954,36 @@ def clip_similarities(
             "steer_attr": (z_steer_NE * z_attr_NE).sum(-1).numpy(),
         }
     )
+
+
+def attribute_pairs(
+    prompts: Sequence[str], attributes: Mapping[int, str], n: int, seed: int = 0
+) -> list[tuple[str, int, str]]:
+    """`n` (prompt, feature, attribute) triples for Table 3, the features taken in turn.
+
+    Prompts are drawn in a seeded random order, cycling when `n` exceeds them; a prompt that
+    already names the attribute (as a whole word) is passed over for that feature, since
+    appending the attribute would leave t_attr saying nothing new.
+    """
+    if not attributes:
+        raise ValueError("no attributes; run discover_attributes and dominant_keywords first.")
+    prompts = list(prompts)
+    order = random.Random(seed).sample(prompts, len(prompts))
+    features = sorted(attributes)
+    pairs, cursor = [], 0
+    for i in range(n):
+        feature = features[i % len(features)]
+        attribute = attributes[feature]
+        named = re.compile(rf"\b{re.escape(attribute.lower())}\b")
+        for step in range(len(order)):
+            prompt = order[(cursor + step) % len(order)]
+            if not named.search(prompt.lower()):
+                pairs.append((prompt, feature, attribute))
+                cursor += step + 1
+                break
+        else:
+            raise ValueError(f"every prompt already names {attribute!r} (feature {feature}).")
+    return pairs
 
 
 def validate_steering(
@@ -825,3 +1061,31 @@ def table3(
         n=len(sims),
         relative_increase=float(sims.steer_attr.mean() / sims.steer_orig.mean() - 1),
     )
+
+
+def table3_figure(sims: pd.DataFrame, result: Table3 | None = None) -> Figure:
+    """The three similarities of every pair (lines join a pair) and the paired differences
+    cos(I_steer, t_attr) - cos(I_steer, t_orig) that the t-test is about."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    result = result or table3(sims)
+    names = {
+        "orig_orig": "(I_orig, t_orig)",
+        "steer_orig": "(I_steer, t_orig)",
+        "steer_attr": "(I_steer, t_attr)",
+    }
+    long = sims[list(names)].rename(columns=names).melt(var_name="pair", value_name="cosine")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), width_ratios=[3, 2])
+    left.plot(range(3), sims[list(names)].to_numpy().T, color="0.6", alpha=0.25, linewidth=0.7)
+    sns.pointplot(long, x="pair", y="cosine", color="C3", errorbar="sd", ax=left)
+    left.set_xlabel("")
+    left.set_ylabel("CLIP cosine similarity")
+    left.set_title(f"n = {result.n} prompt-attribute pairs (mean ± std)")
+    diff = sims.steer_attr - sims.steer_orig
+    sns.histplot(diff, ax=right, color="C0", bins=min(30, max(5, len(diff) // 3)))
+    right.axvline(0, color="0.2", linestyle="--", linewidth=1)
+    right.set_xlabel("cos(I_steer, t_attr) − cos(I_steer, t_orig)")
+    right.set_title(f"paired t = {result.t_statistic:.2f}, p = {result.p_value:.2g}")
+    fig.tight_layout()
+    return fig

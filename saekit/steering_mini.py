@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -296,3 +297,22 @@ def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
         tokenizer_3=tokenizer_3,
     ).save_pretrained(path)
     return path
+
+
+def mini_models(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """The mini profile's Stable Diffusion pipeline and CLIP under `folder`, built on first use.
+
+    Returns (pipeline folder, CLIP folder). Each is built in a scratch folder and renamed into
+    place when complete, so an interrupted build is redone rather than half-loaded.
+    """
+    folder = Path(folder)
+    paths = []
+    for name, build in (("mini-sd", build_mini_sd), ("mini-clip", build_mini_clip)):
+        target = folder / name
+        if not target.is_dir():
+            scratch = folder / f".{name}.partial"
+            shutil.rmtree(scratch, ignore_errors=True)
+            build(scratch, seed=seed)
+            scratch.rename(target)
+        paths.append(target)
+    return paths[0], paths[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +16,8 @@ from scipy import stats
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from saekit import steering as st
+from saekit.sae import SAESpec, get_recipe
+from saekit.sae.synthetic import atom_recovery, planted_dictionary
 from saekit.steering_mini import (
     build_mini_clip,
     build_mini_sd,
@@ -86,8 +89,12 @@ def test_mini_sd_round_trips_and_generates_quickly(sd_path, pipe):
     assert len(images) == 1 and images[0].size == (32, 32)
 
 
-def test_shipped_prompt_file_is_the_generated_corpus():
+def test_shipped_prompt_file_is_the_generated_corpus(tmp_path):
     assert st.load_prompts(st.mini_prompt_file()) == mini_prompts()
+    (tmp_path / "p.txt").write_text("# a comment\n\n  a red cat  \nblue sea\n")
+    assert st.load_prompts(tmp_path / "p.txt") == ["a red cat", "blue sea"]
+    with pytest.raises(FileNotFoundError, match="one prompt per line"):
+        st.load_prompts("")
 
 
 def test_last_layer_reproduces_diffusers_own_encoding_and_images(pipe):
@@ -413,3 +420,139 @@ def test_table3_hand_computed_paired_t_test():
     assert result.relative_increase == pytest.approx(0.1)
     assert result.table.image.tolist() == ["I_orig", "I_steer", "I_steer"]
     assert result.table.text.tolist() == ["t_orig", "t_orig", "t_attr"]
+
+
+def test_table3_figure_reports_the_paired_test():
+    rng = np.random.default_rng(1)
+    steer_orig = rng.normal(0.2, 0.02, 12)
+    sims = pd.DataFrame(
+        {
+            "orig_orig": rng.normal(0.25, 0.02, 12),
+            "steer_orig": steer_orig,
+            "steer_attr": steer_orig + rng.normal(0.01, 0.01, 12),
+        }
+    )
+    result = st.table3(sims)
+    fig = st.table3_figure(sims)
+    left, right = fig.axes[:2]
+    assert f"t = {result.t_statistic:.2f}" in right.get_title() and "n = 12" in left.get_title()
+    # one faint line per pair plus the mean line
+    assert len(left.lines) >= 12
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ the chapter's helpers
+
+
+def test_train_text_sae_recovers_planted_atoms_and_caches_by_data(tmp_path, monkeypatch):
+    data = planted_dictionary(n_rows=2048, d_in=16, n_atoms=12, active=2, noise=0.01, seed=0)
+    recipe = get_recipe(
+        "stevens2025",
+        lr=1e-2,
+        lr_warmup_steps=20,
+        sparsity_warmup_steps=20,
+        batch_size=64,
+        norm_sample_rows=2048,
+        dead_feature_window=50,
+    )
+    spec = SAESpec(arch="topk", expansion=4, k=2, recipe=recipe)
+    out = tmp_path / "sae"
+    sae = st.train_text_sae(data.acts_ND, spec, epochs=8, seed=0, out=out)
+    assert sae.cfg.d_in == 16 and sae.cfg.d_sae == 64
+    assert atom_recovery(sae.W_dec, data.atoms_AD, threshold=0.9) >= 0.9
+
+    calls = []
+    real_train = st.train_sae
+    monkeypatch.setattr(st, "train_sae", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    again = st.train_text_sae(data.acts_ND, spec, epochs=8, seed=0, out=out)
+    assert not calls and torch.equal(again.W_dec, sae.W_dec)  # same data and settings: reloaded
+    st.train_text_sae(data.acts_ND + 0.5, spec, epochs=1, seed=0, out=out)
+    assert len(calls) == 1  # other data: retrained
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        st.train_text_sae(torch.zeros(0, 16), spec)
+
+
+def test_attribute_pairs_cycle_features_and_skip_prompts_naming_the_attribute():
+    prompts = ["a neon cat", "a dog at sea", "an old bird", "a red car", "a neon sign by the sea"]
+    attributes = {7: "neon", 2: "sea"}
+    pairs = st.attribute_pairs(prompts, attributes, n=6, seed=3)
+    assert [f for _, f, _ in pairs] == [2, 7, 2, 7, 2, 7]
+    assert all(attributes[f] == a for _, f, a in pairs)
+    assert all(a not in p.split() for p, _, a in pairs)
+    # the same seed gives the same pairs; the first pairs use distinct prompts
+    assert st.attribute_pairs(prompts, attributes, n=6, seed=3) == pairs
+    assert len({p for p, _, _ in pairs[:3]}) == 3
+    # a whole-word match only: "seal" does not name "sea"
+    assert st.attribute_pairs(["a seal"], {0: "sea"}, n=1) == [("a seal", 0, "sea")]
+    with pytest.raises(ValueError, match="already names 'neon'"):
+        st.attribute_pairs(["a neon cat"], {7: "neon"}, n=1)
+    with pytest.raises(ValueError, match="no attributes"):
+        st.attribute_pairs(prompts, {}, n=1)
+
+
+def test_steer_sweep_grid_and_effect(pipe, sae):
+    prompts = PROMPTS
+    originals = st.generate(pipe, prompts, seed=4, config=FAST)
+    sweep = st.steer_sweep(pipe, prompts, sae, [1, 6], [0.0, 30.0], seed=4, config=FAST)
+    assert set(sweep) == {1, 6} and list(sweep[1]) == [0.0, 30.0]
+    effect = st.steering_effect(originals, sweep)
+    assert effect.loc[1, 0.0] == 0 and effect.loc[6, 0.0] == 0  # λ = 0 is the original
+    expected = np.abs(pixels(sweep[6][30.0]).astype(float) - pixels(originals)).mean()
+    assert effect.loc[6, 30.0] == pytest.approx(expected) and expected > 0
+
+    fig = st.steering_grid(originals, sweep[6], prompts, column_format="λ = {:g}", title="f6")
+    assert len(fig.axes) == 2 * 3
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["original", "λ = 0", "λ = 30"]
+    shown = fig.axes[5].get_images()[0].get_array()
+    assert np.array_equal(np.asarray(shown), np.asarray(sweep[6][30.0][1]))
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one steered image per prompt"):
+        st.steering_grid(originals, {"bad": originals[:1]})
+
+
+def test_attribute_table_and_describer_loading(clip):
+    found = st.Discovery(
+        prompts=["p"],
+        originals=[],
+        steered={},
+        keywords={3: ["neon", "Neon", "bird"], 5: ["sea"]},
+    )
+    descriptive = pd.DataFrame({"feature": [3, 5], "top_words": [["red", "tiny", "red"], ["sea"]]})
+    table = st.attribute_table(found, {3: "neon", 5: "sea"}, descriptive)
+    assert table.to_dict("records") == [
+        {
+            "feature": 3,
+            "attribute": "neon",
+            "keywords": "neon ×2, bird",
+            "fires_on": "red ×2, tiny",
+        },
+        {"feature": 5, "attribute": "sea", "keywords": "sea", "fires_on": "sea"},
+    ]
+    model, processor = clip
+    describer = st.load_describer("clip", model, processor, ["neon", "sea"], top_k=1)
+    assert isinstance(describer, st.ClipDescriber) and describer.top_k == 1
+    with pytest.raises(ValueError, match="vocabulary"):
+        st.load_describer("clip", model, processor, [])
+
+
+def test_mini_models_build_once_and_redo_an_interrupted_build(tmp_path, monkeypatch):
+    import saekit.steering_mini as mini
+
+    built = []
+
+    def fake(kind):
+        def build(path, seed=0):
+            built.append(kind)
+            path.mkdir(parents=True)
+            (path / "weights").write_text(kind)
+            return path
+
+        return build
+
+    monkeypatch.setattr(mini, "build_mini_sd", fake("sd"))
+    monkeypatch.setattr(mini, "build_mini_clip", fake("clip"))
+    (tmp_path / ".mini-sd.partial").mkdir()  # left behind by an interrupted build
+    sd, clip_path = mini.mini_models(tmp_path)
+    assert (sd / "weights").read_text() == "sd" and (clip_path / "weights").read_text() == "clip"
+    assert not (tmp_path / ".mini-sd.partial").exists()
+    assert mini.mini_models(tmp_path) == (sd, clip_path) and built == ["sd", "clip"]
