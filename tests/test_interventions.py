@@ -5,6 +5,7 @@ part's feature moves the segmentation head on that part far more than a random d
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -137,3 +138,68 @@ def test_continue_forward_reruns_the_encoder_from_the_edited_layer(miniatures):
     assert torch.equal(again.cls[2], out.cls[2])
     with pytest.raises(ValueError, match="before the edited layer"):
         continue_forward(encoder, pixels, layer=2, head=head, readout_layer=1)
+
+
+def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_direction_not():
+    from saekit.probes import SegmentationConfig, train_segmentation_head
+    from saekit.sae import SAESpec, train_sae
+    from saekit.toyworld import PART_NAMES, ToyWorld, toyvit_path
+
+    try:
+        encoder = load_encoder(toyvit_path())
+    except FileNotFoundError as err:
+        pytest.skip(f"the toy ViT is not shipped in this checkout: {err}")
+    torch.manual_seed(0)
+    layer, n_train, n_test = encoder.n_layers // 2 - 1, 150, 50
+    toys = ToyWorld(seed=0).sample(n_train + n_test, split="train")
+    masks = np.stack([toy.mask for toy in toys])
+    with torch.no_grad():
+        out = encoder([toy.image for toy in toys], layers=[layer])
+    patches, (h, w) = out.patches[layer], out.grid
+    train, test = patches[:n_train], patches[n_train:]
+
+    # the frozen task head: linear per patch, bilinear upsampling, trained on the part masks
+    head = train_segmentation_head(
+        train, masks[:n_train], (h, w), len(PART_NAMES),
+        config=SegmentationConfig(lr=3e-2, epochs=40),
+    )  # fmt: skip
+    # a patch SAE on the same layer
+    rows = train.reshape(-1, train.shape[-1])
+
+    def batches(epoch: int) -> list[torch.Tensor]:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(epoch))
+        return list(rows[order].split(128))
+
+    spec = SAESpec(arch="topk", d_in=rows.shape[1], expansion=4, k=8, recipe="stevens2025")
+    sae = train_sae(spec, batches, steps_per_epoch=-(-len(rows) // 128), epochs=10, progress=False)
+
+    # the planted part: patches at least half covered by the body
+    body = PART_NAMES.index("body")
+    cells = torch.as_tensor(masks).reshape(len(toys), h, masks.shape[1] // h, w, -1)
+    on_part = (cells == body).float().mean((2, 4)).reshape(len(toys), h * w) >= 0.5
+    with torch.no_grad():
+        codes = sae.encode(train)
+    tie = codes[on_part[:n_train]].mean(0) - codes[~on_part[:n_train]].mean(0)
+    feature = int(tie.argmax())  # the feature most tied to the body
+
+    region = on_part[n_train:]
+    result = compare(test, sae, Edit(feature, patches=region), head.patch_logits, seed=0)
+    region_hw = region.reshape(n_test, h, w)
+    table = result.summary(region_hw)
+    edited, control = table.loc["edited"], table.loc["random direction"]
+    # only the edited patches move (a per-patch head, read before upsampling)
+    assert edited["mean |Δ| outside"] == 0 and control["mean |Δ| outside"] == 0
+    assert edited["mean |Δ| in region"] > 1.5 * control["mean |Δ| in region"]
+
+    def body_margin(logits_BChw: torch.Tensor) -> torch.Tensor:
+        logits_NC = logits_BChw.permute(0, 2, 3, 1)[region_hw]
+        others = logits_NC.clone()
+        others[:, body] = -torch.inf
+        return logits_NC[:, body] - others.max(1).values
+
+    before = body_margin(result.outputs["original"])
+    drop = float((body_margin(result.outputs["edited"]) - before).mean())
+    noise = float((body_margin(result.outputs["random direction"]) - before).mean())
+    assert drop < -0.3, "suppressing the body feature must push the body patches off 'body'"
+    assert abs(noise) < 0.5 * abs(drop)
+    assert edited["changed in region"] > control["changed in region"] + 0.05
