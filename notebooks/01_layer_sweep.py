@@ -31,12 +31,12 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-encoder = ""  # encoder family; "" = "toyvit" (mini) or "dinov2" (paper: facebook/dinov2-giant)
+encoder = ""  # encoder family; empty: "toyvit" (mini) or "dinov2" (paper: facebook/dinov2-giant)
 layers = "all"  # "all" or comma-separated layer indices, e.g. "0,10,20,39"
-lam = 0.0  # SAE sparsity coefficient λ; 0 = profile default (mini 3, paper 10)
+lam = 0.0  # SAE sparsity coefficient λ; 0: profile default (mini 3, paper 10)
 expansion = 8  # SAE width as a multiple of the model width
-epochs = 0  # passes over the training store; 0 = profile default (mini 100, paper 3)
-probe_optimizer = ""  # "lbfgs" (full batch) or "adam" (minibatches); "" = lbfgs mini, adam paper
+epochs = 0  # passes over the training store; 0: profile default (mini 100, paper 3)
+probe_optimizer = ""  # "lbfgs" (full batch) or "adam" (minibatches); empty: lbfgs mini, adam paper
 seed = 0  # seeds the SAEs' initialisation and the batch order
 imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
 imagenet_val = ""  # paper profile: ImageNet-1k val folder, same layout
