@@ -81,6 +81,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
+from saekit import attributes as at
 from saekit import steering as st
 from saekit.sae import SAESpec, evaluate, get_recipe, metrics_table
 from saekit.steering_mini import mini_models, mini_vocabulary
@@ -178,8 +179,8 @@ caption_acts_ND, caption_info = (
     if caption_file == prompt_file
     else st.text_token_activations(pipe, captions, layer)
 )
-lexicon = st.wordnet_lexicon()
-descriptive = st.descriptive_features(sae, caption_acts_ND, caption_info.word.tolist(), lexicon)
+lexicon = at.wordnet_lexicon()
+descriptive = at.descriptive_features(sae, caption_acts_ND, caption_info.word.tolist(), lexicon)
 selected = descriptive[descriptive.selected].sort_values("n_active", ascending=False)
 display(
     Markdown(
@@ -187,7 +188,7 @@ display(
         " fire mostly on descriptive words. The most active of them:"
     )
 )
-selected.head(n_features).assign(top_words=selected.top_words.map(st.word_counts))
+selected.head(n_features).assign(top_words=selected.top_words.map(at.word_counts))
 
 # %% [markdown]
 # ## 4. Steering
@@ -225,12 +226,12 @@ print(
 # mechanical); in `paper` it is Qwen2.5-VL, as in the paper.
 
 # %%
-namer = st.load_describer(describer, clip_model, clip_processor, vocabulary)
-discovery = st.discover_attributes(
+namer = at.load_describer(describer, clip_model, clip_processor, vocabulary)
+discovery = at.discover_attributes(
     pipe, sae, features, sample_prompts, namer, strength, seed=seed, config=config
 )
-attributes = st.dominant_keywords(discovery.keywords)
-st.attribute_table(discovery, attributes, descriptive)
+attributes = at.dominant_keywords(discovery.keywords)
+at.attribute_table(discovery, attributes, descriptive)
 
 # %% [markdown]
 # ### Original and steered images (paper 003 Fig. 5)
@@ -292,11 +293,11 @@ st.steering_effect(grid_originals, sweep)
 # t-test (`scipy.stats.ttest_rel`) asks whether the last beats the second.
 
 # %%
-pairs = st.attribute_pairs(test_prompts, attributes, n_pairs, seed=seed)
-sims = st.validate_steering(
+pairs = at.attribute_pairs(test_prompts, attributes, n_pairs, seed=seed)
+sims = at.validate_steering(
     pipe, clip_model, clip_processor, sae, pairs, strength, seed=seed, config=config
 )
-result = st.table3(sims)
+result = at.table3(sims)
 display(result.table)
 display(
     Markdown(
@@ -308,7 +309,7 @@ display(
 )
 
 # %%
-fig = st.table3_figure(sims, result)
+fig = at.table3_figure(sims, result)
 plt.show()
 
 # %% [markdown]
