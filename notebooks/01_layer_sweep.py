@@ -167,9 +167,13 @@ plt.show()
 #
 # If the SAE metrics can stand in for labels, they should rise and fall with probe accuracy
 # across layers. Pearson's r measures a linear relation, Spearman's ρ only a monotone one
-# (p-values are two-sided; with as many points as layers they are rough). The fraction of
-# variance explained is added as a scale-free check: MSE and L1 also grow with the activations'
-# norm, which itself grows with depth in a residual stream.
+# (p-values are two-sided; with as many points as layers they are rough). A large r with a
+# small ρ means one jump dominates (say, the first layer against all others) while the order of
+# the remaining layers does not follow accuracy. The fraction of variance explained is added as
+# a scale-free view: MSE and L1 also grow with the activations' norm, which itself grows with
+# depth in a residual stream, and with one λ for every layer the penalty weighs most where the
+# activations are smallest. Where the raw MSE rises with depth but the explained variance rises
+# too, the early layers' low MSE says more about their scale than about being easy to encode.
 
 # %%
 correlations = saekit.plots.metric_correlations(

@@ -288,7 +288,9 @@ def metric_correlations(
 
 
 def correlation_summary(correlations: pd.DataFrame, target: str = "probe accuracy") -> str:
-    """The correlations of `metric_correlations` as one Markdown sentence per metric."""
+    """The correlations of `metric_correlations` in Markdown: a verdict (which metrics rank the
+    layers exactly as `target` does, or else the closest monotone match), then one line per
+    metric with r, ρ and their p-values."""
     if correlations.empty:
         raise ValueError("no correlations to describe")
     n = int(correlations["n"].iloc[0])
@@ -302,7 +304,22 @@ def correlation_summary(correlations: pd.DataFrame, target: str = "probe accurac
             f"* **{name}**: Pearson r = {row['pearson_r']:+.2f} ({_p(row['pearson_p'])}), "
             f"Spearman ρ = {row['spearman_rho']:+.2f} ({_p(row['spearman_p'])})."
         )
-    return f"Correlation with {target} across {n} layers:\n\n" + "\n".join(parts)
+    rho = correlations["spearman_rho"].dropna()
+    verdicts = []
+    for sign, how in ((1, "the same order as"), (-1, "exactly the reverse order of")):
+        names = [METRIC_LABELS.get(str(m), str(m)) for m in rho.index[sign * rho >= 0.999]]
+        if names:
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+            verb = "puts" if len(names) == 1 else "put"
+            verdicts.append(f"{listed} {verb} the layers in {how} {target} (ρ = {sign:+d}).")
+    if not verdicts and len(rho):
+        best = rho.abs().idxmax()
+        name = METRIC_LABELS.get(str(best), str(best))
+        verdicts.append(f"The closest monotone match is {name} (ρ = {rho[best]:+.2f}).")
+    if not verdicts:
+        verdicts.append(f"No metric varies over the layers, so none can track {target}.")
+    verdict = " ".join(verdicts)
+    return f"Correlation with {target} across {n} layers. {verdict}\n\n" + "\n".join(parts)
 
 
 def _p(p: float) -> str:

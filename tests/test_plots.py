@@ -157,7 +157,9 @@ def test_correlation_summary_states_the_numbers():
         }
     )
     text = plots.correlation_summary(plots.metric_correlations(table))
-    assert "across 4 layers" in text
+    assert (
+        "across 4 layers. L0 puts the layers in exactly the reverse order of probe accuracy" in text
+    )
     assert "**MSE**: Pearson r = +0.80 (p = 0.2), Spearman ρ = +0.80" in text
     assert "**L0**: Pearson r = -1.00 (p < 0.001), Spearman ρ = -1.00 (p < 0.001)" in text
     assert "**L1** is constant" in text
@@ -178,3 +180,16 @@ def test_frequency_by_layer_draws_each_layer_and_counts_its_dead():
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["1 (1 dead)", "5 (2 dead)"]  # sorted by layer, dead counted per layer
     assert ax.get_xlim()[0] == pytest.approx(np.log10(1 / 100) - 0.05)
+
+
+def test_correlation_summary_names_the_closest_monotone_match():
+    table = pd.DataFrame(
+        {
+            "probe_accuracy": [1.0, 2.0, 3.0, 4.0, 5.0],
+            "mse": [1.0, 3.0, 2.0, 4.0, 5.0],  # one swapped pair: rho = 0.9
+            "l0": [5.0, 1.0, 4.0, 2.0, 3.0],
+            "l1": [2.0, 1.0, 3.0, 5.0, 4.0],  # two swapped pairs: rho = 0.8
+        }
+    )
+    text = plots.correlation_summary(plots.metric_correlations(table))
+    assert "The closest monotone match is MSE (ρ = +0.90)." in text
