@@ -68,6 +68,7 @@ n_pairs = 40  # prompt-attribute pairs in Table 3 (the paper: 100)
 num_inference_steps = 0  # denoising steps; 0: profile default (mini 4, paper 50)
 guidance_scale = 7.5  # classifier-free guidance weight w
 seed = 0  # seeds the SAE, the prompt order and every image
+device = ""  # where the models run and the SAE trains; empty: "cuda" when available, else "cpu"
 
 # %%
 import saekit.book
@@ -79,6 +80,7 @@ import random
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 from IPython.display import Markdown, display
 
 from saekit import attributes as at
@@ -100,7 +102,7 @@ pd.set_option("display.max_colwidth", 80)
 # active per token. The paper does not state its SAE settings for this study, so the `paper`
 # profile uses the `olson2025` recipe unchanged (λ_1 = 10, lr 1e-4, 3 epochs) and names them
 # as parameters to tune. It does not state λ either: the default steering strength is 0.75 of
-# the corpus's mean token-embedding norm, a step large enough to matter on any text encoder.
+# the corpus's mean token-embedding norm, so that it scales with whichever text encoder runs.
 # The mini profile denoises in 4 steps, the paper profile in 50. Any Stable Diffusion 3.x
 # pipeline (three text encoders, paper 003 App. B) can be passed as `pipeline` too: the rows are
 # then positions of the joint CLIP+T5 sequence.
@@ -119,15 +121,16 @@ l1 = l1 or (1.0 if mini else 10.0)
 lr = lr or (1e-3 if mini else 1e-4)
 epochs = epochs or (30 if mini else 3)
 num_inference_steps = num_inference_steps or (4 if mini else 50)
+device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-pipe = st.load_pipeline(pipeline)
-clip_model, clip_processor = st.load_clip(clip)
+pipe = st.load_pipeline(pipeline, device=device)
+clip_model, clip_processor = st.load_clip(clip, device=device)
 prompts = st.load_prompts(prompt_file)
 captions = st.load_prompts(caption_file)
 config = st.GenerationConfig(
     layer=layer, mode=mode, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
 )
-print(f"{type(pipe).__name__} from {pipeline}; CLIP from {clip}")
+print(f"{type(pipe).__name__} from {pipeline}; CLIP from {clip}; on {device}")
 print(f"{len(prompts)} prompts, {len(captions)} captions; e.g. {prompts[0]!r}")
 
 # %% [markdown]
@@ -161,7 +164,9 @@ spec = SAESpec(
 sae_dir = (
     chapter.workdir / "saes" / f"steering-{pipe.text_encoder.config.hidden_size}d-layer{layer}"
 )
-sae = st.train_text_sae(acts_ND, spec, epochs=epochs, seed=seed, out=sae_dir / spec.label)
+sae = st.train_text_sae(
+    acts_ND, spec, epochs=epochs, seed=seed, out=sae_dir / spec.label, device=device
+)
 metrics_table({"text-encoder SAE": evaluate(sae, acts_ND)})
 
 # %% [markdown]
@@ -194,8 +199,9 @@ selected.head(n_features).assign(top_words=selected.top_words.map(at.word_counts
 # ## 4. Steering
 #
 # In `add` mode the steered embedding moves along the feature's unit decoder direction by
-# exactly λ at every token (the positive embedding by +λ, the negative by −λ), and λ = 0 gives back the unsteered
-# image bit for bit, since every image has its own generator seeded with `seed`:
+# exactly λ at every token (the positive embedding by +λ, the negative by −λ), and λ = 0 gives
+# back the unsteered image bit for bit, since every image has its own generator seeded with
+# `seed`:
 
 # %%
 features = selected.feature.head(n_features).tolist()
@@ -226,7 +232,7 @@ print(
 # mechanical); in `paper` it is Qwen2.5-VL, as in the paper.
 
 # %%
-namer = at.load_describer(describer, clip_model, clip_processor, vocabulary)
+namer = at.load_describer(describer, clip_model, clip_processor, vocabulary, device=device)
 discovery = at.discover_attributes(
     pipe, sae, features, sample_prompts, namer, strength, seed=seed, config=config
 )

@@ -302,6 +302,7 @@ def train_text_sae(
     batch_size: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> SAE:
     """Train an SAE (saekit's SAE engine) on text-token rows held in memory, cached at `out`.
 
@@ -309,7 +310,7 @@ def train_text_sae(
     tensor, so here each epoch is a seeded shuffle of the rows in minibatches (the recipe's
     batch size unless given). With `out`, a saved SAE is loaded instead of retrained when it was
     trained with the same spec, epochs and batch size on the same rows (a hash of `acts_ND`);
-    otherwise it is trained and saved there.
+    otherwise it is trained and saved there. The SAE is returned on `device`.
     """
     if acts_ND.ndim != 2 or len(acts_ND) == 0:
         raise ValueError(f"acts_ND must be a non-empty [N, D] matrix, got {tuple(acts_ND.shape)}.")
@@ -324,7 +325,7 @@ def train_text_sae(
         "data": _fingerprint(acts_ND),
     }
     if out is not None and (Path(out) / SAE_CFG_FILE).exists():
-        cached = load_sae(out)
+        cached = load_sae(out, device=str(device))
         if (cached.cfg.metadata.get("saekit") or {}).get("text_sae") == run:
             return cached
     x_ND = acts_ND.detach().float().cpu()
@@ -335,7 +336,9 @@ def train_text_sae(
             yield x_ND[order[start : start + batch_size]]
 
     steps_per_epoch = math.ceil(len(x_ND) / batch_size)
-    sae = train_sae(spec, batches, steps_per_epoch, epochs=epochs, metadata={"text_sae": run})
+    sae = train_sae(
+        spec, batches, steps_per_epoch, epochs=epochs, device=device, metadata={"text_sae": run}
+    )
     if out is not None:
         save_sae(sae, out)
     return sae
