@@ -46,11 +46,6 @@ class ToyImage:
         """Top-level (shape family) index; -1 for far-OOD noise."""
         return LEAVES[self.label].group if self.label >= 0 else -1
 
-    @property
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 [H, W, 3] pixels, uint8 [H, W] mask)."""
-        return np.asarray(self.image), self.mask
-
 
 class ToyWorld:
     """The planted-hierarchy image generator.
@@ -58,6 +53,7 @@ class ToyWorld:
     >>> world = ToyWorld(seed=0)
     >>> batch = world.sample(60, split="val", shift="sketch")
     >>> batch[0].image.size, batch[0].wnid, batch[0].parts
+    ((48, 48), 'n01484850', ('body', 'tail', 'fin'))
     """
 
     def __init__(self, seed: int = 0, size: int = 48, nuisance: Nuisance | None = None) -> None:
