@@ -34,21 +34,21 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-encoders = []  # encoder families; [] = ["toyvit"] (mini) or ["dinov2", "clip"] (paper)
-layer = -1  # whose CLS token the SAEs read; -1 = the last layer, as in the paper
+encoders = []  # encoder families; empty: ["toyvit"] (mini) or ["dinov2", "clip"] (paper)
+layer = -1  # whose CLS token the SAEs read; -1 is the last layer, as in the paper
 archs = ["relu", "topk", "gated"]  # SAE architectures
-lambdas = []  # λ of the ReLU and Gated SAEs; [] = profile default (see below)
-ks = []  # k of the TopK SAEs; [] = profile default
-expansions = []  # SAE width ÷ model width; [] = profile default
-epochs = 0  # passes over the training images; 0 = profile default (mini 30, paper 3)
-lr = 0.0  # SAE learning rate; 0 = profile default (mini 1e-3, paper 1e-4)
-probe_per_class = 0  # training images per class for the probes; 0 = all (mini), 100 (paper)
+lambdas = []  # λ of the ReLU and Gated SAEs; empty: profile default (see below)
+ks = []  # k of the TopK SAEs; empty: profile default
+expansions = []  # SAE width ÷ model width; empty: profile default
+epochs = 0  # passes over the training images; 0: profile default (mini 30, paper 3)
+lr = 0.0  # SAE learning rate; 0: profile default (mini 1e-3, paper 1e-4)
+probe_per_class = 0  # training images per class for the probes; 0: all (mini), 100 (paper)
 pre_activation = True  # also probe the pre-activation codes (paper Fig. 12)
 table1_arch = "relu"  # the SAE Table 1 reports: architecture,
 table1_sparsity = 0.5  # its λ (or k for TopK),
 table1_expansion = 8  # and its expansion
 seed = 0  # seeds the SAEs' initialisation, the batch order and the probes' subsample
-device = ""  # where SAEs and probes train; "" = "cuda" when available, else "cpu"
+device = ""  # where SAEs and probes train; empty: "cuda" when available, else "cpu"
 imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
 imagenet_val = ""  # paper profile: ImageNet-1k val folder
 imagenet_v2 = ""  # paper profile: ImageNet-V2 (matched frequency), folders named by wnid

@@ -751,6 +751,6 @@ def preactivation_figure(
         _log_x(ax, data["l0"])
         ax.set_xlabel("L0 (active latents, in-domain)")
         ax.set_ylabel(f"top-1 accuracy on {split}")
-        ax.legend(fontsize=8)
+        _legend_below(ax)
         fig.tight_layout()
     return fig
