@@ -134,7 +134,9 @@ class Chapter:
         if not value or not Path(value).expanduser().is_dir():
             raise FileNotFoundError(
                 f"Parameter {name}={value!r} is not a folder.\n"
-                + IMAGENET_LAYOUT.format(path=value or "/data/imagenet/val", name=name)
+                + IMAGENET_LAYOUT.format(
+                    path=value or f"/data/imagenet/{name.removeprefix('imagenet_')}", name=name
+                )
             )
         return Path(value).expanduser()
 
