@@ -596,13 +596,15 @@ def ood_figure(
         left, middle, right = axes
         if "ood" in data:
             _scatter(left, data, "l0", "ood", hue, style, focus)
-            for i, (encoder, value) in enumerate(
-                dict(baseline if baseline is not None else {}).items()
-            ):
+            encoders = list(dict.fromkeys(data["encoder"]))
+            palette = sns.color_palette("deep", len(encoders))  # as `_scatter` colours encoders
+            for encoder, value in dict(baseline if baseline is not None else {}).items():
                 left.axhline(
                     value,
                     linestyle="--",
-                    color=f"C{i}" if many else "0.3",
+                    color=palette[encoders.index(encoder)]
+                    if many and encoder in encoders
+                    else "0.3",
                     linewidth=1.2,
                     label=f"{encoder} raw embedding",
                 )

@@ -332,6 +332,13 @@ def test_summary_keeps_encoders_apart_when_their_saes_share_names(results):
     np.testing.assert_allclose(clip["val"], 1 - vit["val"])
     np.testing.assert_allclose(clip["in-domain"], 2 * vit["in-domain"])
     np.testing.assert_allclose(clip["l0"], vit["l0"])
+    # with two encoders colour means encoder, and each has its own dashed raw-embedding line
+    both = pd.concat([probes, other])
+    figure = ood.ood_figure(summary, ood.baselines(both))
+    dashed = [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 2
+    assert dashed[0].get_color() != dashed[1].get_color()
+    matplotlib.pyplot.close(figure)
 
 
 def test_evaluation_sets_in_another_class_order_are_refused(stores, sweep):
