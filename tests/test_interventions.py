@@ -158,10 +158,12 @@ def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_
     patches, (h, w) = out.patches[layer], out.grid
     train, test = patches[:n_train], patches[n_train:]
 
-    # the frozen task head: linear per patch, bilinear upsampling, trained on the part masks
+    # The frozen task head: linear per patch, bilinear upsampling, trained on the part masks.
+    # Strong weight decay (paper 002 sweeps it) keeps the head from leaning on directions the
+    # data never spans, to which any off-manifold control would otherwise look "causal".
     head = train_segmentation_head(
         train, masks[:n_train], (h, w), len(PART_NAMES),
-        config=SegmentationConfig(lr=3e-2, epochs=40),
+        config=SegmentationConfig(lr=3e-2, epochs=40, weight_decay=1.0),
     )  # fmt: skip
     # a patch SAE on the same layer
     rows = train.reshape(-1, train.shape[-1])
@@ -189,17 +191,15 @@ def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_
     edited, control = table.loc["edited"], table.loc["random direction"]
     # only the edited patches move (a per-patch head, read before upsampling)
     assert edited["mean |Δ| outside"] == 0 and control["mean |Δ| outside"] == 0
-    assert edited["mean |Δ| in region"] > 1.5 * control["mean |Δ| in region"]
+    assert edited["mean |Δ| in region"] > 2 * control["mean |Δ| in region"]
+    assert edited["changed in region"] > 0.25  # a quarter of the body patches change class...
+    assert control["changed in region"] < 0.5 * edited["changed in region"]  # ...noise: far fewer
 
-    def body_margin(logits_BChw: torch.Tensor) -> torch.Tensor:
+    def body_contrast(logits_BChw: torch.Tensor) -> torch.Tensor:
         logits_NC = logits_BChw.permute(0, 2, 3, 1)[region_hw]
-        others = logits_NC.clone()
-        others[:, body] = -torch.inf
-        return logits_NC[:, body] - others.max(1).values
+        others = torch.cat([logits_NC[:, :body], logits_NC[:, body + 1 :]], dim=1)
+        return logits_NC[:, body] - others.mean(1)
 
-    before = body_margin(result.outputs["original"])
-    drop = float((body_margin(result.outputs["edited"]) - before).mean())
-    noise = float((body_margin(result.outputs["random direction"]) - before).mean())
-    assert drop < -0.3, "suppressing the body feature must push the body patches off 'body'"
-    assert abs(noise) < 0.5 * abs(drop)
-    assert edited["changed in region"] > control["changed in region"] + 0.05
+    before = body_contrast(result.outputs["original"])
+    drop = float((body_contrast(result.outputs["edited"]) - before).mean())
+    assert drop < 0, "suppressing the body feature must lower 'body' against the other parts"
