@@ -104,7 +104,7 @@ def image_scores(
     rows: np.ndarray,
     *,
     reduce: str = "max",
-    tokens_per_chunk: int = 16384,
+    tokens_per_chunk: int = 4096,
     images_per_chunk: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Per-image feature scores ``[b, S]`` (float64) of store ``rows``, chunk by chunk."""
@@ -118,12 +118,12 @@ def image_scores(
     for start in range(0, len(rows), chunk):
         x = np.array(acts[rows[start : start + chunk]], dtype=np.float32)
         with torch.no_grad():
-            codes = sae.encode(torch.from_numpy(x).to(device, dtype)).double()
+            codes = sae.encode(torch.from_numpy(x).to(device, dtype))
         if reduce == "max":
             codes = codes.amax(1)
         elif reduce == "mean":
-            codes = codes.mean(1)
-        yield codes
+            codes = codes.double().mean(1)
+        yield codes.double()
 
 
 def correlate_features(
@@ -136,7 +136,7 @@ def correlate_features(
     *,
     features_a: Sequence[int] | None = None,
     reduce: str = "max",
-    tokens_per_chunk: int = 16384,
+    tokens_per_chunk: int = 4096,
     progress: bool = True,
 ) -> FeatureMatches:
     """Correlate ``features_a`` of SAE A (default: all) with every feature of SAE B over the

@@ -149,7 +149,7 @@ def scan_store(
     k: int = 16,
     rank_by: str = "max",
     model: str | None = None,
-    tokens_per_chunk: int = 16384,
+    tokens_per_chunk: int = 4096,
     progress: bool = True,
 ) -> ExemplarScan:
     """One streaming pass over a store: every feature's top-``k`` images and its facts.

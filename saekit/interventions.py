@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from saekit.probes import mean_iou
 from saekit.sae.architectures import check_width
 
 EDIT_MODES = ("suppress", "scale", "set")
@@ -202,6 +204,20 @@ class Comparison:
                 row["changed in region"] = float(flips[inside].mean())
             rows[condition] = row
         return pd.DataFrame.from_dict(rows, orient="index")
+
+    def miou(self, masks_BHW: Any, n_classes: int) -> dict[str, float]:
+        """Per condition: mIoU against ``masks_BHW`` of patch-level segmentation logits
+        ``[B, C, h, w]``, bilinearly upsampled to the masks' size as paper 002 §11 scores it."""
+        masks = torch.as_tensor(np.asarray(masks_BHW)).long()
+        scores = {}
+        for condition, logits_BChw in self.outputs.items():
+            if logits_BChw.ndim != 4:
+                raise ValueError("mIoU needs segmentation logits [B, C, h, w] from the head")
+            upsampled = F.interpolate(
+                logits_BChw, size=tuple(masks.shape[1:]), mode="bilinear", align_corners=False
+            )
+            scores[condition] = mean_iou(upsampled.argmax(1), masks, n_classes, None)[0]
+        return scores
 
 
 @torch.no_grad()

@@ -141,7 +141,7 @@ def test_continue_forward_reruns_the_encoder_from_the_edited_layer(miniatures):
 
 
 def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_direction_not():
-    from saekit.probes import SegmentationConfig, train_segmentation_head
+    from saekit.probes import SegmentationConfig, mean_iou, train_segmentation_head
     from saekit.sae import SAESpec, train_sae
     from saekit.toyworld import PART_NAMES, ToyWorld, toyvit_path
 
@@ -203,3 +203,6 @@ def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_
     before = body_contrast(result.outputs["original"])
     drop = float((body_contrast(result.outputs["edited"]) - before).mean())
     assert drop < 0, "suppressing the body feature must lower 'body' against the other parts"
+    scores = result.miou(masks[n_train:], len(PART_NAMES))
+    direct = mean_iou(head.predict(test, masks.shape[1:]), masks[n_train:], len(PART_NAMES))
+    assert scores["original"] == pytest.approx(direct[0]) and scores["original"] > 0.1
