@@ -114,18 +114,16 @@ def token_mask(patches: Any, shape: torch.Size) -> torch.Tensor:
 
 def edit_codes(codes: torch.Tensor, edit: Edit, tokens: torch.Tensor) -> torch.Tensor:
     """Step 3: z' from z; only the chosen features of the chosen tokens change."""
-    edited = codes.clone()
     features = list(edit.features)
-    selected = edited[tokens][:, features]
+    chosen = codes[..., features]
     if edit.mode == "suppress":
-        selected = torch.zeros_like(selected)
+        changed = torch.zeros_like(chosen)
     elif edit.mode == "scale":
-        selected = selected * edit.value
+        changed = chosen * edit.value
     else:
-        selected = torch.full_like(selected, edit.value)
-    rows = edited[tokens]
-    rows[:, features] = selected
-    edited[tokens] = rows
+        changed = torch.full_like(chosen, edit.value)
+    edited = codes.clone()
+    edited[..., features] = torch.where(tokens[..., None], changed, chosen)
     return edited
 
 
@@ -135,12 +133,12 @@ def intervene(acts: torch.Tensor, sae: Any, edit: Edit) -> Intervention:
     check_width(sae, acts.shape[-1])
     if max(edit.features) >= sae.cfg.d_sae or min(edit.features) < 0:
         raise IndexError(f"features {edit.features} are outside the SAE's 0..{sae.cfg.d_sae - 1}")
-    tokens = token_mask(edit.patches, acts.shape).to(acts.device)
-    x = acts.to(sae.W_dec.dtype)
+    x = acts.to(sae.W_dec.device, sae.W_dec.dtype)
+    tokens = token_mask(edit.patches, acts.shape).to(x.device)
     codes = sae.encode(x)
     edited_codes = edit_codes(codes, edit, tokens)
     delta = sae.decode(edited_codes) - sae.decode(codes)
-    edited = (x + delta).to(acts.dtype)
+    edited = (x + delta).to(acts.device, acts.dtype)
     return Intervention(edited, codes, edited_codes, tokens, delta)
 
 
@@ -149,8 +147,8 @@ def random_direction(acts: torch.Tensor, delta: torch.Tensor, seed: int = 0) -> 
     far as the SAE edit moved it, but along a direction no feature chose."""
     generator = torch.Generator().manual_seed(seed)
     direction_D = torch.randn(acts.shape[-1], generator=generator, dtype=torch.float64)
-    direction_D = (direction_D / direction_D.norm()).to(delta.dtype).to(delta.device)
-    size = delta.norm(dim=-1, keepdim=True)
+    direction_D = (direction_D / direction_D.norm()).to(acts.device, delta.dtype)
+    size = delta.norm(dim=-1, keepdim=True).to(acts.device)
     return (acts.to(delta.dtype) + size * direction_D).to(acts.dtype)
 
 

@@ -114,7 +114,7 @@ def relevancy_maps(
         attentions = [out.attentions[i] for i in range(layer + 1)]
         cls_BD = out.cls[layer]
         check_width(sae, cls_BD.shape[-1])
-        codes_BS = sae.encode(cls_BD.to(sae.W_dec.dtype))
+        codes_BS = sae.encode(cls_BD.to(sae.W_dec.device, sae.W_dec.dtype))
         maps, acts = [], []
         for position, feature in enumerate(features):
             activation_B = codes_BS[:, feature]
