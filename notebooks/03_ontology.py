@@ -35,13 +35,11 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-lam = 0.0  # λ of the ReLU SAEs (recipe olson2025); 0 = profile default (mini 0.3, paper 10)
-epochs = 0  # passes over the training store; 0 = profile default (mini 60, paper 3)
+lam = 0.0  # λ of the ReLU SAEs (recipe olson2025); 0: profile default (mini 3, paper 10)
+epochs = 0  # passes over the training store; 0: profile default (mini 60, paper 3)
 seed = 0  # seeds the SAEs' initialisation and the batch order
-min_fire_frac = (
-    0.5  # a class joins C_k when the feature fires on at least this fraction of its images
-)
-figure_layers = []  # layers of the static histogram figure; [] = the profile's default
+min_fire_frac = 0.5  # a class joins C_k when the feature fires on ≥ this share of its images
+figure_layers = []  # layers of the static histogram figure; []: the profile default
 n_features = 6  # most hierarchical features shown with their top images
 n_images = 6  # top images per feature
 imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
@@ -56,16 +54,20 @@ chapter = saekit.book.setup(globals())
 # ## Setting up
 #
 # The `mini` profile reads the toy-world ViT (6 layers, width 64); the `paper` profile reads
-# DINOv2 ViT-g/14 (40 layers) over ImageNet. The SAEs are the layer-sweep chapter's, with its
-# profile defaults: the paper's λ = 10 and 3 epochs over ImageNet in `paper`; in `mini`,
-# λ = 0.3 (the toy ViT's activations are far smaller than DINOv2's, and λ = 10 would switch
-# every latent off) and 60 epochs (its training split has only 1,800 images). The static
-# histogram shows every layer in `mini` and the paper's layers 24, 28, 32 and 36 in `paper`;
-# the widget shows them all.
+# DINOv2 ViT-g/14 (40 layers) over ImageNet. The SAEs are built like the layer-sweep
+# chapter's (ReLU, `olson2025`, expansion 8), with the paper's λ = 10 and 3 epochs in `paper`.
+# In `mini` they train for 60 epochs (the toy world's training split has only 1,800 images) at
+# λ = 3: the toy ViT's activations are far smaller than DINOv2's, so λ = 10 switches almost
+# every latent off, while the layer-sweep chapter's λ = 0.3 leaves about a third of the 512
+# latents active on every image, each firing on most classes, and no class set is specific
+# enough to name a synset. The static histogram shows every layer in `mini` and the paper's
+# layers 24, 28, 32 and 36 in `paper`; the widget shows them all.
 
 # %%
+# %matplotlib inline
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
 from saekit import ontology_study
 from saekit.ontology import (
@@ -80,7 +82,7 @@ from saekit.sae import evaluate, metrics_table
 from saekit.widgets import switcher
 
 family = "toyvit" if chapter.profile == "mini" else "dinov2"
-lam = lam or (0.3 if chapter.profile == "mini" else 10.0)
+lam = lam or (3.0 if chapter.profile == "mini" else 10.0)
 epochs = epochs or (60 if chapter.profile == "mini" else 3)
 pd.set_option("display.precision", 3)
 
@@ -181,8 +183,8 @@ ontology_study.plot_table2_by_layer(per_layer)
 # ## The most hierarchical features
 #
 # The multi-class, coverage-≥ 0.99 features with the largest class sets (short of all of
-# them), one per LCH synset, named automatically after their LCH. Below each name, the validation images the feature
-# fires on most, with their class and the feature's activation.
+# them), one per LCH synset, named automatically after their LCH. Below each name, the
+# validation images the feature fires on most, with their class and the feature's activation.
 
 # %%
 top = ontology_study.most_hierarchical(table, n_features, max_classes=n_classes - 1)
@@ -218,7 +220,10 @@ recovery = {
 ontology_study.plot_synset_recovery(recovery["SAE features"])
 
 # %% [markdown]
-# The same heat map for the baselines' features, to switch between:
+# The same heat map for the baselines' features, to switch between. A random direction can
+# isolate a synset too when its classes form a tight cluster in activation space, so the
+# question is not only *whether* some feature covers a synset but *how many* do, at which
+# layers, and whether the higher level (the groups) is reached at all.
 
 # %%
 switcher(
@@ -227,27 +232,22 @@ switcher(
     control="toggle",
 )
 
-# %%
-found = (
-    pd.DataFrame(
-        {
-            row: rec[rec["n_exact"] > 0].groupby("level")["synset"].nunique()
-            for row, rec in recovery.items()
-        }
-    )
-    .reindex(sorted(set(synsets.values())))
-    .fillna(0)
-    .astype(int)
-)
-found.index.name = "synsets covered exactly at some layer"
-found.assign(of=pd.Series(synsets).value_counts())
+# %% [markdown]
+# Which layers cover each synset exactly, for the SAE and for the baselines (empty: no
+# feature of any layer does), and how many synsets of each level are found somewhere:
 
 # %%
-sae_rec = recovery["SAE features"]
-per_layer_found = sae_rec[sae_rec["n_exact"] > 0].groupby("layer")["synset"].nunique()
-for layer in layers:
-    print(
-        f"layer {layer}: {per_layer_found.get(layer, 0)} of {len(synsets)} synsets covered "
-        "exactly by some SAE feature"
-    )
+summary = ontology_study.recovery_summary(recovery)
+display(summary)
+found = summary.attrs["found"].assign(of=pd.Series(synsets).value_counts())
+display(found)
+sae_found = found["SAE features"]
+print(
+    "At some layer, SAE features cover exactly "
+    + "; ".join(f"{sae_found[lv]} of {found.loc[lv, 'of']} {lv} synsets" for lv in found.index)
+)
+print(
+    "Features that cover one of these synsets exactly, summed over layers: "
+    + ", ".join(f"{row} {int(rec['n_exact'].sum())}" for row, rec in recovery.items())
+)
 plt.close("all")

@@ -324,7 +324,8 @@ def plot_top_images(
             row = int(top.rows_FK[i, j])
             ax.imshow(dataset.load(int(store.rows[row])).convert("RGB"))
             name = class_names[int(store.labels[row])]
-            ax.set_title(f"{name[:16]}\n{top.values_FK[i, j]:.2g}", fontsize=7)
+            name = name if len(name) <= 18 else name[:17] + "…"
+            ax.set_title(f"{name}\n{top.values_FK[i, j]:.2g}", fontsize=7)
     return fig
 
 
@@ -388,6 +389,30 @@ def synset_recovery(
                 }
             )
     return pd.DataFrame.from_records(records)
+
+
+def recovery_summary(recovery: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Which layers cover each synset exactly, per kind of feature: ``recovery`` maps a name
+    (e.g. Table 2's rows) to a `synset_recovery` table; the result has one row per synset
+    ('name (level)', in the tables' order), one column per name, and the layers as text
+    ('2, 3, 5'; '' where no feature of any layer does). ``attrs['found']`` counts, per name and
+    level, the synsets covered at some layer."""
+    first = next(iter(recovery.values()))
+    synsets = list(dict.fromkeys(first["synset"]))
+    labels = first.drop_duplicates("synset").set_index("synset")
+    index = [f"{labels.loc[h, 'name']} ({labels.loc[h, 'level']})" for h in synsets]
+    columns, found = {}, {}
+    for name, rec in recovery.items():
+        hits = rec[rec["n_exact"] > 0]
+        layers = hits.groupby("synset", sort=False)["layer"].agg(lambda ls: ", ".join(map(str, ls)))
+        columns[name] = [layers.get(h, "") for h in synsets]
+        found[name] = hits.drop_duplicates("synset").groupby("level")["synset"].size()
+    summary = pd.DataFrame(columns, index=pd.Index(index, name="synset (level)"))
+    levels = list(dict.fromkeys(labels["level"]))
+    summary.attrs["found"] = (
+        pd.DataFrame(found).reindex(levels).fillna(0).astype(int).rename_axis("level")
+    )
+    return summary
 
 
 def plot_synset_recovery(recovery: pd.DataFrame) -> Figure:

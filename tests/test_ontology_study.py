@@ -109,6 +109,21 @@ def test_synset_recovery_counts_exact_covers(toy_taxonomy, planted_sets):
         assert len(hits) == row["n_exact"], (layer, wnid)
 
 
+def test_recovery_summary_lists_layers_and_counts(toy_taxonomy, planted_sets):
+    synsets = {DOG: "group", HOUND: "mid", TERRIER: "mid", BIRD: "group"}
+    recovery = {
+        "SAE features": study.synset_recovery(planted_sets, toy_taxonomy, synsets),
+        "nothing": study.synset_recovery({0: np.zeros((3, 30), bool)}, toy_taxonomy, synsets),
+    }
+    summary = study.recovery_summary(recovery)
+    assert list(summary.index) == ["dog (group)", "hound (mid)", "terrier (mid)", "bird (group)"]
+    assert list(summary["SAE features"]) == ["1", "0, 1", "1", ""]
+    assert (summary["nothing"] == "").all()
+    found = summary.attrs["found"]
+    assert found.loc["group", "SAE features"] == 1 and found.loc["mid", "SAE features"] == 2
+    assert found["nothing"].sum() == 0
+
+
 def test_synset_recovery_rejects_bad_input(toy_taxonomy, planted_sets):
     with pytest.raises(KeyError, match="n01440764"):
         study.synset_recovery(planted_sets, toy_taxonomy, {"n01440764": "group"})  # tench
@@ -260,7 +275,7 @@ def test_plot_top_images_draws_exactly_the_top_images(store_and_data):
     expected = np.asarray(dataset.load(int(store.rows[top.rows_FK[0, 0]])).convert("RGB"))
     np.testing.assert_array_equal(np.asarray(first), expected)
     label = store.class_names[int(store.labels[top.rows_FK[0, 0]])]
-    assert drawn[0].get_title().startswith(label[:16])
+    assert drawn[0].get_title().startswith(label[:17])
     with pytest.raises(ValueError, match="titles"):
         study.plot_top_images([top], store, dataset, ["only one"])
 
