@@ -450,8 +450,10 @@ class ActivationStore:
         `buffer_rows` rows, which is permuted; the store is never loaded into RAM whole. Patch
         tokens are flattened, one row per (image, patch).
         """
+        if tokens not in TOKEN_KINDS:
+            raise ValueError(f"tokens must be 'cls' or 'patch', not {tokens!r}.")
         layers = [layer] if isinstance(layer, int | np.integer) else list(layer)
-        arrays = {ly: self._array(ly, "patch" if tokens == "patch" else "cls") for ly in layers}
+        arrays = {ly: self._array(ly, tokens) for ly in layers}
         rng = np.random.default_rng([seed, epoch])
         order = (
             rng.permutation(len(self.shard_dirs)) if shuffle else np.arange(len(self.shard_dirs))

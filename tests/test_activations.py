@@ -174,6 +174,8 @@ def test_batches_yield_every_row_once_per_epoch(encoder, image_folder, tmp_path)
     # Patch tokens are one row per (image, patch).
     patch_rows = sum(len(b) for b in store.batches(0, 7, tokens="patch"))
     assert patch_rows == 15 * 16
+    with pytest.raises(ValueError, match="'cls' or 'patch'"):
+        next(store.batches(0, 7, tokens="patches"))
 
 
 def test_sharded_array_indexes_like_the_concatenation():
