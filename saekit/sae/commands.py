@@ -9,7 +9,7 @@ trains one SAE and saves it, SAELens style, into ``--out``.
     store = "runs/acts/dinov2"        # activation store folder
     out = "runs/saes/dinov2-sweep"    # one folder per SAE, plus sweep.json
     recipe = "olson2025"              # recipe of every SAE unless an entry names another
-    tokens = "cls"                    # "cls" or "patches"
+    tokens = "cls"                    # "cls" or "patch"
     # optional: batch_size = 64, epochs = 3, data_seed = 0, checkpoint_every = 1000,
     #           device = "cpu"
 
@@ -71,7 +71,7 @@ class SweepConfig:
     specs: list[SAESpec] = field(default_factory=list)
     """The SAEs to train."""
     tokens: str = "cls"
-    """Train on CLS tokens (``cls``) or on patch tokens (``patches``)."""
+    """Train on CLS tokens (``cls``) or on patch tokens (``patch``)."""
     batch_size: int | None = None
     """Minibatch size (None: the recipes')."""
     epochs: int | None = None
@@ -171,7 +171,7 @@ def register(subparsers: Any) -> None:
     )
     train.add_argument("--lr", type=float, help="override the recipe's learning rate")
     train.add_argument("--out", required=True, help="folder to save the SAE in")
-    train.add_argument("--tokens", default="cls", choices=["cls", "patches"], help="which tokens")
+    train.add_argument("--tokens", default="cls", choices=["cls", "patch"], help="which tokens")
     train.add_argument("--batch-size", type=int, help="minibatch size (default: the recipe's)")
     train.add_argument("--epochs", type=int, help="passes over the store (default: the recipe's)")
     train.add_argument("--seed", type=int, default=0, help="weight-init seed")
