@@ -8,8 +8,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= mini
-NPM_WIDGETS := @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8
-WIDGET_JS := book/_static/widgets/require.js book/_static/widgets/embed-amd.js
+NPM_ASSETS := @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8 mathjax@3.2.2
+WEB_ASSETS := book/_static/widgets/embed-amd.js book/_static/mathjax/tex-chtml.js
 
 # Tiny models run far faster single-threaded; NLTK finds the WordNet laid out below.
 export OMP_NUM_THREADS ?= 1
@@ -32,17 +32,19 @@ $(VENV)/.installed: pyproject.toml
 nltk_data/corpora/wordnet/lexnames:
 	bash scripts/setup_wordnet.sh nltk_data
 
-# Widget JavaScript is served from the site itself so widgets render offline.
-$(WIDGET_JS):
-	rm -rf build/npm && mkdir -p build/npm book/_static/widgets
-	cd build/npm && npm install --silent --no-audit --no-fund --prefix . $(NPM_WIDGETS) >/dev/null
+# Widget JavaScript and MathJax are served from the site itself, so widgets and formulas
+# render offline (Jupyter Book would otherwise load them from CDNs).
+$(WEB_ASSETS):
+	rm -rf build/npm && mkdir -p build/npm book/_static/widgets book/_static/mathjax
+	cd build/npm && npm install --silent --no-audit --no-fund --prefix . $(NPM_ASSETS) >/dev/null
 	cp build/npm/node_modules/requirejs/require.js book/_static/widgets/require.js
 	cp -r build/npm/node_modules/@jupyter-widgets/html-manager/dist/. book/_static/widgets/
+	cp -r build/npm/node_modules/mathjax/es5/. book/_static/mathjax/
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-book: setup $(WIDGET_JS) chromium
+book: setup $(WEB_ASSETS) chromium
 	$(BIN)/saekit book --profile $(PROFILE)
 	SAEKIT_SITE=_build/html $(BIN)/python -m pytest -q tests/site
 

@@ -76,6 +76,8 @@ def test_chapter_renders_figures_widgets_and_no_errors(page, server, tmp_path):
     # ipywidgets' HTML manager replaced the widget-view placeholders with live widget DOM.
     assert re.search(r'class="lm-Widget[^"]*jupyter-widgets', dom), "no widget rendered"
     assert "Error rendering Jupyter widget" not in dom
+    if 'class="math' in page.read_text():
+        assert "<mjx-container" in dom, "formulas were not typeset (MathJax must be served locally)"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     _chromium(
         tmp_path, "--window-size=1280,2400", f"--screenshot={SCREENSHOTS / page.stem}.png", url
