@@ -59,13 +59,12 @@ chapter = saekit.book.setup(globals())
 # In `mini` they train for 60 epochs (the toy world's training split has only 1,800 images) at
 # λ = 3: the toy ViT's activations are far smaller than DINOv2's, so λ = 10 switches almost
 # every latent off, while the layer-sweep chapter's λ = 0.3 leaves about a third of the 512
-# latents active on every image, each firing on most classes, and no class set is specific
-# enough to name a synset. The static histogram shows every layer in `mini` and the paper's
+# latents active on every image, each firing on many classes at once, and no class set is
+# specific enough to name a synset. The static histogram shows every layer in `mini` and the paper's
 # layers 24, 28, 32 and 36 in `paper`; the widget shows them all.
 
 # %%
 # %matplotlib inline
-import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
@@ -250,4 +249,3 @@ print(
     "Features that cover one of these synsets exactly, summed over layers: "
     + ", ".join(f"{row} {int(rec['n_exact'].sum())}" for row, rec in recovery.items())
 )
-plt.close("all")

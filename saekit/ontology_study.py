@@ -445,15 +445,18 @@ def plot_synset_recovery(recovery: pd.DataFrame) -> Figure:
 
 def layer_view(table: pd.DataFrame, layer: Any, n: int = 5, max_classes: int | None = None) -> str:
     """One layer's page for a `saekit.widgets.switcher`: its height-vs-coverage histogram and
-    its ``n`` most hierarchical features (`most_hierarchical`), as one HTML string (an inline
-    PNG and a table), so the static site shows it without a kernel."""
+    its ``n`` most hierarchical features (`most_hierarchical`, one per LCH, with the number of
+    the layer's features that share it), as one HTML string (an inline PNG and a table), so the
+    static site shows it without a kernel."""
     from saekit.widgets import figure_png
 
     png = figure_png(plot_height_vs_coverage(table, [layer], ncols=1))
-    top = most_hierarchical(
-        table[table["layer"] == layer], n, max_classes=max_classes, one_per_lch=False
+    part = table[table["layer"] == layer]
+    every = most_hierarchical(part, len(part), max_classes=max_classes, one_per_lch=False)
+    top = most_hierarchical(part, n, max_classes=max_classes)
+    shown = top[["feature", "n_classes", "lch_name", "height", "coverage"]].assign(
+        features_with_this_lch=top["lch"].map(every["lch"].value_counts())
     )
-    shown = top[["feature", "n_classes", "lch_name", "height", "coverage"]]
     listing = (
         shown.to_html(index=False, float_format="{:.2f}".format, border=0)
         if len(shown)

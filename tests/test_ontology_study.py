@@ -200,6 +200,9 @@ def test_layer_view_is_self_contained_html(toy_taxonomy, planted_sets):
     table = feature_table(planted_sets, toy_taxonomy, progress=False)
     html = study.layer_view(table, 1)
     assert "data:image/png;base64," in html and "<table" in html and "hunting dog" in html
+    # one row per LCH: the two dog features (layer 1, f0 and f2) share a row that counts both
+    rows = html.split("<tbody>")[1].split("<tr>")[1:]
+    assert len(rows) == 3 and "hunting dog" in rows[0] and "<td>2</td>" in rows[0]
     assert "no multi-class feature" in study.layer_view(table[table["n_classes"] < 2], 0)
 
 
