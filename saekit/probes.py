@@ -309,7 +309,10 @@ def mean_iou(
 
 
 def _tensor(x: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    # Store arrays are read-only memmaps; torch warns on wrapping those, so copy as float32.
+    return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
 def _check_width(feats: Any, width: int, what: str) -> None:
