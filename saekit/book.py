@@ -231,7 +231,19 @@ def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chap
     chapter = Chapter(profile=profile, params=params, workdir=workdir)
     if show:
         _show_banner(chapter)
+        _inline_figures()
     return chapter
+
+
+def _inline_figures() -> None:
+    """Show figures that a cell returns (papermill kernels do not always pick the inline backend)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.run_line_magic("matplotlib", "inline")
 
 
 def _show_banner(chapter: Chapter) -> None:

@@ -824,7 +824,7 @@ def feature_labels(table: pd.DataFrame) -> pd.Series:
         + ": "
         + table["lch_name"].fillna("no common hypernym").astype(str)
         + " (coverage "
-        + table["coverage"].map("{:.2f}".format)
+        + table["coverage"].map("{:.2f}".format).astype(str)
         + ", "
         + n.astype(str)
         + np.where(n == 1, " class)", " classes)")

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -25,6 +26,7 @@ from saekit.ontology import (
     class_sets_from_store,
     class_sets_with_baselines,
     class_stats,
+    feature_labels,
     feature_table,
     imagenet_subset,
     neuron_codes,
@@ -529,3 +531,17 @@ def test_benchmark_agrees_with_naive_and_writes_its_figure(tmp_path):
     assert 0 < results["features_with_classes"] < 800
     assert (tmp_path / "figure.png").stat().st_size > 10_000
     assert (tmp_path / "results.json").exists()
+
+
+def test_feature_labels_of_an_empty_table_is_empty():
+    # No feature fired on any class (e.g. a very large λ): labelling must not crash.
+    empty = pd.DataFrame(
+        {
+            "layer": pd.Series([], dtype=float),
+            "feature": pd.Series([], dtype=int),
+            "lch_name": pd.Series([], dtype=object),
+            "coverage": pd.Series([], dtype=float),
+            "n_classes": pd.Series([], dtype=int),
+        }
+    )
+    assert len(feature_labels(empty)) == 0
