@@ -127,7 +127,7 @@ class SAESpec:
 
     @property
     def label(self) -> str:
-        """A readable, unique-per-sweep folder name, e.g. ``layer05-relu-x8-l1_10``."""
+        """A readable folder name, e.g. ``layer05-relu-x8-l1_10-olson2025`` (``name`` if set)."""
         if self.name:
             return self.name
         spec = self.resolved()

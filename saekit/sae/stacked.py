@@ -104,17 +104,12 @@ class StackedSAEs(nn.Module):
         return getattr(self, f"_forward_{self.arch}")(x_nBD, sparsity_scale, dead_nS)
 
     def _project(self, x_nBD: torch.Tensor, bias_nS: torch.Tensor | None) -> torch.Tensor:
-        """``(x − b_dec) W_enc + bias`` computed as ``x W_enc + (bias − b_dec W_enc)``.
+        """``(x − b_dec) W_enc + bias`` (see :class:`_StackedEncode` for its cheap backward)."""
+        return _StackedEncode.apply(x_nBD, self.W_enc, self.b_dec, bias_nS)
 
-        Same value, but autograd no longer needs the [n, B, D] gradient of ``x − b_dec`` (one
-        of the six large matmuls of a step): b_dec's gradient comes through the small product.
-        """
-        shift = torch.bmm(self.b_dec[:, None, :], self.W_enc)
-        if bias_nS is not None:
-            shift = bias_nS[:, None, :] - shift
-        else:
-            shift = -shift
-        return torch.baddbmm(shift, x_nBD, self.W_enc)
+    def _dec_norm(self) -> torch.Tensor:
+        """Decoder row norms ``[n, 1, S]`` (see :class:`_RowNorm`)."""
+        return _RowNorm.apply(self.W_dec)[:, None, :]
 
     def _decode(self, codes_nBS: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.b_dec[:, None, :], codes_nBS, self.W_dec)
@@ -127,7 +122,7 @@ class StackedSAEs(nn.Module):
         hidden_pre = self._project(x, self.b_enc)
         codes = torch.relu(hidden_pre)
         mse = self._mse(self._decode(codes), x)
-        dec_norm = self.W_dec.norm(dim=-1)[:, None, :]
+        dec_norm = self._dec_norm()
         l1 = (self.coef_n * sparsity_scale) * (codes * dec_norm).sum(-1).mean(-1)
         return StepOutput(mse + l1, mse, codes)
 
@@ -138,7 +133,7 @@ class StackedSAEs(nn.Module):
         codes = (pi_gate > 0).to(magnitude.dtype) * magnitude
         mse = self._mse(self._decode(codes), x)
         gate_act = torch.relu(pi_gate)
-        dec_norm = self.W_dec.norm(dim=-1)[:, None, :]
+        dec_norm = self._dec_norm()
         l1 = (self.coef_n * sparsity_scale) * (gate_act * dec_norm).sum(-1).mean(-1)
         aux = self._mse(self._decode(gate_act), x)
         return StepOutput(mse + l1 + aux, mse, codes)
@@ -171,7 +166,7 @@ class StackedSAEs(nn.Module):
 
     def _topk_pre(self, x):
         hidden_pre = self._project(x, self.b_enc)
-        dec_norm = self.W_dec.norm(dim=-1)[:, None, :]
+        dec_norm = self._dec_norm()
         if self.rescale:
             hidden_pre = hidden_pre * dec_norm
         return hidden_pre, dec_norm
@@ -228,6 +223,54 @@ def _masked_topk_scatter(values_nBS: torch.Tensor, k_n: list[Any], relu: bool) -
     if relu:
         kept = torch.relu(kept)
     return torch.zeros_like(values_nBS).scatter(-1, top.indices, kept)
+
+
+class _StackedEncode(torch.autograd.Function):
+    """``(x − b_dec) @ W_enc + bias`` without computing the gradient of the input.
+
+    Autograd would form the full ``[n, B, D]`` gradient of ``x − b_dec`` (a matmul as large as
+    the forward) only to sum it over the batch for b_dec; summing first gives the same b_dec
+    gradient, ``−(Σ_b ∂h) W_encᵀ``, from a ``[n, 1, S]`` product. The activations never need a
+    gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_dec, bias):
+        sae_in = x - b_dec[:, None, :]
+        ctx.save_for_backward(sae_in, W_enc)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(sae_in, W_enc)
+        return torch.baddbmm(bias[:, None, :], sae_in, W_enc)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sae_in, W_enc = ctx.saved_tensors
+        grad_sum = grad.sum(-2, keepdim=True)  # [n, 1, S]
+        grad_W_enc = torch.bmm(sae_in.transpose(1, 2), grad)
+        grad_b_dec = -torch.bmm(grad_sum, W_enc.transpose(1, 2))[:, 0, :]
+        grad_bias = grad_sum[:, 0, :] if ctx.has_bias else None
+        return None, grad_W_enc, grad_b_dec, grad_bias
+
+
+class _RowNorm(torch.autograd.Function):
+    """L2 norm of each decoder row, ``[n, S, D] -> [n, S]``, with a one-pass backward.
+
+    PyTorch's generic norm backward spends several passes over the decoder (division, zero-norm
+    masking); here it is ``W · (∂/‖W‖)``. Decoder rows never have zero norm (SAELens's init, or
+    renormalisation), and the clamp keeps a degenerate row finite.
+    """
+
+    @staticmethod
+    def forward(ctx, W):
+        norm = torch.linalg.vector_norm(W, dim=-1)
+        ctx.save_for_backward(W, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad):
+        W, norm = ctx.saved_tensors
+        return W * (grad / norm.clamp_min(1e-12))[..., None]
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:

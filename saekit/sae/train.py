@@ -133,49 +133,57 @@ def sweep(
         total=total, initial=step, desc=f"training {len(specs)} SAE(s)", disable=not progress
     )
     for epoch in range(step // steps_per_epoch, epochs):
-        skip = step - epoch * steps_per_epoch
-        n_seen = skip
         stream = iter(batches(epoch))
-        for batch in itertools.islice(stream, skip, steps_per_epoch):
-            inputs = _inputs(batch, specs, normalizers, device, epoch, n_seen)
-            record: dict[str, Any] = {
-                "step": step,
-                "epoch": epoch,
-                "lr": {},
-                "sparsity": {},
-                "mse": {},
-            }
-            for group in groups:
-                mse_n = _train_step(group, _stack(inputs, group.members), step, total)
-                if on_step is not None:
-                    lr = group.optimizer.param_groups[0]["lr"]
-                    scale = group.recipe.sparsity_at(step, total)
-                    for j, i in enumerate(group.members):
-                        coef = specs[i].l1 if specs[i].l1 is not None else 0.0
-                        record["lr"][labels[i]] = lr
-                        record["sparsity"][labels[i]] = coef * scale
-                        record["mse"][labels[i]] = mse_n[j].item()
+        position = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch: skip those
+        for batch in itertools.islice(stream, position, steps_per_epoch):
+            inputs = _inputs(batch, specs, normalizers, device, epoch, position)
+            mse = [_train_step(g, _stack(inputs, g.members), step, total) for g in groups]
             if on_step is not None:
-                on_step(record)
+                on_step(_step_record(step, epoch, total, groups, mse, labels, specs))
             step += 1
-            n_seen += 1
+            position += 1
             pbar.update(1)
             if progress and step % 50 == 0:
-                pbar.set_postfix(mse=f"{mse_n.mean().item():.4g}")
+                pbar.set_postfix(mse=f"{torch.cat(mse).mean().item():.4g}")
             if ckpt is not None and step % checkpoint_every == 0 and step < total:
                 _write_checkpoint(ckpt, step, specs, steps_per_epoch, epochs, groups, normalizers)
-        if n_seen == steps_per_epoch and next(stream, None) is not None:
-            n_seen += 1  # more batches than announced: the schedules would be wrong
-        if n_seen != steps_per_epoch:
-            raise ValueError(
-                f"batches({epoch}) yielded {'more than ' if n_seen > steps_per_epoch else ''}"
-                f"{min(n_seen, steps_per_epoch)} batches but steps_per_epoch is "
-                f"{steps_per_epoch}; pass the number of batches one epoch really has"
-            )
+        _check_epoch_length(stream, position, steps_per_epoch, epoch)
     pbar.close()
 
     info = {"epochs": epochs, "steps": total, **(metadata or {})}
     return [_export(groups, i, spec, normalizers, info) for i, spec in enumerate(specs)]
+
+
+def _step_record(
+    step: int,
+    epoch: int,
+    total: int,
+    groups: list[_Group],
+    mse: list[torch.Tensor],
+    labels: list[str],
+    specs: Sequence[SAESpec],
+) -> dict[str, Any]:
+    """What ``on_step`` receives: the lr and λ each SAE's update used, and its MSE."""
+    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": {}, "sparsity": {}, "mse": {}}
+    for group, mse_n in zip(groups, mse, strict=True):
+        lr = group.optimizer.param_groups[0]["lr"]
+        for j, i in enumerate(group.members):
+            coef = specs[i].l1 if specs[i].l1 is not None else 0.0
+            record["lr"][labels[i]] = lr
+            record["sparsity"][labels[i]] = coef * group.recipe.sparsity_at(step, total)
+            record["mse"][labels[i]] = mse_n[j].item()
+    return record
+
+
+def _check_epoch_length(stream: Any, seen: int, steps_per_epoch: int, epoch: int) -> None:
+    """The schedules assume ``steps_per_epoch`` batches per epoch; say so when that is wrong."""
+    if seen == steps_per_epoch and next(stream, None) is None:
+        return
+    amount = f"more than {steps_per_epoch}" if seen == steps_per_epoch else str(seen)
+    raise ValueError(
+        f"batches({epoch}) yielded {amount} batches but steps_per_epoch is {steps_per_epoch}; "
+        "pass the number of batches one epoch really has"
+    )
 
 
 # --- set-up ---------------------------------------------------------------------------------
@@ -589,10 +597,10 @@ def sweep_from_store(
 def _n_token_rows(store: Any, layer: Any, tokens: str) -> int:
     if tokens == "cls":
         return int(store.cls(layer).shape[0])
-    if tokens == "patches":
+    if tokens == "patch":
         shape = store.patches(layer).shape
         return int(shape[0] * shape[1])
-    raise ValueError(f"tokens must be 'cls' or 'patches', got {tokens!r}")
+    raise ValueError(f"tokens must be 'cls' or 'patch', got {tokens!r}")
 
 
 def _check_store_layer(store: Any, layer: Any, tokens: str, chunk: int = 8192) -> None:
