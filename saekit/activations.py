@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from saekit.data import ImageDataset, UnreadableImageError
@@ -72,9 +73,14 @@ def _default_shard_images(
     target_bytes: int = 256 << 20,
 ) -> int:
     """Images per shard so that a shard holds about `target_bytes` of activations."""
-    rows, cols = encoder.grid
-    tokens_per_image = (1 if "cls" in kinds else 0) + (rows * cols * 4 if "patch" in kinds else 0)
-    per_image = sum(encoder.widths[layer] for layer in layers) * tokens_per_image * itemsize
+    # One probe image gives each layer's exact token count (CNN stages differ in size).
+    probe = encoder([Image.new("RGB", (64, 64))], layers=layers)
+    per_image = 0
+    for layer in layers:
+        tokens = (1 if "cls" in kinds else 0) + (
+            probe.patches[layer].shape[1] if "patch" in kinds else 0
+        )
+        per_image += tokens * encoder.widths[layer] * itemsize
     images = max(batch_size, target_bytes // max(per_image, 1))
     return int(images // batch_size * batch_size)
 
@@ -125,8 +131,14 @@ def extract(
         manifest = json.loads(manifest_path.read_text())
         if manifest["identity"] != identity:
             changed = sorted(k for k in identity if manifest["identity"].get(k) != identity[k])
+            hint = (
+                " (shard_images follows --batch-size unless given: resume with the first "
+                "run's batch size)"
+                if changed == ["shard_images"]
+                else ""
+            )
             raise StoreMismatchError(
-                f"{out} already holds a store made with different {', '.join(changed)}. "
+                f"{out} already holds a store made with different {', '.join(changed)}{hint}. "
                 "Choose another --out folder, or delete this one to start over."
             )
         if manifest["complete"]:
@@ -165,7 +177,7 @@ def extract(
         unit="img",
         disable=not progress,
     )
-    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for index in range(n_shards):
             if index in done:
                 continue
@@ -185,11 +197,14 @@ def extract(
             )
             manifest["shards"].append(record)
             manifest["skipped"].extend(skipped)
-            manifest["grids"] = record.pop("grids")
+            manifest.setdefault("grids", {}).update(record.pop("grids"))
             _write_json_atomic(manifest_path, manifest)
     bar.close()
     manifest["shards"].sort(key=lambda shard: shard["index"])
     manifest["n_rows"] = sum(shard["rows"] for shard in manifest["shards"])
+    if manifest["n_rows"] == 0:
+        first = "; ".join(f"{s['id']}: {s['error']}" for s in manifest["skipped"][:3])
+        raise ValueError(f"None of the {len(dataset)} images could be read ({first} ...).")
     manifest["complete"] = True
     _write_json_atomic(manifest_path, manifest)
     return ActivationStore.open(out)
@@ -454,6 +469,13 @@ class ActivationStore:
             raise ValueError(f"tokens must be 'cls' or 'patch', not {tokens!r}.")
         layers = [layer] if isinstance(layer, int | np.integer) else list(layer)
         arrays = {ly: self._array(ly, tokens) for ly in layers}
+        rows_per_image = {ly: int(np.prod(arrays[ly].shape[1:-1])) for ly in layers}
+        if len(set(rows_per_image.values())) > 1:
+            raise ValueError(
+                f"Layers {layers} have different numbers of {tokens} tokens per image "
+                f"({rows_per_image}), so their rows cannot be batched together; ask for one "
+                "layer at a time."
+            )
         rng = np.random.default_rng([seed, epoch])
         order = (
             rng.permutation(len(self.shard_dirs)) if shuffle else np.arange(len(self.shard_dirs))

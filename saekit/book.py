@@ -323,6 +323,25 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def chapter_parameters(source: Path) -> dict[str, Any]:
+    """The parameters a chapter declares (its cell tagged ``parameters``), with defaults."""
+    import jupytext
+
+    for cell in jupytext.read(source).cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            return _declared_parameters(cell.source)
+    return {}
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    """A command-line value in its parameter's type ("-p layers 5" for a string parameter)."""
+    if isinstance(default, str) and not isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _book(args: argparse.Namespace) -> int:
     params = {name: _parse_value(value) for name, value in args.param or []}
     sources = chapters()
@@ -333,11 +352,24 @@ def _book(args: argparse.Namespace) -> int:
         if not sources:
             names = ", ".join(p.stem for p in chapters())
             raise SystemExit(f"No chapter {args.only!r}; chapters are: {names}")
+    # Each chapter gets the -p values it declares; a name no chapter declares is an error.
+    declared = {source: chapter_parameters(source) for source in sources}
+    unknown = sorted(set(params) - {name for names in declared.values() for name in names})
+    if unknown:
+        listing = "\n".join(
+            f"  {source.stem}: {', '.join(names)}" for source, names in declared.items()
+        )
+        raise SystemExit(
+            f"Unknown parameter(s) {unknown}; the chapters' parameters are:\n{listing}"
+        )
     timings = []
     for source in sources:
         start = time.perf_counter()
         print(f"[saekit book] executing {source.name} (profile {args.profile})", flush=True)
-        run_chapter(source, args.profile, params)
+        own = {
+            k: _coerce(declared[source][k], v) for k, v in params.items() if k in declared[source]
+        }
+        run_chapter(source, args.profile, own)
         timings.append((source.stem, time.perf_counter() - start))
     for name, seconds in timings:
         print(f"[saekit book] {name}: {seconds:.0f} s")

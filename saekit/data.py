@@ -128,10 +128,17 @@ class ImageFolder(ImageList):
         wnids = folder_names if is_wordnet else None
         names = _class_names_for(folder_names) if is_wordnet else folder_names
         super().__init__([p for p, _ in pairs], [label for _, label in pairs], names, wnids)
+        self._image_ids = [str(path.relative_to(self.root)) for path in self.paths]
 
     @property
     def image_ids(self) -> list[str]:
-        return [str(path.relative_to(self.root)) for path in self.paths]
+        return self._image_ids
+
+    @classmethod
+    def from_pairs(cls, *args, **kwargs):  # noqa: D102 - a folder is read, not listed
+        raise TypeError(
+            "ImageFolder reads a folder; use ImageList.from_pairs for (path, label) pairs."
+        )
 
 
 class HFImageDataset:
@@ -152,6 +159,12 @@ class HFImageDataset:
             ) from err
         if isinstance(dataset, str):
             dataset = datasets.load_dataset(dataset, split=split or "train")
+        missing = [key for key in (image_key, label_key) if key not in dataset.column_names]
+        if missing:
+            raise KeyError(
+                f"The dataset has no column(s) {missing}; its columns are {dataset.column_names}. "
+                "Pass image_key= and label_key=."
+            )
         self.dataset = dataset
         self.image_key = image_key
         self.labels = [int(label) for label in dataset[label_key]]
@@ -176,6 +189,12 @@ class HFImageDataset:
 def load_dataset(spec: str | os.PathLike) -> ImageDataset:
     """A folder path -> `ImageFolder`; anything else is tried as a Hugging Face dataset name."""
     path = Path(spec).expanduser()
-    if path.exists() or str(spec).startswith((".", "/", "~")):
+    if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
         return ImageFolder(path)
-    return HFImageDataset(str(spec))
+    try:
+        return HFImageDataset(str(spec))
+    except Exception as err:  # noqa: BLE001 - any failure means "neither a folder nor a dataset"
+        raise FileNotFoundError(
+            f"{spec!r} is neither a folder (looked in {Path.cwd()}) nor a loadable Hugging Face "
+            f"dataset ({type(err).__name__}: {err}).\n{IMAGEFOLDER_LAYOUT}"
+        ) from err

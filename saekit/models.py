@@ -169,7 +169,9 @@ class Encoder:
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images -> ``pixel_values [B, 3, H, W]`` with the model's own processor."""
         rgb = [image.convert("RGB") for image in images]
-        return self.processor(images=rgb, return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
+        # Transformers cast inputs themselves; a CNN's first conv does not, so match its dtype.
+        return pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
 
     def forward_pixels(
         self,
@@ -181,14 +183,19 @@ class Encoder:
         layer_ids = self.resolve_layers(layers)
         if attentions and self.family == "resnet":
             raise ValueError("A CNN has no attention maps; ask for attentions=False.")
-        if attentions and self.model.config._attn_implementation != "eager":
-            # sdpa kernels never materialise the attention probabilities.
+        previous = self.model.config._attn_implementation
+        if attentions and previous != "eager":
+            # sdpa kernels never materialise the attention probabilities; switch for this call only.
             self.model.set_attn_implementation("eager")
-        out = self.model(
-            pixel_values=pixel_values,
-            output_hidden_states=True,
-            output_attentions=attentions,
-        )
+        try:
+            out = self.model(
+                pixel_values=pixel_values,
+                output_hidden_states=True,
+                output_attentions=attentions,
+            )
+        finally:
+            if self.model.config._attn_implementation != previous:
+                self.model.set_attn_implementation(previous)
         result = EncoderOutput(attentions={} if attentions else None)
         if self.family == "resnet":
             # hidden_states[0] is the stem; stage i is hidden_states[i + 1], shaped [B, C, H, W].

@@ -139,6 +139,69 @@ def test_corrupt_images_are_skipped_counted_and_listed(encoder, image_folder, tm
     assert list(store.labels).count(2) == 4
 
 
+def test_unreadable_last_shard_keeps_grids_and_all_unreadable_is_an_error(encoder, tmp_path):
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", per_class=2)
+    last = sorted((data / "n01484850").iterdir())
+    for path in last:
+        path.write_bytes(b"broken")  # the last shard (2 images) cannot be read at all
+    store = extract(
+        encoder,
+        ImageFolder(data),
+        layers=[0],
+        tokens="patch",
+        out=tmp_path / "s",
+        shard_images=2,
+        batch_size=2,
+        progress=False,
+    )
+    assert store.grid(0) == (4, 4) and store.n_rows == 4
+    for path in data.rglob("*.png"):
+        path.write_bytes(b"broken")
+    with pytest.raises(ValueError, match="None of the 6 images could be read"):
+        extract(encoder, ImageFolder(data), layers=[0], out=tmp_path / "t", progress=False)
+
+
+def test_cnn_stages_of_different_sizes_cannot_share_patch_batches(
+    miniatures, image_folder, tmp_path
+):
+    store = extract(
+        load_encoder(miniatures["resnet"]),
+        ImageFolder(image_folder),
+        layers=[0, 1],
+        tokens="patch",
+        out=tmp_path / "s",
+        progress=False,
+    )
+    assert store.patches(0).shape[1] == 4 * store.patches(1).shape[1]
+    with pytest.raises(ValueError, match="different numbers of patch tokens"):
+        next(store.batches([0, 1], 8, tokens="patch"))
+    assert (
+        sum(len(b) for b in store.batches(1, 8, tokens="patch")) == 15 * store.patches(1).shape[1]
+    )
+
+
+def test_resuming_with_another_batch_size_says_why_it_refuses(encoder, image_folder, tmp_path):
+    extract(
+        encoder,
+        ImageFolder(image_folder),
+        layers=[0],
+        out=tmp_path / "s",
+        batch_size=3,
+        progress=False,
+    )
+    with pytest.raises(StoreMismatchError, match="first run's batch size"):
+        extract(
+            encoder,
+            ImageFolder(image_folder),
+            layers=[0],
+            out=tmp_path / "s",
+            batch_size=4,
+            progress=False,
+        )
+
+
 def test_batches_yield_every_row_once_per_epoch(encoder, image_folder, tmp_path):
     store = extract(
         encoder,
@@ -213,6 +276,18 @@ def test_missing_or_empty_data_folder_explains_the_layout(tmp_path):
     (tmp_path / "empty" / "cats").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="holds no images"):
         ImageFolder(tmp_path / "empty")
+
+
+def test_a_missing_relative_folder_is_not_looked_up_as_a_hub_dataset(tmp_path, monkeypatch):
+    from saekit.data import load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        load_dataset("imgs_missing")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset("imgs/val/train")
+    with pytest.raises(TypeError, match="ImageList.from_pairs"):
+        ImageFolder.from_pairs([])
 
 
 def test_image_list_and_plain_class_names(image_folder):

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from saekit.book import ParameterError, _declared_parameters, check_parameters, setup
+from saekit.book import (
+    ParameterError,
+    _coerce,
+    _declared_parameters,
+    chapter_parameters,
+    check_parameters,
+    setup,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS_CELL = (
@@ -97,3 +104,20 @@ def test_environment_yml_mirrors_pyproject_pins():
         )
     )
     assert pins == conda
+
+
+def test_chapter_parameters_come_from_the_tagged_cell_and_values_take_their_type(tmp_path):
+    source = tmp_path / "01_x.py"
+    source.write_text(
+        '# %%\nimport os\n\n# %% tags=["parameters"]\n' + PARAMETERS_CELL + "\n# %%\nx = 1\n"
+    )
+    assert list(chapter_parameters(source)) == [
+        "profile",
+        "lam",
+        "layers",
+        "epochs",
+        "show_widgets",
+    ]
+    assert _coerce("all", 5) == "5" and _coerce("all", [0, 5]) == "[0, 5]"
+    assert _coerce(10.0, 3) == 3.0 and isinstance(_coerce(10.0, 3), float)
+    assert _coerce(3, 4) == 4 and _coerce(True, False) is False

@@ -69,12 +69,21 @@ def test_one_multi_layer_pass_equals_per_layer_passes(miniatures, images):
 
 def test_attention_maps_on_request(miniatures, images):
     encoder = load_encoder(miniatures["dinov2"])
+    reference = encoder(images, layers=[1]).cls[1]  # sdpa attention
+    assert encoder.model.config._attn_implementation == "sdpa"
     out = encoder(images, layers=[0, 1], attentions=True)
     attention = out.attentions[1]
     assert attention.shape == (4, 2, 17, 17)
     assert torch.allclose(attention.sum(-1), torch.ones(4, 2, 17))
-    # Eager attention must not change the activations.
-    assert torch.allclose(out.cls[1], encoder(images, layers=[1]).cls[1], atol=1e-5)
+    # Eager attention gives the same activations, and is used for that call only.
+    assert torch.allclose(out.cls[1], reference, atol=1e-5)
+    assert encoder.model.config._attn_implementation == "sdpa"
+
+
+def test_low_precision_cnn_gets_pixels_in_its_dtype(miniatures, images):
+    encoder = load_encoder(miniatures["resnet"], dtype=torch.bfloat16)
+    out = encoder(images[:2], layers=[3])
+    assert out.cls[3].dtype == torch.bfloat16 and out.cls[3].shape == (2, 48)
 
 
 def test_negative_layers_and_out_of_range(miniatures):
