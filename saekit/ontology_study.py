@@ -375,7 +375,9 @@ def synset_recovery(
         union_SH = sets_SC.sum(1, keepdims=True) + leaves_HC.sum(1)[None, :] - inter_SH
         jaccard_SH = np.divide(inter_SH, union_SH, out=np.zeros_like(inter_SH), where=union_SH > 0)
         for h, wnid in enumerate(wnids):
-            best = int(np.argmax(jaccard_SH[:, h])) if len(sets_SC) else -1
+            # No feature overlapping the synset at all is "no best feature", not feature 0.
+            has_overlap = len(sets_SC) and jaccard_SH[:, h].max() > 0
+            best = int(np.argmax(jaccard_SH[:, h])) if has_overlap else -1
             records.append(
                 {
                     "layer": layer,

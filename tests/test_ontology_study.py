@@ -122,6 +122,9 @@ def test_recovery_summary_lists_layers_and_counts(toy_taxonomy, planted_sets):
     found = summary.attrs["found"]
     assert found.loc["group", "SAE features"] == 1 and found.loc["mid", "SAE features"] == 2
     assert found["nothing"].sum() == 0
+    # Features that overlap no synset name no best feature (not feature 0).
+    assert (recovery["nothing"]["best_feature"] == -1).all()
+    assert (recovery["nothing"]["best_jaccard"] == 0).all()
 
 
 def test_synset_recovery_rejects_bad_input(toy_taxonomy, planted_sets):
