@@ -7,6 +7,9 @@ Features are standardised with the training set's statistics so one setting suit
 different scales. Accuracy can be restricted to a subset of classes: ImageNet-A and -R use 200 of
 ImageNet's 1000 classes, so the prediction is the argmax over those 200 logits.
 
+:func:`store_features` reads (features, labels) from an activation store, optionally through an
+SAE, so one probe can be scored on any number of stores with :func:`evaluate_probe`.
+
 Segmentation (paper 002 §11): :class:`SegmentationHead` maps every patch vector to class logits,
 bilinearly upsamples the logit map to the mask's size and is trained with cross-entropy (AdamW,
 constant lr); :func:`mean_iou` scores it.
@@ -183,6 +186,32 @@ def train_probe(
                 objective(feats[idx.to(device)], labels[idx.to(device)]).backward()
                 opt.step()
     return probe.eval()
+
+
+def store_features(
+    store: Any,
+    layer: Any,
+    *,
+    sae: Any = None,
+    pre_activation: bool = False,
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of an activation store's CLS tokens at ``layer``.
+
+    Features are the raw activations, or with ``sae`` its codes (``pre_activation=True``: the
+    codes before the nonlinearity). Uses only ``store.cls(layer)`` and ``store.labels``.
+    """
+    acts = store.cls(layer)
+    labels = torch.as_tensor(np.asarray(store.labels)).long()
+    if sae is None:
+        return _tensor(acts), labels
+    from saekit.sae import encode_in_batches
+
+    feats = encode_in_batches(
+        sae, acts, batch_size=batch_size, pre_activation=pre_activation, progress=progress
+    )
+    return feats, labels
 
 
 def evaluate_probe(

@@ -11,6 +11,7 @@ from saekit.probes import (
     SegmentationConfig,
     evaluate_probe,
     mean_iou,
+    store_features,
     train_probe,
     train_segmentation_head,
 )
@@ -135,3 +136,41 @@ def test_segmentation_head_learns_planted_patch_classes():
     assert miou >= 0.8
     with pytest.raises(ValueError, match="16 patches"):
         head.patch_logits(patches[:, :9])
+
+
+class LabelledStore:
+    """The slice of the activation-store contract probes use: CLS tokens and labels."""
+
+    def __init__(self, feats, labels):
+        self._feats = feats.numpy()
+        self.labels = labels.numpy()
+
+    def cls(self, layer):
+        assert layer == 3
+        return self._feats
+
+
+def test_probe_scored_on_several_stores_through_an_sae():
+    feats, labels = clusters(n_classes=4, d=6)
+    shifted, shifted_labels = clusters(n_classes=4, d=6, n_per_class=30)  # a second "store"
+    sae = StandardSAE(StandardSAEConfig(d_in=6, d_sae=12))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(6, 12))
+        sae.W_dec.copy_(torch.randn(12, 6))
+    train_x, train_y = store_features(LabelledStore(feats, labels), 3, sae=sae, pre_activation=True)
+    assert torch.allclose(train_x, (feats - sae.b_dec) @ sae.W_enc + sae.b_enc, atol=1e-5)
+    assert torch.equal(train_y, labels)
+    probe = train_probe(train_x, train_y)
+    eval_sets = {
+        "train": (train_x, train_y),
+        "other": store_features(
+            LabelledStore(shifted, shifted_labels), 3, sae=sae, pre_activation=True
+        ),
+    }
+    scores = evaluate_probe(probe, eval_sets, class_subsets={"other": [0, 1]})
+    assert scores["train"] == 1.0
+    # restricted to classes 0 and 1, rows of classes 2 and 3 can never be right
+    assert scores["other"] == pytest.approx(0.5, abs=0.02)
+    raw_x, _ = store_features(LabelledStore(feats, labels), 3)
+    assert torch.equal(raw_x, feats)

@@ -11,7 +11,8 @@ Typical use::
 Modules: :mod:`~saekit.sae.architectures` (specs, SAELens classes, load/save),
 :mod:`~saekit.sae.recipes` (``olson2025``, ``stevens2025``), :mod:`~saekit.sae.stacked`
 (batched losses), :mod:`~saekit.sae.train` (training, checkpoints, stores),
-:mod:`~saekit.sae.metrics` and :mod:`~saekit.sae.commands` (the CLI).
+:mod:`~saekit.sae.metrics`, :mod:`~saekit.sae.synthetic` (planted dictionaries) and
+:mod:`~saekit.sae.commands` (the CLI).
 """
 
 from saekit.sae.architectures import (
@@ -25,6 +26,7 @@ from saekit.sae.architectures import (
 )
 from saekit.sae.metrics import SAEMetrics, evaluate, frequency_histogram, metrics_table
 from saekit.sae.recipes import RECIPES, Recipe, get_recipe
+from saekit.sae.synthetic import atom_recovery, planted_dictionary
 from saekit.sae.train import (
     NonFiniteActivationsError,
     load_sweep,
@@ -42,6 +44,7 @@ __all__ = [
     "Recipe",
     "SAEMetrics",
     "SAESpec",
+    "atom_recovery",
     "build_training_sae",
     "encode_in_batches",
     "evaluate",
@@ -50,6 +53,7 @@ __all__ = [
     "load_sae",
     "load_sweep",
     "metrics_table",
+    "planted_dictionary",
     "save_sae",
     "save_sweep",
     "sweep",

@@ -70,10 +70,15 @@ class _Group:
     """SAEs trained as one stacked module: same architecture, shape and recipe."""
 
     recipe: Recipe
+    """The recipe every member follows."""
     members: list[int]
+    """Indices of the members in the sweep's spec list, in stacking order."""
     model: StackedSAEs
+    """The members' weights, stacked."""
     optimizer: torch.optim.Adam
+    """One Adam over the stacked weights (element-wise, so per member)."""
     since_fired_nS: torch.Tensor
+    """Steps since each latent last fired, per member [n, S]."""
 
 
 def train_sae(spec: SAESpec, batches: BatchSource, steps_per_epoch: int, **kwargs: Any) -> SAE:
