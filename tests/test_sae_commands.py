@@ -45,8 +45,10 @@ class TinyStore:
 
     def batches(self, layer, batch_size, *, tokens="cls", seed=0, epoch=0):
         perm = np.random.default_rng([seed, epoch]).permutation(120)
+        layers = layer if isinstance(layer, list) else [layer]
         for i in range(0, 120, batch_size):
-            yield torch.from_numpy(self._cls[layer][perm[i : i + batch_size]])
+            rows = {ly: torch.from_numpy(self._cls[ly][perm[i : i + batch_size]]) for ly in layers}
+            yield rows if isinstance(layer, list) else rows[layer]
 
 
 def _parser():

@@ -249,11 +249,14 @@ class TinyStore:
         return self._cls[layer]
 
     def batches(self, layer, batch_size, *, tokens="cls", seed=0, epoch=0):
+        """Like the real store: one layer gives tensors, a list of layers gives dicts."""
         assert tokens == "cls"
-        perm = np.random.default_rng([seed, epoch]).permutation(len(self._cls[layer]))
+        layers = layer if isinstance(layer, list) else [layer]
+        perm = np.random.default_rng([seed, epoch]).permutation(len(self._cls[layers[0]]))
         for i in range(0, len(perm), batch_size):
             self.reads += 1
-            yield torch.from_numpy(self._cls[layer][perm[i : i + batch_size]])
+            rows = {ly: torch.from_numpy(self._cls[ly][perm[i : i + batch_size]]) for ly in layers}
+            yield rows if isinstance(layer, list) else rows[layer]
 
 
 def _store(n=300, d=16):
@@ -274,7 +277,7 @@ def test_sweep_from_store_saves_every_sae_with_a_manifest(tmp_path):
         SAESpec(arch="topk", layer=5, k=3, recipe=recipe, expansion=2),
     ]
     saes = sweep_from_store(store, specs, batch_size=50, out_dir=tmp_path, progress=False)
-    assert store.reads == 2 * 2 * 6  # each layer's batches read once per epoch: 2 layers, 2 epochs
+    assert store.reads == 2 * 6  # both layers read together, each batch once per epoch
     manifest = json.loads((tmp_path / "sweep.json").read_text())
     assert [e["name"] for e in manifest["saes"]] == [
         "layer02-relu-x2-l1_10-olson2025",
@@ -293,10 +296,40 @@ def test_sweep_from_store_saves_every_sae_with_a_manifest(tmp_path):
 
 def test_store_errors_name_the_layer_width_and_rows():
     store = _store()
-    with pytest.raises(ValueError, match="expects d_in=32 .* 16 wide"):
+    with pytest.raises(ValueError, match="expects d_in=32 .* layer 2 is 16 wide"):
         train_from_store(store, SAESpec(layer=2, d_in=32), progress=False)
     with pytest.raises(ValueError, match=r"layers \[2, 5\]"):
         train_from_store(store, SAESpec(layer=9), progress=False)
     store.cls(5)[[17, 230], 3] = np.nan
     with pytest.raises(NonFiniteActivationsError, match=r"layer 5 .* \[17, 230\]"):
         train_from_store(store, SAESpec(layer=5), progress=False)
+
+
+def test_training_on_a_real_miniature_store(miniatures, image_folder, tmp_path):
+    from saekit.activations import extract
+    from saekit.data import ImageFolder
+    from saekit.models import load_encoder
+
+    store = extract(
+        load_encoder(miniatures["dinov2"]), ImageFolder(image_folder), layers="0,2",
+        tokens="both", out=tmp_path / "store", batch_size=8, shard_images=6, progress=False,
+    )  # fmt: skip
+    recipe = get_recipe("stevens2025", lr=1e-3, batch_size=4, epochs=2, lr_warmup_steps=2)
+    specs = [
+        SAESpec(arch="relu", layer=0, expansion=2, recipe=recipe),
+        SAESpec(arch="topk", layer=2, k=4, expansion=2, recipe=recipe),
+    ]
+    saes = sweep_from_store(store, specs, out_dir=tmp_path / "saes", progress=False)
+    assert [sae.cfg.d_in for sae in saes] == [32, 32]
+    assert saes[1].cfg.metadata.saekit["steps"] == 2 * 4  # 15 images, batch 4
+    # one layer read alone gives the same rows in the same order as in the two-layer sweep
+    alone = train_from_store(store, specs[1], progress=False)
+    assert torch.allclose(alone.W_dec, saes[1].W_dec, atol=1e-6)
+    # patch tokens: one row per (image, patch)
+    patch = train_from_store(
+        store, SAESpec(arch="relu", layer=0, recipe=recipe), tokens="patch", batch_size=40,
+        epochs=1, progress=False,
+    )  # fmt: skip
+    assert patch.cfg.metadata.saekit["steps"] == 6  # 15 images x 16 patches / 40
+    x = torch.from_numpy(np.asarray(store.cls(0), dtype=np.float32))
+    assert load_sweep(tmp_path / "saes")[specs[0].resolved().label].encode(x).shape == (15, 64)

@@ -538,16 +538,18 @@ def sweep_from_store(
 ) -> list[SAE]:
     """Train SAEs on an activation store's layers, reading each batch of every layer once.
 
-    Uses only the store contract: ``manifest`` (``d_model``, ``layers``, ``model``),
-    ``cls(layer)`` / ``patches(layer)`` and ``batches(layer, batch_size, tokens=, seed=, epoch=)``.
-    A spec without ``layer`` takes the store's only layer; ``d_in`` is filled from the store.
+    Uses only the store contract: ``manifest`` (``layers``, ``d_model`` or per-layer ``widths``,
+    ``model``), ``cls(layer)`` / ``patches(layer)`` and ``batches(layer or [layers], batch_size,
+    tokens=, seed=, epoch=)``; with several layers one call yields ``{layer: batch}`` with the same
+    rows in every layer. ``tokens`` is ``cls`` or ``patch`` (one row per image patch). A spec
+    without ``layer`` takes the store's only layer; ``d_in`` is filled from the store.
     ``batch_size`` defaults to the recipes'. With ``check_data`` every layer is scanned for
     NaN/Inf first so an error can name the store rows. With ``out_dir`` the SAEs are saved there
     (one folder each plus ``sweep.json``), checkpoints go to ``out_dir/.checkpoint`` and are
     removed once everything is saved. Other keywords go to :func:`sweep`.
     """
     manifest = store.manifest
-    d_model, layers = manifest["d_model"], list(manifest["layers"])
+    layers = list(manifest["layers"])
     filled = []
     for spec in specs:
         layer = spec.layer
@@ -557,12 +559,13 @@ def sweep_from_store(
             layer = layers[0]
         if layer not in layers:
             raise ValueError(f"layer {layer!r} is not in the store; it has layers {layers}")
-        if spec.d_in is not None and spec.d_in != d_model:
+        width = _layer_width(manifest, layer)
+        if spec.d_in is not None and spec.d_in != width:
             raise ValueError(
-                f"SAE {spec.label!r} expects d_in={spec.d_in} but the store's activations are "
-                f"{d_model} wide (model {manifest.get('model')!r}); drop d_in or use another store"
+                f"SAE {spec.label!r} expects d_in={spec.d_in} but the store's layer {layer} is "
+                f"{width} wide (model {manifest.get('model')!r}); drop d_in or use another store"
             )
-        filled.append(dataclasses.replace(spec, layer=layer, d_in=d_model))
+        filled.append(dataclasses.replace(spec, layer=layer, d_in=width))
     resolved = [spec.resolved() for spec in filled]
     batch_size = batch_size or _common(resolved, "batch_size")
     used = list(dict.fromkeys(spec.layer for spec in filled))
@@ -572,13 +575,10 @@ def sweep_from_store(
     n_rows = _n_token_rows(store, used[0], tokens)
     steps_per_epoch = math.ceil(n_rows / batch_size)
 
-    def batches(epoch: int) -> Iterable[dict[Any, torch.Tensor]]:
-        streams = [
-            store.batches(layer, batch_size, tokens=tokens, seed=seed, epoch=epoch)
-            for layer in used
-        ]
-        for parts in zip(*streams, strict=True):
-            yield dict(zip(used, parts, strict=True))
+    def batches(epoch: int) -> Iterable[Any]:
+        if len(used) == 1:  # a bare tensor: every spec reads it
+            return store.batches(used[0], batch_size, tokens=tokens, seed=seed, epoch=epoch)
+        return store.batches(used, batch_size, tokens=tokens, seed=seed, epoch=epoch)
 
     if checkpoint_dir is None and out_dir is not None:
         checkpoint_dir = Path(out_dir) / ".checkpoint"
@@ -599,21 +599,29 @@ def sweep_from_store(
     return saes
 
 
-def _n_token_rows(store: Any, layer: Any, tokens: str) -> int:
+def _layer_width(manifest: Mapping[str, Any], layer: Any) -> int:
+    """A layer's width: a CNN's stages differ, so prefer the manifest's per-layer widths."""
+    return int(manifest.get("widths", {}).get(str(layer), manifest["d_model"]))
+
+
+def _token_array(store: Any, layer: Any, tokens: str) -> Any:
     if tokens == "cls":
-        return int(store.cls(layer).shape[0])
+        return store.cls(layer)
     if tokens == "patch":
-        shape = store.patches(layer).shape
-        return int(shape[0] * shape[1])
+        return store.patches(layer)
     raise ValueError(f"tokens must be 'cls' or 'patch', got {tokens!r}")
 
 
+def _n_token_rows(store: Any, layer: Any, tokens: str) -> int:
+    """Rows one epoch yields: images, or images × patches."""
+    return int(np.prod(_token_array(store, layer, tokens).shape[:-1]))
+
+
 def _check_store_layer(store: Any, layer: Any, tokens: str, chunk: int = 8192) -> None:
-    array = store.cls(layer) if tokens == "cls" else store.patches(layer)
-    bad = find_nonfinite_rows(array, chunk)
+    bad = find_nonfinite_rows(_token_array(store, layer, tokens), chunk)
     if len(bad):
         raise NonFiniteActivationsError(
-            f"layer {layer} of the store has NaN/Inf in {len(bad)} row(s) (first: "
+            f"layer {layer} of the store has NaN/Inf in {len(bad)} image row(s) (first: "
             f"{bad[:10].tolist()}); re-extract those images or drop them before training"
         )
 
