@@ -1,6 +1,5 @@
 """The train and sweep subcommands: TOML parsing and end-to-end runs on an in-memory store."""
 
-import argparse
 import json
 
 import numpy as np
@@ -52,9 +51,10 @@ class TinyStore:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="saekit")
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    return parser
+    """The real ``saekit`` parser: the lead's cli.py, which calls ``commands.register``."""
+    from saekit.cli import build_parser
+
+    return build_parser()
 
 
 def test_sweep_file_expands_the_grid(tmp_path):
@@ -86,7 +86,7 @@ def test_saekit_sweep_end_to_end(tmp_path, monkeypatch):
     path = tmp_path / "sweep.toml"
     path.write_text(SWEEP_TOML.format(out=tmp_path / "out"))
     args = _parser().parse_args(["sweep", str(path)])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     saes = load_sweep(tmp_path / "out")
     assert len(saes) == 7
     assert (
@@ -115,7 +115,7 @@ def test_saekit_train_end_to_end(tmp_path, monkeypatch):
     ]
     argv += ["--recipe", "stevens2025", "--batch-size", "30", "--epochs", "2", "--out", str(out)]
     args = _parser().parse_args(argv)
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     sae = load_sae(out)
     assert type(sae).__name__ == "TopKSAE" and sae.cfg.d_sae == 16 and sae.cfg.k == 2
     info = sae.cfg.metadata.saekit

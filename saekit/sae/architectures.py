@@ -281,8 +281,8 @@ def _encode_chunks(
     try:
         starts = range(0, len(acts_ND), batch_size)
         for start in tqdm(starts, desc="encoding", disable=not progress):
-            chunk = torch.as_tensor(np.asarray(acts_ND[start : start + batch_size]))
-            chunk = chunk.to(sae.W_dec.device, torch.float32)
+            chunk = _rows(acts_ND, start, batch_size)
+            chunk = chunk.to(sae.W_dec.device)
             codes = sae.encode(chunk)
             if pre_activation:
                 codes = captured.pop()
@@ -290,6 +290,14 @@ def _encode_chunks(
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _rows(acts_ND: Any, start: int, n: int) -> torch.Tensor:
+    """Rows ``start:start+n`` as a float32 tensor (copied: memmapped stores are read-only)."""
+    chunk = acts_ND[start : start + n]
+    if isinstance(chunk, torch.Tensor):
+        return chunk.float()
+    return torch.from_numpy(np.array(chunk, dtype=np.float32))
 
 
 def check_width(sae: SAE, width: int) -> None:

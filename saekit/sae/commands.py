@@ -180,7 +180,7 @@ def register(subparsers: Any) -> None:
         "--checkpoint-every", type=int, default=1000, help="steps between checkpoints"
     )
     train.add_argument("--device", default="cpu", help="torch device")
-    train.set_defaults(func=run_train)
+    train.set_defaults(handler=run_train)
 
     sweep = subparsers.add_parser(
         "sweep",
@@ -190,7 +190,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sweep.add_argument("config", help="sweep TOML file (see `saekit.sae.commands`)")
-    sweep.set_defaults(func=run_sweep)
+    sweep.set_defaults(handler=run_sweep)
 
 
 def _layer(text: str) -> int | str:
