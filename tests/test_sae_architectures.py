@@ -147,6 +147,8 @@ def test_bad_specs_are_reported():
     with pytest.raises(ValueError, match="whole number"):
         SAESpec(arch="topk", d_in=4, k=2.5).resolved()
     assert SAESpec(arch="standard", d_in=4).resolved().arch == "relu"
+    with pytest.raises(ValueError, match="d_sae=8"):
+        build_training_sae(SAESpec(arch="topk", d_in=4, expansion=2, k=9))
 
 
 def test_unsupported_saelens_options_are_refused():

@@ -170,6 +170,10 @@ def build_training_sae(spec: SAESpec, device: str | torch.device = "cpu") -> Tra
     recipe: Recipe = spec.recipe  # type: ignore[assignment]
     if spec.d_in is None:
         raise ValueError("SAESpec.d_in is not set; give the activations' width (d_model)")
+    if spec.arch in K_ARCHS and not 0 < spec.k <= spec.d_sae:  # type: ignore[operator]
+        raise ValueError(
+            f"k={spec.k} must lie in (0, d_sae={spec.d_sae}]; lower k or widen the SAE"
+        )
     sae_cls, cfg_cls = ARCHITECTURES[spec.arch]
     kwargs: dict[str, Any] = {
         "d_in": spec.d_in,

@@ -1,12 +1,14 @@
 """Many SAEs of one architecture and shape, trained as one batched module.
 
 Why not SAELens's trainers: ``SAETrainer`` trains one SAE per data pass and ``MultiSAETrainer``
-loops over per-SAE trainers, so each SAE still pays SAELens's per-step Python overhead (hook
-points, schedulers, logging bookkeeping) separately. Here the parameters of ``n`` SAEs are
-stacked on a leading member axis (``W_enc_nDS``, ``W_dec_nSD``, ...) and one ``bmm`` forward and
-backward, one Adam update and one set of schedule computations serve all of them. Adam acts
-element-wise and every loss term is a per-member sum, so each member follows exactly the
-trajectory it would alone (the tests check this against single training).
+loops over per-SAE trainers, so each SAE pays SAELens's per-step overhead separately (hook points,
+schedulers, sparsity bookkeeping, a per-tensor Adam), and autograd forms the ``[B, D]`` gradient
+of the input that nothing needs. Here the parameters of ``n`` SAEs are stacked on a leading member
+axis (``W_enc_nDS``, ``W_dec_nSD``, ...); one ``bmm`` forward and backward, one fused Adam update
+and one set of schedule computations serve all of them, and a custom encoder backward skips the
+input gradient (five large matmuls per step instead of six). Adam acts element-wise and every
+loss term is a per-member sum, so each member follows exactly the trajectory it would alone (the
+tests check this against single training).
 
 The loss of every architecture is the one SAELens's ``training_forward_pass`` computes
 (summed-over-dimensions MSE, SAELens's sparsity and auxiliary terms); the tests compare losses
