@@ -137,11 +137,18 @@ def correlate_features(
     features_a: Sequence[int] | None = None,
     reduce: str = "max",
     tokens_per_chunk: int = 4096,
+    null_seed: int | None = None,
     progress: bool = True,
 ) -> FeatureMatches:
     """Correlate ``features_a`` of SAE A (default: all) with every feature of SAE B over the
-    images both stores hold. Memory: one chunk of codes per side plus ``[F, S_B]`` sums."""
+    images both stores hold. Memory: one chunk of codes per side plus ``[F, S_B]`` sums.
+
+    With ``null_seed`` B's images are shuffled first (seeded), so every A feature is paired
+    with unrelated images: the best correlation it then reaches is what chance gives with this
+    many images and B features, the baseline a real match must beat."""
     rows_a, rows_b = shared_rows(store_a, store_b)
+    if null_seed is not None:
+        rows_b = rows_b[np.random.default_rng(null_seed).permutation(len(rows_b))]
     d_a = int(sae_a.cfg.d_sae)
     picked = np.arange(d_a) if features_a is None else np.asarray(features_a, dtype=np.int64)
     if picked.size == 0 or picked.min() < 0 or picked.max() >= d_a:
@@ -196,34 +203,61 @@ def plot_matched(
     tile: float = 1.6,
 ) -> Figure:
     """Matched features side by side: one row per (A feature, B feature) pair, A's top ``k``
-    exemplars on the left, B's on the right, each titled with the feature's name."""
+    exemplars on the left, B's on the right, each labelled with the feature's name; the
+    correlation of the pair (when given) sits in the gap between the two sides."""
     if not pairs:
         raise ValueError("no feature pairs to draw")
-    fig, axes = plt.subplots(
-        len(pairs), 2 * k, figsize=(tile * 2 * k, tile * len(pairs) + 0.3), squeeze=False
-    )
+    gap = 0.45  # width of the gap between the sides, in tiles
+    fig = plt.figure(figsize=(tile * (2 * k + gap) + 0.4, tile * 1.2 * len(pairs) + 0.2))
+    grid = fig.add_gridspec(len(pairs), 2 * k + 1, width_ratios=[1] * k + [gap] + [1] * k,
+                            wspace=0.06, hspace=0.35, left=0.03, right=0.99, top=0.92,
+                            bottom=0.02)  # fmt: skip
     for row, (feature_a, feature_b) in enumerate(pairs):
-        for side, feature, cols in (
-            (side_a, feature_a, slice(0, k)),
-            (side_b, feature_b, slice(k, 2 * k)),
-        ):
-            exemplar_figure(
-                side.scan,
-                side.store,
-                side.sae,
-                side.dataset,
-                feature,
-                k=k,
-                processor=side.processor,
-                axes=list(axes[row, cols]),
-                title="",
-            )
-            axes[row, cols.start].set_ylabel(side.scan.name(feature), fontsize=8)
+        for side, feature, first in ((side_a, feature_a, 0), (side_b, feature_b, k + 1)):
+            axes = [fig.add_subplot(grid[row, first + i]) for i in range(k)]
+            exemplar_figure(side.scan, side.store, side.sae, side.dataset, feature, k=k,
+                            processor=side.processor, axes=axes, title="")  # fmt: skip
+            axes[0].set_ylabel(side.scan.name(feature), fontsize=7)
         if correlations is not None:
-            axes[row, k].annotate(
-                f"r = {correlations[row]:.2f}",
-                (0, 1.25),
-                xycoords="axes fraction",
-                fontsize=8,
-            )
+            box = grid[row, k].get_position(fig)
+            fig.text((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2, f"↔\nr = {correlations[row]:.2f}",
+                     ha="center", va="center", fontsize=8)  # fmt: skip
+    return fig
+
+
+def plot_best_correlations(
+    matches: FeatureMatches,
+    null: FeatureMatches | None = None,
+    *,
+    label_a: str = "A",
+    label_b: str = "B",
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """Histogram of each A feature's best correlation with any B feature; with ``null`` (the
+    same matching on shuffled images, ``correlate_features(..., null_seed=0)``) its histogram
+    too, and a line at the null's 99th percentile: A features right of it have a counterpart in
+    B that chance does not explain, those left of it have none."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+    else:
+        fig = ax.figure
+    best = matches.best(1)[1][:, 0]
+    bins = np.linspace(min(0.0, float(best.min())), 1.0, 41)
+    ax.hist(best, bins=bins, color="#4c72b0", alpha=0.85, label=f"{label_a} features")
+    if null is not None:
+        chance = null.best(1)[1][:, 0]
+        cut = float(np.quantile(chance, 0.99))
+        ax.hist(chance, bins=bins, histtype="step", color="0.3", lw=1.5,
+                label="same, images shuffled (chance)")  # fmt: skip
+        ax.axvline(cut, color="#c44e52", ls="--", lw=1)
+        share = float((best > cut).mean())
+        right = cut < 0.6  # write on the side of the line with room
+        ax.annotate(f"{share:.0%} above chance's\n99th percentile", (cut, 0.95),
+                    xycoords=("data", "axes fraction"), xytext=(4 if right else -4, 0),
+                    textcoords="offset points", va="top", ha="left" if right else "right",
+                    fontsize=8, color="#c44e52")  # fmt: skip
+    ax.set_xlabel(f"best correlation with any {label_b} feature")
+    ax.set_ylabel(f"{label_a} features")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.set_title(f"Does each {label_a} feature have a counterpart in {label_b}?", fontsize=10)
     return fig

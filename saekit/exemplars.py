@@ -19,24 +19,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
 from saekit.ontology import ClassSetRule, ClassStats, Taxonomy, class_stats, feature_table
-from saekit.sae.architectures import check_width
+from saekit.ood import train_or_load
+from saekit.sae.architectures import SAESpec, check_width
 
 RANK_BY = ("max", "mean", "cls")
 """How exemplars are ranked: max patch activation, mean over patches, or the CLS activation."""
 
-#: transformers / saekit family name -> the label papers use in feature names.
-MODEL_LABELS = {"dinov2": "DINOv2", "clip": "CLIP", "vit": "ViT", "resnet": "ResNet"}
+#: transformers / saekit family name -> the label papers use in feature names. Looked up in this
+#: order, so "toyvit" (the toy world's ViT) is tried before "vit".
+MODEL_LABELS = {
+    "toyvit": "ToyViT",
+    "dinov2": "DINOv2",
+    "clip": "CLIP",
+    "vit": "ViT",
+    "resnet": "ResNet",
+}
 
 
 # --------------------------------------------------------------------------- names
@@ -52,7 +62,10 @@ def width_label(d_sae: int) -> str:
 
 
 def model_label(family_or_id: str) -> str:
-    """'dinov2' or 'facebook/dinov2-base' -> 'DINOv2'; unknown names are returned unchanged."""
+    """'dinov2' or 'facebook/dinov2-base' -> 'DINOv2'; unknown names are returned unchanged, and
+    so are names that already start with a label ('ToyViT-L3', to tell two layers apart)."""
+    if str(family_or_id).startswith(tuple(MODEL_LABELS.values())):
+        return str(family_or_id)
     lowered = str(family_or_id).lower()
     for family, label in MODEL_LABELS.items():
         if family in lowered:
@@ -66,6 +79,37 @@ def feature_name(model: str, d_sae: int, index: int) -> str:
     if not 0 <= index < d_sae:
         raise IndexError(f"feature {index} is out of range for an SAE of width {d_sae}")
     return f"{model_label(model)}-{width_label(d_sae)}/{index}"
+
+
+# --------------------------------------------------------------------------- the SAE
+
+
+def train_patch_sae(
+    store: Any,
+    layer: int,
+    out_dir: str | Path,
+    *,
+    arch: str = "relu",
+    expansion: int | None = None,
+    l1: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    recipe: str = "stevens2025",
+    seed: int = 0,
+) -> Any:
+    """Paper 002's patch SAE: one SAE on every patch token of ``layer`` (recipe ``stevens2025``;
+    ``None`` takes the recipe's value), saved to ``out_dir`` and loaded from there when the
+    same store, settings and seed ask again (`saekit.ood.train_or_load`)."""
+    if "patch" not in store.manifest["tokens"]:
+        raise ValueError(
+            f"the store at {store.root} holds no patch tokens; extract it with tokens='both'"
+        )
+    spec = SAESpec(arch=arch, expansion=expansion, l1=l1, layer=layer, recipe=recipe,
+                   seed=seed, name=f"patch-L{layer}")  # fmt: skip
+    options: dict[str, Any] = {"tokens": "patch", "batch_size": batch_size, "seed": seed}
+    if epochs is not None:
+        options["epochs"] = epochs
+    return train_or_load(store, [spec], out_dir, **options)[spec.name]
 
 
 # --------------------------------------------------------------------------- the scan
@@ -243,12 +287,20 @@ def select_features(
     *,
     min_image_freq: float = 0.0,
     max_image_freq: float = 0.5,
+    max_token_freq: float = 1.0,
 ) -> list[int]:
     """Up to ``n`` features worth browsing, strongest first: paper 002 §9 sorts by sparsity and
-    maximum activation, so dead features and dense ones (firing on more than
-    ``max_image_freq`` of the images) are dropped and the rest ranked by max activation."""
+    maximum activation, so dead features and dense ones are dropped and the rest ranked by max
+    activation. Dense means firing on more than ``max_image_freq`` of the images or on more
+    than ``max_token_freq`` of the tokens (patches); for a patch SAE the token rate is the
+    sparsity the paper counts, since a feature firing on one patch of every image is sparse."""
     freq = scan.image_freq_S
-    keep = (freq > min_image_freq) & (freq <= max_image_freq) & (scan.max_act_S > 0)
+    keep = (
+        (freq > min_image_freq)
+        & (freq <= max_image_freq)
+        & (scan.token_freq_S <= max_token_freq)
+        & (scan.max_act_S > 0)
+    )
     candidates = np.flatnonzero(keep)
     order = np.argsort(-scan.max_act_S[candidates], kind="stable")
     return candidates[order][:n].tolist()
@@ -424,7 +476,7 @@ def plot_exemplars(
             continue
         overlay_patches(ax, images[i], acts_KP[i], grid, vmax=vmax)
         if captions is not None:
-            ax.set_title(captions[i], fontsize=8)
+            ax.set_title(captions[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -459,9 +511,11 @@ def exemplar_figure(
     ncols: int = 4,
     title: str | None = None,
     axes: Sequence[plt.Axes] | None = None,
+    tile: float = 1.8,
 ) -> Figure:
     """`plot_exemplars` for one feature of a scan: its top images with their patch overlays,
-    captioned with the image score and class, titled with the feature's name."""
+    captioned with the image score and class, titled with the feature's name; ``tile`` is each
+    image's size in inches."""
     rows, values, acts_KP = exemplar_patch_acts(scan, store, sae, feature, k)
     images = row_images(store, dataset, rows, processor)
     grid = store.grid(scan.layer) if acts_KP.size else (1, 1)
@@ -472,7 +526,7 @@ def exemplar_figure(
     if title is None:
         title = f"{scan.name(feature)} ({scan.rank_by} activation)"
     return plot_exemplars(
-        images, acts_KP, grid, captions=captions, title=title, ncols=ncols, axes=axes
+        images, acts_KP, grid, captions=captions, title=title, ncols=ncols, axes=axes, tile=tile
     )
 
 
@@ -491,3 +545,172 @@ def patch_features(
     for values_T, index_T in zip(values_PT[:, :top], index_PT[:, :top], strict=True):
         out.append([(int(i), float(v)) for v, i in zip(values_T, index_T, strict=True) if v > 0])
     return out
+
+
+def exemplar_rows(
+    scan: ExemplarScan,
+    store: Any,
+    sae: Any,
+    dataset: Any,
+    features: Sequence[int],
+    *,
+    k: int = 6,
+    processor: Any | None = None,
+    names: Sequence[str] | None = None,
+    tile: float = 1.3,
+) -> Figure:
+    """Several features at a glance, paper 002 Fig. 2 style: one row per feature (labelled with
+    its name, or ``names``), its top ``k`` exemplars with their patch overlays."""
+    if not features:
+        raise ValueError("no features to draw; pick some with select_features(scan, n)")
+    fig, axes = plt.subplots(
+        len(features), k, figsize=(tile * k + 1.2, tile * len(features)), squeeze=False
+    )
+    for row, feature in enumerate(features):
+        exemplar_figure(scan, store, sae, dataset, int(feature), k=k, processor=processor,
+                        axes=list(axes[row]), title="")  # fmt: skip
+        label = names[row] if names is not None else scan.name(int(feature))
+        axes[row, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def patch_fractions(mask_HW: np.ndarray, grid: tuple[int, int], n_labels: int) -> np.ndarray:
+    """How much of each patch every label covers: ``[h * w, n_labels]`` pixel fractions (rows
+    sum to 1), patches in row-major order.
+
+    The patch grid is stretched over the whole mask, as `overlay_patches` stretches it over the
+    image (block edges are rounded down when the mask does not divide evenly). Fractions rather
+    than one label per patch, because at ViT resolution most patches that touch a small part
+    are mostly background: a majority vote would hand nearly every patch to the background.
+    """
+    mask_HW = np.asarray(mask_HW)
+    if mask_HW.ndim != 2:
+        raise ValueError(f"a label mask is [H, W]; got shape {mask_HW.shape}")
+    if mask_HW.size and (mask_HW.min() < 0 or mask_HW.max() >= n_labels):
+        raise ValueError(f"mask values must be labels 0..{n_labels - 1}")
+    h, w = grid
+    height, width = mask_HW.shape
+    if height < h or width < w:
+        raise ValueError(f"a {height}x{width} mask is smaller than the {h}x{w} patch grid")
+    row_edges = np.arange(h + 1) * height // h
+    col_edges = np.arange(w + 1) * width // w
+    out = np.empty((h * w, n_labels), dtype=np.float32)
+    for r in range(h):
+        for c in range(w):
+            block = mask_HW[row_edges[r] : row_edges[r + 1], col_edges[c] : col_edges[c + 1]]
+            out[r * w + c] = np.bincount(block.ravel(), minlength=n_labels) / block.size
+    return out
+
+
+def store_patch_fractions(
+    store: Any,
+    mask_root: str | Path,
+    grid: tuple[int, int],
+    n_labels: int,
+    *,
+    progress: bool = True,
+) -> np.ndarray:
+    """`patch_fractions` ``[N, P, n_labels]`` of every store row, from label masks saved under
+    ``mask_root`` with the images' relative names (the layout of
+    `saekit.toyworld.export_imagefolder`'s ``<root>_masks`` folder; pixel value = label).
+
+    The grid is stretched over the whole mask, so this suits encoders that see the whole image
+    (the toy ViT's processor only resizes); masks of centre-cropped inputs would need the crop.
+    """
+    mask_root = Path(mask_root)
+    first = mask_root / store.image_ids[0]
+    if not first.is_file():
+        raise FileNotFoundError(
+            f"no mask {first}; masks must sit under mask_root with the same relative names as "
+            "the images (the toy world exports them to '<root>_masks')"
+        )
+    rows = [
+        patch_fractions(np.asarray(Image.open(mask_root / image_id)), grid, n_labels)
+        for image_id in tqdm(store.image_ids, desc="patch labels", disable=not progress)
+    ]
+    return np.stack(rows)
+
+
+def part_shares(
+    store: Any,
+    sae: Any,
+    layer: int,
+    features: Sequence[int],
+    fractions_NPL: np.ndarray,
+    label_names: Sequence[str],
+    *,
+    tokens_per_chunk: int = 4096,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Where features fire: for each feature, the share of its activation (summed over every
+    patch of the store) that lands on each label, a patch's activation split by the fractions
+    of the patch each label covers (`store_patch_fractions`). Rows sum to 1 (NaN for a feature
+    that never fires); ``.attrs["base"]`` maps each label to its share of all pixels, the share a
+    feature that ignores the labels would show. One streaming pass, as `scan_store`."""
+    acts = store.patches(layer)
+    check_width(sae, acts.shape[-1])
+    fractions_NPL = np.asarray(fractions_NPL, dtype=np.float64)
+    expected = (*acts.shape[:2], len(label_names))
+    if fractions_NPL.shape != expected:
+        raise ValueError(
+            f"fractions_NPL must be [N, P, labels] = {expected}, one row of label fractions per "
+            f"store patch; got {fractions_NPL.shape}"
+        )
+    index = torch.as_tensor(list(features), dtype=torch.int64)
+    device, dtype = _sae_device_dtype(sae)
+    chunk = max(1, tokens_per_chunk // int(acts.shape[1]))
+    mass_FL = torch.zeros(len(index), len(label_names), dtype=torch.float64)
+    for start in tqdm(range(0, len(acts), chunk), desc="part shares", disable=not progress):
+        x = torch.from_numpy(np.array(acts[start : start + chunk], dtype=np.float32))
+        with torch.no_grad():
+            codes_bPF = sae.encode(x.to(device, dtype))[..., index.to(device)].double().cpu()
+        fractions_bPL = torch.from_numpy(fractions_NPL[start : start + chunk])
+        mass_FL += torch.einsum("bpf,bpl->fl", codes_bPF, fractions_bPL)
+    total_F1 = mass_FL.sum(1, keepdim=True)
+    shares = torch.where(total_F1 > 0, mass_FL / total_F1.clamp(min=1e-300), torch.nan)
+    frame = pd.DataFrame(
+        shares.numpy(), index=pd.Index(list(features), name="feature"), columns=list(label_names)
+    )
+    # a plain dict: pandas compares attrs when it combines frames, which a Series cannot survive
+    frame.attrs["base"] = dict(zip(label_names, fractions_NPL.mean((0, 1)).tolist(), strict=True))
+    return frame
+
+
+def dominant_part(shares: pd.DataFrame) -> pd.Series:
+    """Each feature's label with the largest share, as 'body (62%, 3.1x its pixel share)'."""
+    base = pd.Series(shares.attrs["base"])
+
+    def describe(row: pd.Series) -> str:
+        if row.isna().all():
+            return "never fires"
+        part = row.idxmax()
+        lift = row[part] / base[part] if base[part] > 0 else np.inf
+        return f"{part} ({row[part]:.0%}, {lift:.1f}x its pixel share)"
+
+    return shares.apply(describe, axis=1)
+
+
+def plot_part_shares(
+    shares: pd.DataFrame, names: Sequence[str] | None = None, *, ax: plt.Axes | None = None
+) -> Figure:
+    """Heat map of `part_shares`: one row per feature, one column per label, the labels' pixel
+    shares as the first row, so a feature tied to a part stands out against how common it is."""
+    base = pd.Series(shares.attrs["base"])
+    table = pd.concat([base.to_frame("all pixels").T, shares])
+    table.index = ["all pixels", *(names if names is not None else map(str, shares.index))]
+    table = table.loc[:, (table.fillna(0) > 0).any()]  # labels no patch carries
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.7 * table.shape[1] + 2.5, 0.32 * len(table) + 1.2))
+    else:
+        fig = ax.figure
+    sns.heatmap(table, ax=ax, cmap="rocket_r", vmin=0, vmax=1, annot=True, fmt=".0%",
+                annot_kws={"fontsize": 7}, cbar_kws={"label": "share of activation"})  # fmt: skip
+    ax.axhline(1, color="white", lw=3)
+    ax.set_ylabel("")
+    ax.set_xlabel("planted part under the patch")
+    ax.set_title("Where each feature fires: its activation mass by part", fontsize=10)
+    return fig

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,9 +22,13 @@ from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
 from saekit.browser import (  # noqa: E402
+    cards_html,
     export_html,
     feature_browser,
     feature_cards,
+    figure_bytes,
+    figure_html,
+    jpeg,
     patch_views,
 )
 from saekit.compare import ExemplarSource  # noqa: E402
@@ -32,6 +37,7 @@ from saekit.exemplars import patch_features, scan_store, select_features  # noqa
 from saekit.models import load_encoder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def test_feature_tab_switches_cards_client_side(source):
     cards = feature_cards(source, features, k=4, taxonomy=None, progress=False)
     for card, feature in zip(cards, features, strict=True):
         assert card.name == source.scan.name(feature)
-        assert card.grid_png.startswith(PNG)
+        assert card.grid_image.startswith(PNG)
         assert card.facts["max_act"] == pytest.approx(float(source.scan.max_act_S[feature]))
 
     app = feature_browser(cards)
@@ -98,7 +104,7 @@ def test_patch_tab_lists_each_patch_features_strongest_first(source):
     app = feature_browser(cards, views)
     assert app.get_title(1) == "patches"
     image_picker, image_stack = app.children[1].children
-    assert len(image_stack.children) == 2 and views[0].image_png.startswith(PNG)
+    assert len(image_stack.children) == 2 and views[0].image.startswith(PNG)
     links = _links(_state(app))
     assert (image_picker.model_id, "index", image_stack.model_id, "selected_index") in links
 
@@ -148,3 +154,45 @@ def test_patch_views_need_patch_tokens(source, tmp_path):
     with pytest.raises(ValueError, match="patch tokens"):
         patch_views(ExemplarSource(scan, cls_store, source.sae, source.dataset), [0])
     assert np.isfinite(scan.top_values_SK).all()
+
+
+def test_jpeg_cards_and_the_inline_fragment_of_the_export(source, tmp_path):
+    cards = feature_cards(source, [1, 2], k=3, taxonomy=None, image_format="jpeg", tile=1.0,
+                          dpi=60, progress=False)  # fmt: skip
+    assert all(card.image_format == "jpeg" and card.grid_image.startswith(JPEG) for card in cards)
+    fragment = cards_html(cards, title="Top <two>", intro="from a test")
+    assert "<html" not in fragment and "<h1>Top &lt;two&gt;</h1>" in fragment
+    images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', fragment)
+    assert len(images) == 2 and all(base64.b64decode(data).startswith(JPEG) for data in images)
+    for card in cards:
+        assert f"id='feature-{card.feature}'" in fragment
+        assert f"href='#feature-{card.feature}'" in fragment
+    page = export_html(tmp_path / "page.html", cards, title="T").read_text()
+    assert cards_html(cards, title="T") in page  # the page is the fragment, wrapped
+    with pytest.raises(ValueError, match="no feature cards"):
+        cards_html([])
+
+
+def test_figure_encodings():
+    fig = plt.figure(figsize=(1, 1))
+    assert figure_bytes(fig, "jpeg", dpi=50).startswith(JPEG)
+    assert not plt.fignum_exists(fig.number)  # closed, so a notebook does not show it twice
+    shown = jpeg(plt.figure(figsize=(1, 1)), dpi=50)
+    assert shown.format == "jpeg" and shown.data.startswith(JPEG)
+    tag = figure_html(plt.figure(figsize=(1, 1)), "png", dpi=50, alt="a <b>")
+    data = re.fullmatch(r'<img src="data:image/png;base64,([^"]+)" alt="a &lt;b&gt;".*', tag)
+    assert data and base64.b64decode(data.group(1)).startswith(PNG)
+    other = plt.figure()
+    with pytest.raises(ValueError, match="image_format"):
+        figure_bytes(other, "gif")
+    plt.close(other)
+
+
+def test_patch_views_in_jpeg_reach_the_widget_as_jpeg(source):
+    views = patch_views(source, [3], image_format="jpeg", progress=False)
+    assert views[0].image.startswith(JPEG)
+    cards = feature_cards(source, [0], k=2, taxonomy=None, progress=False)
+    app = feature_browser(cards, views)
+    picture = app.children[1].children[1].children[0].children[0]  # image stack > HBox > image
+    assert picture.format == "jpeg" and picture.value == views[0].image
+    assert _state(app)[picture.model_id]["state"]["format"] == "jpeg"

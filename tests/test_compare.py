@@ -17,7 +17,9 @@ from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 from saekit.activations import extract  # noqa: E402
 from saekit.compare import (  # noqa: E402
     ExemplarSource,
+    FeatureMatches,
     correlate_features,
+    plot_best_correlations,
     plot_matched,
     shared_rows,
 )
@@ -115,7 +117,42 @@ def test_matched_exemplars_side_by_side(stores, tmp_path):
     assert len(fig.axes) == 2 * 6
     labels = [fig.axes[i].get_ylabel() for i in (0, 3, 6, 9)]
     assert labels == ["DINOv2-12/0", "CLIP-12/1", "DINOv2-12/2", "CLIP-12/3"]
+    # each pair's correlation sits in the gap between its two sides
+    texts = {t.get_text(): t.get_position() for t in fig.texts}
+    assert set(texts) == {"↔\nr = 0.90", "↔\nr = 0.50"}
+    x = texts["↔\nr = 0.90"][0]
+    assert fig.axes[2].get_position().x1 < x < fig.axes[3].get_position().x0
     plt.close(fig)
     with pytest.raises(ValueError, match="share no image"):
         empty = ImageList.from_pairs([(tmp_path / "x.png", 0)])
         shared_rows(stores["dinov2"], type("S", (), {"image_ids": empty.image_ids})())
+
+
+def test_the_chance_baseline_correlates_with_b_images_shuffled(stores):
+    sae_a, sae_b = _sae(6, 0), _sae(9, 1)
+    null = correlate_features(
+        stores["dinov2"], sae_a, 2, stores["clip"], sae_b, 2, null_seed=3, progress=False
+    )
+    a = _scores(stores["dinov2"], sae_a, "max").numpy()
+    b = _scores(stores["clip"], sae_b, "max").numpy()
+    b = b[np.random.default_rng(3).permutation(len(b))]  # image i of A meets another image of B
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = np.corrcoef(a.T, b.T)[:6, 6:]
+    expected[(a.std(0)[:, None] == 0) | (b.std(0)[None, :] == 0)] = 0.0
+    np.testing.assert_allclose(null.corr_FS, expected, atol=1e-6)
+    real = correlate_features(stores["dinov2"], sae_a, 2, stores["clip"], sae_b, 2, progress=False)
+    assert not np.allclose(real.corr_FS, null.corr_FS)
+
+
+def test_best_correlation_histogram_counts_features_above_chance():
+    real = FeatureMatches(
+        np.arange(4), np.array([[0.9, 0.1], [0.2, 0.95], [0.3, 0.1], [0.1, 0.05]]), 10
+    )
+    chance = FeatureMatches(np.arange(4), np.full((4, 2), 0.25), 10)
+    fig = plot_best_correlations(real, chance, label_a="A", label_b="B")
+    ax = fig.axes[0]
+    notes = [t.get_text() for t in ax.texts]
+    assert notes == ["75% above chance's\n99th percentile"]  # 0.9, 0.95 and 0.3 beat 0.25
+    assert [line.get_xdata()[0] for line in ax.lines] == [pytest.approx(0.25)]
+    assert ax.get_xlabel() == "best correlation with any B feature"
+    plt.close(fig)

@@ -1,6 +1,7 @@
 """Exemplars: feature names, streaming top-k == full sort, chunk-bounded memory, planted facts
 with an ontology label, patch overlays that land on the right pixels, the model's view of an
-image, and per-patch feature lists."""
+image, per-patch feature lists, a cached patch SAE, and the mask ground truth (pixel fractions
+per patch, activation shares per part)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -20,17 +22,24 @@ from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 from saekit.activations import extract  # noqa: E402
 from saekit.data import ImageFolder  # noqa: E402
 from saekit.exemplars import (  # noqa: E402
+    dominant_part,
     exemplar_figure,
+    exemplar_rows,
     feature_facts,
     feature_name,
     merge_top_k,
     model_label,
     model_view,
     overlay_patches,
+    part_shares,
     patch_features,
+    patch_fractions,
+    plot_part_shares,
     row_images,
     scan_store,
     select_features,
+    store_patch_fractions,
+    train_patch_sae,
     width_label,
 )
 from saekit.models import load_encoder, miniature  # noqa: E402
@@ -111,6 +120,16 @@ def test_feature_names_follow_model_width_index():
     assert model_label("my-custom-net") == "my-custom-net"
     with pytest.raises(IndexError, match="out of range"):
         feature_name("CLIP", 64, 64)
+
+
+def test_the_toy_vit_and_layer_suffixes_get_their_own_names():
+    assert model_label("toyvit") == "ToyViT"
+    assert model_label("/repo/saekit/data/toyvit") == "ToyViT"  # the shipped weights' folder
+    assert model_label("google/vit-base-patch16-224") == "ViT"  # "toyvit" must not swallow it
+    # an existing label is kept as given, so two layers of one model stay apart
+    assert model_label("ToyViT-L3") == "ToyViT-L3"
+    assert feature_name("ToyViT-L3", 512, 46) == "ToyViT-L3-512/46"
+    assert feature_name("DINOv2-L11", 24576, 1) == "DINOv2-L11-24K/1"
 
 
 # --------------------------------------------------------------------------- top-k
@@ -283,3 +302,136 @@ def test_patch_features_lists_active_features_strongest_first(world):
         assert set(features) == set(torch.nonzero(codes_PS[p] > 0).ravel().tolist())
         for f, v in entries:
             assert v == pytest.approx(float(codes_PS[p, f]))
+
+
+def test_select_features_drops_features_dense_over_patches(world):
+    scan = scan_store(world["store"], _random_sae(32, 24), LAYER, k=3, progress=False)
+    alive = scan.token_freq_S[scan.token_freq_S > 0]
+    cap = float(np.median(alive))
+    picked = select_features(scan, 24, max_image_freq=1.0, max_token_freq=cap)
+    by_strength = np.argsort(-scan.max_act_S, kind="stable")
+    expected = [int(f) for f in by_strength if 0 < scan.token_freq_S[f] <= cap]
+    assert picked == expected
+    assert 0 < len(picked) < len(alive)  # the cap removed some live features, not all
+
+
+def test_exemplar_rows_draw_one_row_per_feature(world):
+    store, dataset = world["store"], world["dataset"]
+    sae = _planted_sae(store)
+    scan = scan_store(store, sae, LAYER, k=8, progress=False)
+    fig = exemplar_rows(scan, store, sae, dataset, [0, 3], k=4)
+    assert len(fig.axes) == 8
+    assert [fig.axes[0].get_ylabel(), fig.axes[4].get_ylabel()] == ["DINOv2-8/0", "DINOv2-8/3"]
+    # feature 0 fires on the eight cyprinid images: its row is full, with cyprinids only
+    assert all(ax.images for ax in fig.axes[:4])
+    assert all(ax.get_title().split()[0] in ("tench", "goldfish") for ax in fig.axes[:4])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no features"):
+        exemplar_rows(scan, store, sae, dataset, [])
+
+
+def test_train_patch_sae_trains_on_patches_once_then_loads(world, tmp_path, monkeypatch):
+    import saekit.ood
+
+    store = world["store"]
+    options = dict(expansion=2, l1=0.01, epochs=2, batch_size=64)
+    sae = train_patch_sae(store, LAYER, tmp_path / "sae", **options)
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (32, 64)
+    info = sae.cfg.metadata.saekit
+    assert info["tokens"] == "patch" and info["spec"]["recipe"]["name"] == "stevens2025"
+    steps = -(-store.n_rows * store.patches(LAYER).shape[1] // 64)
+    assert info["steps"] == 2 * steps  # every patch of every image, twice
+
+    def retrain(*args, **kwargs):
+        raise AssertionError("an identical request must load the saved SAE")
+
+    monkeypatch.setattr(saekit.ood, "sweep_from_store", retrain)
+    again = train_patch_sae(store, LAYER, tmp_path / "sae", **options)
+    torch.testing.assert_close(again.W_dec, sae.W_dec)
+    with pytest.raises(AssertionError, match="must load"):  # other settings: trained anew
+        train_patch_sae(store, LAYER, tmp_path / "sae", **{**options, "l1": 0.02})
+    cls_only = type("Store", (), {"manifest": {"tokens": ["cls"]}, "root": "somewhere"})()
+    with pytest.raises(ValueError, match="tokens='both'"):
+        train_patch_sae(cls_only, LAYER, tmp_path / "other")
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def test_patch_fractions_count_each_label_pixels_per_patch():
+    mask = np.zeros((4, 6), np.uint8)
+    mask[0, 0:3] = 2  # half of the top-left patch (rows 0-1, columns 0-2)
+    mask[2:4, 3:6] = 1  # all of the bottom-right patch
+    expected = [[0.5, 0, 0.5], [1, 0, 0], [1, 0, 0], [0, 1, 0]]
+    np.testing.assert_allclose(patch_fractions(mask, (2, 2), 3), expected)
+    # 5 rows over 2 patch rows: the edge rounds down, so the blocks hold rows 0-1 and 2-4
+    lower = (np.arange(5)[:, None] >= 2).repeat(5, axis=1).astype(np.uint8)
+    np.testing.assert_allclose(patch_fractions(lower, (2, 2), 2)[:, 1], [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="labels 0..2"):
+        patch_fractions(mask + 1, (2, 2), 3)
+    with pytest.raises(ValueError, match="smaller than"):
+        patch_fractions(mask, (8, 8), 3)
+
+
+def _write_masks(root: Path, image_ids: list[str]) -> None:
+    """8 x 8 masks: label 1 fills patch 0 of the 4 x 4 grid, label 2 half of patch 15."""
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0:2, 0:2] = 1
+    mask[6:8, 7] = 2
+    for image_id in image_ids:
+        (root / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(root / image_id)
+
+
+def test_part_shares_split_each_feature_by_the_masks(world, tmp_path):
+    store = world["store"]
+    grid = store.grid(LAYER)
+    assert grid == (4, 4)
+    _write_masks(tmp_path / "masks", store.image_ids)
+    fractions = store_patch_fractions(store, tmp_path / "masks", grid, 3, progress=False)
+    one = np.zeros((16, 3))
+    one[:, 0] = 1
+    one[0] = [0, 1, 0]
+    one[15] = [0.5, 0, 0.5]
+    np.testing.assert_allclose(fractions, np.broadcast_to(one, (store.n_rows, 16, 3)))
+    with pytest.raises(FileNotFoundError, match="same relative names"):
+        store_patch_fractions(store, tmp_path / "nowhere", grid, 3, progress=False)
+
+    sae = _random_sae(32, 24)
+    with torch.no_grad():
+        sae.b_enc[5] = -1e4  # a feature that never fires
+    features = list(range(24))
+    names = ["background", "body", "fin"]
+    shares = part_shares(store, sae, LAYER, features, fractions, names, tokens_per_chunk=40,
+                         progress=False)  # fmt: skip
+    codes = sae.encode(torch.from_numpy(np.asarray(store.patches(LAYER), np.float32))).detach()
+    mass = np.einsum("nps,npl->sl", codes.double().numpy(), fractions)
+    live = mass.sum(1) > 0
+    assert not live[5] and live.sum() >= 12
+    expected = mass[live] / mass[live].sum(1, keepdims=True)
+    np.testing.assert_allclose(shares.to_numpy()[live], expected, rtol=1e-6)
+    assert shares.loc[~live].isna().all().all()  # never fires: no share to give
+    assert list(shares.columns) == names
+    assert shares.attrs["base"] == pytest.approx(
+        {"background": 14.5 / 16, "body": 1 / 16, "fin": 0.5 / 16}
+    )
+    with pytest.raises(ValueError, match="one row of label fractions per"):
+        part_shares(store, sae, LAYER, features, fractions[:, :8], names, progress=False)
+
+
+def test_dominant_part_and_its_heat_map():
+    shares = pd.DataFrame(
+        [[0.3, 0.7, 0.0], [np.nan] * 3],
+        index=pd.Index([7, 9], name="feature"),
+        columns=["background", "body", "fin"],
+    )
+    shares.attrs["base"] = {"background": 0.9, "body": 0.1, "fin": 0.0}
+    parts = dominant_part(shares)
+    assert parts[7] == "body (70%, 7.0x its pixel share)"
+    assert parts[9] == "never fires"
+    fig = plot_part_shares(shares.loc[[7, 9]], ["A/7", "A/9"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["all pixels", "A/7", "A/9"]
+    # 'fin' covers no pixel and draws no activation: no column for it
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["background", "body"]
+    plt.close(fig)
