@@ -23,7 +23,7 @@ SAEs are SAELens SAE objects; this module only calls `sae.encode`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -782,22 +782,6 @@ def training_activations(
     return torch.cat([r.stacked() for r in parts if r.acts])
 
 
-def shuffled_batches(
-    acts_ND: torch.Tensor, batch_size: int, seed: int = 0
-) -> Callable[[int], Iterator[torch.Tensor]]:
-    """`batches(epoch)` for `saekit.sae.train_sae` over an in-memory [N, D] matrix: every row
-    once per epoch, in an order fixed by (seed, epoch), so a rerun sees the same batches."""
-
-    def batches(epoch: int) -> Iterator[torch.Tensor]:
-        order = torch.randperm(
-            len(acts_ND), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-        )
-        for start in range(0, len(acts_ND), batch_size):
-            yield acts_ND[order[start : start + batch_size]]
-
-    return batches
-
-
 def train_relu_sae(
     acts_ND: torch.Tensor,
     *,
@@ -815,29 +799,16 @@ def train_relu_sae(
     The `olson2025` recipe (paper 003 §3.3) with input normalisation switched on: a LLaVA-7B
     residual stream and the miniature's differ in scale by orders of magnitude, and normalised
     inputs let one λ mean the same sparsity for both. The normalisation is folded into the
-    weights, so the SAE encodes raw activations. `saekit.sae.train_from_store` needs an
-    activation store on disk; these few thousand rows live in memory, hence this wrapper.
+    weights, so the SAE encodes raw activations. These few thousand rows live in memory, so
+    training goes through `saekit.sae.train_on_tensor` rather than an activation store.
     """
-    from saekit.sae import SAESpec, get_recipe, train_sae
+    from saekit.sae import SAESpec, get_recipe, train_on_tensor
 
-    acts_ND = torch.as_tensor(acts_ND, dtype=torch.float32)
-    if acts_ND.ndim != 2 or len(acts_ND) < 2:
-        raise ValueError(
-            f"Expected activations [N, D] with N >= 2, got shape {tuple(acts_ND.shape)}."
-        )
     recipe = get_recipe(
         "olson2025", lr=lr, epochs=epochs, batch_size=batch_size, normalize_inputs=True
     )
-    spec = SAESpec(
-        arch="relu", d_in=acts_ND.shape[1], expansion=expansion, l1=l1, recipe=recipe, seed=seed
-    )
-    return train_sae(
-        spec,
-        shuffled_batches(acts_ND, batch_size, seed),
-        math.ceil(len(acts_ND) / batch_size),
-        device=device,
-        progress=progress,
-    )
+    spec = SAESpec(arch="relu", expansion=expansion, l1=l1, recipe=recipe, seed=seed)
+    return train_on_tensor(spec, acts_ND, seed=seed, device=device, progress=progress)
 
 
 def evolution_table(

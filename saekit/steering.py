@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import string
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ import torch
 from PIL.Image import Image
 from tqdm.auto import tqdm
 
-from saekit.sae import SAESpec, load_sae, save_sae, train_sae
+from saekit.sae import SAESpec, load_sae, save_sae, train_on_tensor
 from saekit.sae.architectures import SAE_CFG_FILE
 
 if TYPE_CHECKING:
@@ -328,16 +327,14 @@ def train_text_sae(
         cached = load_sae(out, device=str(device))
         if (cached.cfg.metadata.get("saekit") or {}).get("text_sae") == run:
             return cached
-    x_ND = acts_ND.detach().float().cpu()
-
-    def batches(epoch: int):
-        order = torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, len(x_ND), batch_size):
-            yield x_ND[order[start : start + batch_size]]
-
-    steps_per_epoch = math.ceil(len(x_ND) / batch_size)
-    sae = train_sae(
-        spec, batches, steps_per_epoch, epochs=epochs, device=device, metadata={"text_sae": run}
+    sae = train_on_tensor(
+        spec,
+        acts_ND.detach().float().cpu(),
+        batch_size=batch_size,
+        seed=seed,
+        epochs=epochs,
+        device=device,
+        metadata={"text_sae": run},
     )
     if out is not None:
         save_sae(sae, out)

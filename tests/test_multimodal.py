@@ -349,17 +349,6 @@ def test_study_images_spreads_classes_and_takes_first_per_class():
         mm.study_images(labels_N, 2, 4)
 
 
-def test_shuffled_batches_visit_every_row_once_per_epoch_reproducibly():
-    acts_ND = torch.arange(23.0)[:, None].repeat(1, 3)
-    batches = mm.shuffled_batches(acts_ND, batch_size=5, seed=1)
-    epoch0 = list(batches(0))
-    assert [len(b) for b in epoch0] == [5, 5, 5, 5, 3]
-    rows0 = torch.cat(epoch0)[:, 0]
-    assert sorted(rows0.tolist()) == list(range(23))
-    assert torch.equal(torch.cat(list(batches(0)))[:, 0], rows0)  # same epoch, same order
-    assert not torch.equal(torch.cat(list(batches(1)))[:, 0], rows0)  # next epoch reshuffles
-
-
 def test_train_relu_sae_recovers_planted_atoms_at_any_scale():
     """Tiny activations on a large offset (like the miniature's residual stream): input
     normalisation lets λ = 0.3 find every planted atom, and the SAE encodes raw inputs."""

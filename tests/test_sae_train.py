@@ -14,23 +14,15 @@ from saekit.sae import (
     load_sweep,
     sweep,
     sweep_from_store,
+    tensor_batches,
     train_from_store,
+    train_on_tensor,
     train_sae,
 )
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
 from saekit.sae.train import CHECKPOINT_FILE
 
 D = 32
-
-
-def shuffled_batches(x: torch.Tensor, batch_size: int, seed: int = 0):
-    """``batches(epoch)``: a fresh, reproducible shuffle every epoch."""
-
-    def batches(epoch: int):
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
-        return [x[perm[i : i + batch_size]] for i in range(0, len(x), batch_size)]
-
-    return batches
 
 
 # --- planted dictionary ---------------------------------------------------------------------------
@@ -61,7 +53,7 @@ def planted():
     log = []
     saes = sweep(
         PLANTED_SPECS,
-        shuffled_batches(data.acts_ND, 128),
+        tensor_batches(data.acts_ND, 128),
         64,
         progress=False,
         on_step=log.append,
@@ -333,3 +325,22 @@ def test_training_on_a_real_miniature_store(miniatures, image_folder, tmp_path):
     assert patch.cfg.metadata.saekit["steps"] == 6  # 15 images x 16 patches / 40
     x = torch.from_numpy(np.asarray(store.cls(0), dtype=np.float32))
     assert load_sweep(tmp_path / "saes")[specs[0].resolved().label].encode(x).shape == (15, 64)
+
+
+def test_tensor_batches_visit_every_row_once_per_epoch_reproducibly():
+    acts_ND = torch.arange(23.0)[:, None].repeat(1, 3)
+    batches = tensor_batches(acts_ND, batch_size=5, seed=1)
+    epoch0 = list(batches(0))
+    assert [len(b) for b in epoch0] == [5, 5, 5, 5, 3]
+    rows0 = torch.cat(epoch0)[:, 0]
+    assert sorted(rows0.tolist()) == list(range(23))
+    assert torch.equal(torch.cat(list(batches(0)))[:, 0], rows0)  # same epoch, same order
+    assert not torch.equal(torch.cat(list(batches(1)))[:, 0], rows0)  # next epoch reshuffles
+    # (seed, epoch) pairs do not collide the way seed + epoch would.
+    other = torch.cat(list(tensor_batches(acts_ND, 5, seed=0)(2)))[:, 0]
+    assert not torch.equal(other, rows0)
+
+
+def test_train_on_tensor_checks_its_input():
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        train_on_tensor(SAESpec(arch="relu"), torch.zeros(5))

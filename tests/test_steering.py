@@ -245,8 +245,10 @@ def test_train_text_sae_recovers_planted_atoms_and_caches_by_data(tmp_path, monk
     assert atom_recovery(sae.W_dec, data.atoms_AD, threshold=0.9) >= 0.9
 
     calls = []
-    real_train = st.train_sae
-    monkeypatch.setattr(st, "train_sae", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    real_train = st.train_on_tensor
+    monkeypatch.setattr(
+        st, "train_on_tensor", lambda *a, **k: calls.append(1) or real_train(*a, **k)
+    )
     again = st.train_text_sae(data.acts_ND, spec, epochs=8, seed=0, out=out)
     assert not calls and torch.equal(again.W_dec, sae.W_dec)  # same data and settings: reloaded
     st.train_text_sae(data.acts_ND + 0.5, spec, epochs=1, seed=0, out=out)

@@ -33,7 +33,9 @@ from saekit.sae.train import (
     save_sweep,
     sweep,
     sweep_from_store,
+    tensor_batches,
     train_from_store,
+    train_on_tensor,
     train_sae,
 )
 
@@ -58,7 +60,9 @@ __all__ = [
     "save_sweep",
     "sweep",
     "sweep_from_store",
+    "tensor_batches",
     "to_inference",
     "train_from_store",
+    "train_on_tensor",
     "train_sae",
 ]

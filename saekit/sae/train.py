@@ -81,6 +81,42 @@ class _Group:
     """Steps since each latent last fired, per member [n, S]."""
 
 
+def tensor_batches(acts_ND: torch.Tensor, batch_size: int, seed: int = 0) -> BatchSource:
+    """``batches(epoch)`` over rows held in memory: every row once per epoch, in an order fixed
+    by (seed, epoch) alone, so a resumed or repeated run sees the same batches."""
+
+    def batches(epoch: int) -> Iterable[torch.Tensor]:
+        # SeedSequence mixes the pair, so (seed 0, epoch 1) and (seed 1, epoch 0) differ.
+        mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        order = torch.randperm(len(acts_ND), generator=torch.Generator().manual_seed(mixed))
+        for start in range(0, len(acts_ND), batch_size):
+            yield acts_ND[order[start : start + batch_size]]
+
+    return batches
+
+
+def train_on_tensor(
+    spec: SAESpec,
+    acts_ND: torch.Tensor | np.ndarray,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> SAE:
+    """Train one SAE on an in-memory ``[N, D]`` matrix (text tokens, LLaVA responses, ...)
+    rather than an activation store; batch size defaults to the spec's recipe. Keyword
+    arguments as for :func:`sweep`."""
+    acts_ND = torch.as_tensor(acts_ND, dtype=torch.float32)
+    if acts_ND.ndim != 2 or len(acts_ND) < 2:
+        raise ValueError(
+            f"Expected activations [N, D] with N >= 2, got shape {tuple(acts_ND.shape)}."
+        )
+    spec = dataclasses.replace(spec, d_in=acts_ND.shape[1]).resolved()
+    batch_size = batch_size or spec.recipe.batch_size
+    steps = math.ceil(len(acts_ND) / batch_size)
+    return train_sae(spec, tensor_batches(acts_ND, batch_size, seed), steps, **kwargs)
+
+
 def train_sae(spec: SAESpec, batches: BatchSource, steps_per_epoch: int, **kwargs: Any) -> SAE:
     """Train one SAE; keyword arguments as for :func:`sweep`."""
     return sweep([spec], batches, steps_per_epoch, **kwargs)[0]
