@@ -324,6 +324,12 @@ def mean_iou(
     target = np.asarray(target_NHW).ravel()
     keep = target != ignore_index if ignore_index is not None else np.ones_like(target, dtype=bool)
     pred, target = pred[keep], target[keep]
+    for name, labels in (("prediction", pred), ("target", target)):
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ValueError(
+                f"{name} labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), found "
+                f"{labels.min()}..{labels.max()}; pass the right n_classes or ignore_index."
+            )
     confusion = np.bincount(target * n_classes + pred, minlength=n_classes**2).reshape(
         n_classes, n_classes
     )

@@ -174,3 +174,12 @@ def test_probe_scored_on_several_stores_through_an_sae():
     assert scores["other"] == pytest.approx(0.5, abs=0.02)
     raw_x, _ = store_features(LabelledStore(feats, labels), 3)
     assert torch.equal(raw_x, feats)
+
+
+def test_mean_iou_refuses_labels_outside_the_classes():
+    # A prediction of 3 with n_classes=3 would otherwise land in another class's confusion cell.
+    with pytest.raises(ValueError, match="prediction labels must lie in 0..2"):
+        mean_iou(np.array([[3, 0]]), np.array([[0, 0]]), n_classes=3)
+    with pytest.raises(ValueError, match="target labels"):
+        mean_iou(np.array([[0]]), np.array([[7]]), n_classes=3, ignore_index=None)
+    assert mean_iou(np.array([[0]]), np.array([[255]]), n_classes=3)[1].size == 3  # ignored pixel
