@@ -87,6 +87,14 @@ class RelevancyMaps:
     grid: tuple[int, int]
     """Patch grid (rows, cols)."""
 
+    def subset(self, images: Sequence[int]) -> RelevancyMaps:
+        """The maps of some of the images, in the given order."""
+        index = list(images)
+        return RelevancyMaps(
+            self.maps_FBhw[:, index], self.activations_FB[:, index], self.features, self.layer,
+            self.grid,
+        )  # fmt: skip
+
 
 def relevancy_maps(
     encoder: Any,
@@ -170,4 +178,45 @@ def plot_relevancy(
             ax = axes[b, f + 1]
             overlay_patches(ax, view, maps.maps_FBhw[f, b].ravel(), maps.grid, cmap="jet")
             ax.set_title(f"{names[f]}: {maps.activations_FB[f, b]:.2g}", fontsize=8)
+    return fig
+
+
+def relevancy_share(maps_Bhw: np.ndarray, coverage_Bhw: np.ndarray) -> np.ndarray:
+    """Share of each image's relevancy that falls on a region, ``[B]``.
+
+    ``coverage_Bhw`` is the fraction of each patch the region covers (e.g.
+    `saekit.interventions.patch_coverage` of the object). A map spread evenly over the patches
+    scores the region's share of the image, so that is the chance level to compare with.
+    """
+    maps_Bhw, coverage_Bhw = np.asarray(maps_Bhw), np.asarray(coverage_Bhw)
+    if maps_Bhw.shape != coverage_Bhw.shape:
+        raise ValueError(f"maps {maps_Bhw.shape} and coverage {coverage_Bhw.shape} differ")
+    return (maps_Bhw * coverage_Bhw).sum(axis=(1, 2))
+
+
+def plot_relevancy_rows(
+    rows: Sequence[tuple[str, Sequence[Image.Image], RelevancyMaps]],
+    *,
+    processor: Any | None = None,
+    tile: float = 1.5,
+) -> Figure:
+    """One row per feature, each with its own images (e.g. its top images) overlaid with its
+    relevancy map; ``rows`` holds (label, images, that feature's `RelevancyMaps`). Paper 000
+    Fig. 3 shows one feature this way across whale species."""
+    n_cols = max(len(images) for _, images, _ in rows)
+    fig, axes = plt.subplots(
+        len(rows), n_cols, figsize=(tile * n_cols, tile * len(rows) + 0.2), squeeze=False
+    )
+    for r, (label, images, maps) in enumerate(rows):
+        if maps.maps_FBhw.shape[:2] != (1, len(images)):
+            raise ValueError(f"row {label!r}: need one feature's maps for {len(images)} images")
+        for c, ax in enumerate(axes[r]):
+            if c >= len(images):
+                ax.axis("off")
+                continue
+            view = model_view(images[c], processor)
+            overlay_patches(ax, view, maps.maps_FBhw[0, c].ravel(), maps.grid, cmap="jet")
+            ax.set_title(f"{maps.activations_FB[0, c]:.2g}", fontsize=7, pad=2)
+        axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout(h_pad=0.3, w_pad=0.2)
     return fig

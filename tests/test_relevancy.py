@@ -1,6 +1,6 @@
 """Relevancy maps: Eq. 8-9 on hand-set attention, equality with an independent re-implementation
 of a ViT's forward pass (explicit attention, explicit autograd, the formula written out), the
-register offset of DINOv2, an inactive feature, and the figure."""
+register offset of DINOv2, an inactive feature, the share on a region, and the figures."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.models import load_encoder  # noqa: E402
 from saekit.relevancy import (  # noqa: E402
+    RelevancyMaps,
     cls_patch_relevancy,
     plot_relevancy,
+    plot_relevancy_rows,
     propagate_relevancy,
     relevancy_maps,
+    relevancy_share,
 )
 
 
@@ -160,3 +163,29 @@ def test_cnn_is_refused_and_the_figure_has_a_panel_per_feature(miniatures):
     assert len(fig.axes) == 2 * 4
     assert fig.axes[1].get_title().startswith("a: ")
     plt.close(fig)
+
+
+def test_relevancy_share_scores_a_region_and_an_even_map_scores_its_area():
+    maps = np.zeros((2, 2, 2))
+    maps[0] = [[0.5, 0.5], [0.0, 0.0]]  # all relevancy on the top row
+    maps[1] = 0.25  # spread evenly
+    coverage = np.array([[[1.0, 0.5], [0.0, 0.0]]] * 2)  # the region: 1.5 patches of 4
+    np.testing.assert_allclose(relevancy_share(maps, coverage), [0.75, 1.5 / 4])
+    with pytest.raises(ValueError, match="differ"):
+        relevancy_share(maps, coverage[:, :1])
+
+
+def test_feature_rows_figure_and_subsets():
+    rng = np.random.default_rng(0)
+    maps = RelevancyMaps(rng.random((1, 3, 2, 2)), np.array([[3.0, 2.0, 1.0]]), [5], 1, (2, 2))
+    picked = maps.subset([2, 0])
+    np.testing.assert_array_equal(picked.maps_FBhw[0], maps.maps_FBhw[0, [2, 0]])
+    assert picked.activations_FB.tolist() == [[1.0, 3.0]] and picked.features == [5]
+    images = [Image.new("RGB", (16, 16), (i * 60, 0, 0)) for i in range(3)]
+    fig = plot_relevancy_rows([("a", images, maps), ("b", images[:2], maps.subset([0, 1]))])
+    assert len(fig.axes) == 2 * 3
+    assert not fig.axes[5].axison  # row b has two images; its third panel is blank
+    assert fig.axes[0].get_ylabel() == "a" and fig.axes[1].get_title() == "2"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one feature's maps"):
+        plot_relevancy_rows([("a", images[:2], maps)])
