@@ -34,14 +34,17 @@ from saekit.compare import ExemplarSource
 from saekit.exemplars import exemplar_figure, feature_facts, patch_features, row_images
 from saekit.widgets import figure_png, switcher
 
-#: fact columns shown on a card, with their labels
+#: fact columns shown on a card, with their labels ('part' only where the facts have it, e.g.
+#: `saekit.exemplars.dominant_part` from segmentation masks)
 CARD_FACTS = {
     "image_freq": "fires on images",
     "token_freq": "fires on tokens",
     "max_act": "max activation",
     "top_classes": "top classes",
     "ontology": "ontology label",
+    "part": "where it fires",
 }
+OPTIONAL_FACTS = ("part",)
 
 
 @dataclass
@@ -232,6 +235,7 @@ def card_html(card: FeatureCard, *, anchor: bool = False) -> str:
         f"<tr><th style='text-align:left;padding-right:1em'>{label}</th>"
         f"<td>{html.escape(_format(card.facts.get(key)))}</td></tr>"
         for key, label in CARD_FACTS.items()
+        if key not in OPTIONAL_FACTS or key in card.facts
     )
     anchor_id = f" id='feature-{card.feature}'" if anchor else ""
     return (

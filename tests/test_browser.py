@@ -160,6 +160,7 @@ def test_jpeg_cards_and_the_inline_fragment_of_the_export(source, tmp_path):
     cards = feature_cards(source, [1, 2], k=3, taxonomy=None, image_format="jpeg", tile=1.0,
                           dpi=60, progress=False)  # fmt: skip
     assert all(card.image_format == "jpeg" and card.grid_image.startswith(JPEG) for card in cards)
+    cards[0].facts["part"] = "body (70%, 7.0x its pixel share)"
     fragment = cards_html(cards, title="Top <two>", intro="from a test")
     assert "<html" not in fragment and "<h1>Top &lt;two&gt;</h1>" in fragment
     images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', fragment)
@@ -167,6 +168,8 @@ def test_jpeg_cards_and_the_inline_fragment_of_the_export(source, tmp_path):
     for card in cards:
         assert f"id='feature-{card.feature}'" in fragment
         assert f"href='#feature-{card.feature}'" in fragment
+    # an optional fact shows on the card that has it, and only there
+    assert fragment.count("where it fires") == 1 and "body (70%, 7.0x" in fragment
     page = export_html(tmp_path / "page.html", cards, title="T").read_text()
     assert cards_html(cards, title="T") in page  # the page is the fragment, wrapped
     with pytest.raises(ValueError, match="no feature cards"):

@@ -1,0 +1,357 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation: {extension: .py, format_name: percent}
+#   kernelspec: {name: python3, display_name: Python 3, language: python}
+# ---
+
+# %% [markdown]
+# # Patch features: exemplars, a feature browser, and two encoders compared
+#
+# Stevens et al. (paper 002, §3 and §4) train a sparse autoencoder not on the CLS token but on
+# the **patch tokens** of one layer of a vision transformer: every patch of every image is one
+# training vector $x \in \mathbb{R}^D$. Their SAE is a ReLU autoencoder,
+#
+# $$f(x) = \mathrm{ReLU}\big(W_\text{enc}(x - b_\text{dec}) + b_\text{enc}\big), \qquad
+# \hat x = W_\text{dec} f(x) + b_\text{dec}, \qquad
+# \mathcal{L} = \lVert x - \hat x \rVert_2^2 + \lambda \lVert f(x) \rVert_1,$$
+#
+# trained on mean-centred activations scaled to unit norm (recipe `stevens2025`). A feature
+# $k$ is then read through its **exemplars**: the images on which it fires hardest. With patch
+# codes an image $i$ with patches $x_{i,1..P}$ gets the score
+#
+# $$s_k(i) = \max_{p} f_k(x_{i,p})$$
+#
+# (its strongest patch), and the top-scoring images are drawn with every patch's $f_k$ as a
+# heat map over that patch. The paper names features MODEL-WIDTH/INDEX (e.g. DINOv2-24K/9823),
+# explores them in a browser that lists the exemplars of a feature and, for a chosen patch, the
+# features active there, and compares CLIP with DINOv2 by finding, for a feature of one model,
+# the features of the other that fire on the same images.
+#
+# This chapter does all of that: one patch SAE, its exemplars over a whole activation store in
+# one streaming pass (never holding all codes), a facts table per feature (firing frequency,
+# maximum activation, top classes, ontology label), exemplar grids, the feature browser (it
+# works on this static page: every view is pre-rendered), a static HTML export, and the
+# two-encoder comparison. In the `mini` profile the toy world also says what the patches *are*,
+# so we can check where each feature fires against the planted parts.
+
+# %% tags=["parameters"]
+profile = "mini"
+family = ""  # encoder of the patch SAE; "": profile default (mini toyvit, paper dinov2)
+layer = -1  # its layer; -1: profile default (mini 3 of 0..5, paper the second-to-last)
+family_b = ""  # encoder to compare with; "": profile default (mini toyvit, paper clip)
+layer_b = -1  # its layer; -1: profile default (mini 5, the last; paper the second-to-last)
+expansion = 0  # SAE width as a multiple of the layer width; 0: profile default (mini 8, paper 32)
+lam = 0.0  # λ of the ReLU SAEs (recipe stevens2025); 0: profile default (mini 0.3, paper 2.2e-3)
+epochs = 0  # passes over the training patches; 0: profile default (mini 20, paper 1)
+batch_size = 0  # patches per step; 0: profile default (mini 512, paper 16384)
+seed = 0  # seeds the SAEs' initialisation and the batch order
+n_features = 8  # strongest features: facts table, exemplars, browser, export
+n_exemplars = 8  # top images per feature
+max_image_freq = 0.5  # features firing on more of the images count as dense and are not shown
+n_part_features = 4  # mini profile: features most tied to the planted parts, shown too
+min_fire_frac = 0.5  # a class joins a feature's class set if it fires on at least this share...
+min_rel_mean_act = 0.5  # ...and scores at least this share of its best class's mean there
+n_browse_images = 4  # images in the browser's patch tab
+n_pairs = 4  # matched feature pairs drawn side by side
+min_match_freq = 0.05  # features matched across encoders fire on at least this share of images
+imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
+imagenet_val = ""  # paper profile: ImageNet-1k validation folder, same layout
+
+# %%
+import saekit.book
+
+chapter = saekit.book.setup(globals())
+
+# %% [markdown]
+# ## Setting up
+#
+# **`mini`**: the toy-world ViT (6 layers, width 64, 48-pixel images cut into a 6 × 6 grid of
+# 8-pixel patches; trained to classify the toy world, see chapter 00) at layer 3, a middle
+# layer. Its SAE has 8 × 64 = 512 features and trains for 20 epochs of 512 patches per step on
+# the 1,800 training images (64,800 patches), at λ = 0.3: the recipe's λ ≈ 2.2e-3 is set for
+# ImageNet-scale runs and here leaves about half of the features firing on every patch (an L0
+# near 260 of 512 in a trial run). The comparison partner is the same toy ViT at its last
+# layer (5), with an SAE of its own: there is only one trained encoder in the toy world, and
+# its residual stream carries much of layer 3 on to layer 5, so most features *should* find a
+# counterpart, a check that the matching finds what is there. `-p family_b clip` compares
+# with the miniature CLIP instead, a real CLIP architecture with **random weights** (no hub
+# access here), whose features can only be colour and texture detectors.
+#
+# **`paper`**: the book's DINOv2 and CLIP checkpoints (`facebook/dinov2-giant`,
+# `openai/clip-vit-large-patch14`; paper 002 used the ViT-B/14 and ViT-B/16 versions) at their
+# second-to-last layer (paper 002 §9), recipe `stevens2025` as given (32 × expansion, λ ≈ 2.2e-3,
+# batch 16,384, one epoch). Beware the size: every patch of every training image is stored.
+
+# %%
+# %matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import HTML, display
+
+from saekit import browser, compare, exemplars
+from saekit.models import load_encoder
+from saekit.ontology import ClassSetRule
+from saekit.sae import evaluate, metrics_table
+from saekit.widgets import switcher
+
+mini = chapter.profile == "mini"
+family = family or ("toyvit" if mini else "dinov2")
+family_b = family_b or ("toyvit" if mini else "clip")
+encoder = load_encoder(chapter.encoder_id(family))
+encoder_b = load_encoder(chapter.encoder_id(family_b))
+layer = layer if layer >= 0 else (3 if mini else encoder.n_layers - 2)
+layer_b = (
+    layer_b if layer_b >= 0 else (5 if mini and family_b == "toyvit" else encoder_b.n_layers - 2)
+)
+expansion = expansion or (8 if mini else 32)
+lam = lam or (0.3 if mini else 8e-5 * 768**0.5)
+epochs = epochs or (20 if mini else 1)
+batch_size = batch_size or (512 if mini else 16384)
+tile = 1.5 if mini else 1.8  # inches per exemplar image: the toy world's are 48 pixels
+# two layers of one model need telling apart in feature names
+label = exemplars.model_label(family) + (f"-L{layer}" if family == family_b else "")
+label_b = exemplars.model_label(family_b) + (f"-L{layer_b}" if family == family_b else "")
+pd.set_option("display.precision", 3)
+pd.set_option("display.max_colwidth", 80)
+print(f"A: {label} (layer {layer} of {encoder.n_layers}), B: {label_b} (layer {layer_b})")
+
+# %%
+train = chapter.store(family, "train", layers=[layer], tokens="both")
+val = chapter.store(family, "val", layers=[layer], tokens="both")
+dataset = chapter.dataset("val")
+print(
+    f"training: {train.n_rows} images x {train.patches(layer).shape[1]} patches; "
+    f"exemplars from {val.n_rows} validation images of {len(val.class_names)} classes"
+)
+
+# %% [markdown]
+# ## The patch SAE
+#
+# One ReLU SAE on every patch token of the layer (recipe `stevens2025`: inputs centred and
+# scaled to unit average norm, b_dec at the data mean, kaiming init, unit-norm decoder rows,
+# lr and λ warmed up over 500 steps). It is cached in the work folder: rerunning the chapter
+# with the same settings loads it. Its quality on the validation patches, in paper 002's
+# columns (MSE per dimension in the normalised space the SAE trains in, as the paper reports
+# it; L0 = active features per patch; dead = never fire; dense = fire on more than 1% of
+# patches):
+
+# %%
+sae_dir = chapter.workdir / "saes" / f"patch-x{expansion}-l{lam:g}-e{epochs}-b{batch_size}-s{seed}"
+options = dict(expansion=expansion, l1=lam, epochs=epochs, batch_size=batch_size, seed=seed)
+sae = exemplars.train_patch_sae(train, layer, sae_dir / f"{family}-L{layer}", **options)
+eval_patches = np.array(val.patches(layer)[:2000]).reshape(-1, val.d_model)  # ≤ 2,000 images
+metrics_table({label: evaluate(sae, eval_patches, normalized=True)})
+
+# %% [markdown]
+# ## Exemplars at scale
+#
+# One pass over the validation store encodes a chunk of images at a time and folds it into a
+# running top-k per feature (a stable sort, so the result equals a full sort of all images);
+# the same pass counts how often each feature fires and its per-class statistics. The features
+# worth browsing, as paper 002 §9 sorts them: alive, not dense (firing on at most
+# `max_image_freq` of the images), strongest maximum activation first. Their facts:
+#
+# * *token_freq* / *image_freq*: share of patches / of images on which the feature fires;
+# * *max_act*: its largest activation on any patch;
+# * *top_classes*: the classes with the highest mean image score $s_k$;
+# * *ontology*: the lowest common WordNet hypernym of its class set (chapter 03), with its
+#   coverage. A patch feature fires somewhere on many images, so a class joins the set only
+#   when the feature fires on at least `min_fire_frac` of the class's images **and** its mean
+#   score there is at least `min_rel_mean_act` of its best class's.
+
+# %%
+scan = exemplars.scan_store(val, sae, layer, k=n_exemplars, model=label)
+rule = ClassSetRule(min_fire_frac=min_fire_frac, min_rel_mean_act=min_rel_mean_act)
+features = exemplars.select_features(scan, n_features, max_image_freq=max_image_freq)
+facts = exemplars.feature_facts(scan, features, rule=rule)
+facts
+
+# %% [markdown]
+# Their exemplars: each row is one feature, its strongest images left to right (class and
+# score above each), every patch tinted by the feature's activation there (bright and opaque:
+# strong; clear: zero), on one colour scale per row.
+
+# %%
+browser.jpeg(
+    exemplars.exemplar_rows(scan, val, sae, dataset, features[:6], k=6,
+                            processor=encoder.processor, tile=tile)
+)  # fmt: skip
+
+# %% [markdown]
+# ## Ground truth: where on the image do features fire?
+#
+# The toy world draws every image from parts (body, head, legs, wing, tail, fin, cabin,
+# wheels, neck) on a textured background, with a segmentation mask. Each patch is split into
+# the fractions of its pixels that each part covers; a feature's activation, summed over every
+# validation patch, is split the same way. The first row is how common each part is among all
+# pixels: a feature blind to the parts would repeat it; a feature tied to a part puts far more
+# of its mass there. Below the strongest features come the `n_part_features` features (firing
+# on at least `min_match_freq` of the images) with the largest share on the object's parts.
+# (The `paper` profile has no masks, so this section is skipped there.)
+
+# %%
+part_features = []
+if mini:
+    from saekit.toyworld import PART_NAMES, masks_root
+
+    fractions = exemplars.store_patch_fractions(
+        val, masks_root(dataset.root), val.grid(layer), len(PART_NAMES)
+    )
+    common = np.flatnonzero(scan.image_freq_S >= min_match_freq)
+    shares = exemplars.part_shares(val, sae, layer, np.union1d(common, features), fractions,
+                                   PART_NAMES)  # fmt: skip
+    on_object = 1 - shares.loc[common, "background"]
+    part_features = [f for f in on_object.nlargest(n_part_features + n_features).index
+                     if f not in features][:n_part_features]  # fmt: skip
+    shown = shares.loc[features + part_features]  # keeps the pixel shares in .attrs
+    exemplars.plot_part_shares(shown, [scan.name(f) for f in shown.index])
+    plt.show()
+    facts = exemplars.feature_facts(scan, features + part_features, rule=rule)
+    facts["part"] = exemplars.dominant_part(shown)
+    display(facts[["name", "image_freq", "token_freq", "top_classes", "ontology", "part"]])
+
+# %% [markdown]
+# The features tied to the object, with their exemplars:
+
+# %%
+if part_features:
+    display(browser.jpeg(exemplars.exemplar_rows(scan, val, sae, dataset, part_features, k=6,
+                                                 processor=encoder.processor, tile=tile)))  # fmt: skip
+
+# %% [markdown]
+# ## The feature browser
+#
+# Paper 002 explores its SAEs through a web app. This one has two tabs: **features** (pick a
+# feature to see its exemplars and facts) and **patches** (pick an image, then a patch, to list
+# the features active there, strongest first; the patches are numbered on the image, row by
+# row). The images of the patch tab are the top exemplars of the features above. Every view
+# is rendered in advance and the pickers are linked in the browser, so the app works on this
+# page without a running kernel; the figures above are its static counterpart.
+
+# %%
+browsed = features + part_features
+source = compare.ExemplarSource(scan, val, sae, dataset, encoder.processor)
+cards = browser.feature_cards(
+    source, browsed, k=n_exemplars, facts=facts, tile=tile, dpi=85, image_format="jpeg"
+)
+rows = list(dict.fromkeys(int(scan.top_rows_SK[f, 0]) for f in browsed))[:n_browse_images]
+views = browser.patch_views(source, rows, image_format="jpeg")
+browser.feature_browser(cards, views)
+
+# %% [markdown]
+# ## A static export
+#
+# The same cards as one standalone HTML page (images inlined, nothing to fetch) for sharing
+# outside the book. It is written to the work folder; a file there is not part of the
+# published site, so the page's content is also shown here, folded: open it to read every
+# card.
+
+# %%
+page = browser.export_html(
+    chapter.workdir / "exports" / f"patch-features-{family}-L{layer}.html",
+    cards,
+    title=f"{label} patch SAE: {len(cards)} features",
+    intro=f"Exemplars from {val.n_rows} validation images; profile {chapter.profile}.",
+)
+print(f"wrote {page} ({page.stat().st_size / 1e6:.1f} MB)")
+display(HTML(
+    f"<details><summary><b>The exported page: {len(cards)} feature cards</b></summary>"
+    + browser.cards_html(cards) + "</details>"
+))  # fmt: skip
+
+# %% [markdown]
+# ## Comparing two encoders (paper 002 §4)
+#
+# Paper 002 sets CLIP beside DINOv2 and asks which concepts each one has: "starting with
+# positive examples known to activate a feature in one model", it looks for "features in the
+# second model with high activation on the same examples". Done for every feature at once,
+# that is a correlation: over the same validation images, each feature of SAE A and each of
+# SAE B reduced to its image score $s_k(i)$ (strongest patch), then the Pearson correlation of
+# every A feature with every B feature, computed in one streaming pass. An A feature's match is
+# its best-correlated B feature.
+#
+# B gets its own patch SAE, trained the same way on B's patches of the same training images
+# but from another initialisation (seed + 1), so that equal indices mean nothing. Only
+# features that fire on at least `min_match_freq` of the images are matched: one that fires on
+# three images can correlate highly with some B feature by luck. To see what luck gives, the
+# matching is run once more with B's images shuffled.
+
+# %%
+train_b = chapter.store(family_b, "train", layers=[layer_b], tokens="both")
+val_b = chapter.store(family_b, "val", layers=[layer_b], tokens="both")
+sae_b = exemplars.train_patch_sae(
+    train_b, layer_b, sae_dir / f"{family_b}-L{layer_b}", **{**options, "seed": seed + 1}
+)
+scan_b = exemplars.scan_store(val_b, sae_b, layer_b, k=n_exemplars, model=label_b)
+eval_patches_b = np.array(val_b.patches(layer_b)[:2000]).reshape(-1, val_b.d_model)
+metrics_table(
+    {
+        label: evaluate(sae, eval_patches, normalized=True),
+        label_b: evaluate(sae_b, eval_patches_b, normalized=True),
+    }
+)
+
+# %%
+common = np.flatnonzero(scan.image_freq_S >= min_match_freq)
+pair = (val, sae, layer, val_b, sae_b, layer_b)
+matches = compare.correlate_features(*pair, features_a=common)
+chance = compare.correlate_features(*pair, features_a=common, null_seed=seed)
+compare.plot_best_correlations(matches, chance, label_a=label, label_b=label_b)
+plt.show()
+
+# %% [markdown]
+# The browsed features and their best match in B, strongest matches first. A high
+# correlation says the two features fire on the same images; whether on the same *patches* of
+# them is for the exemplars to show.
+
+# %%
+table = compare.correlate_features(*pair, features_a=browsed).table(scan.name, scan_b.name)
+table["A: top classes"] = facts.loc[table["feature_a"], "top_classes"].to_numpy()
+facts_b = exemplars.feature_facts(scan_b, table["feature_b"], rule=rule)
+table["B: top classes"] = facts_b["top_classes"].to_numpy()
+table
+
+# %% [markdown]
+# Matched exemplars side by side: each row is one pair, A's top images on the left and B's on
+# the right, the correlation between them. The static figure shows the `n_pairs` strongest
+# matches; the dropdown below it shows every pair of the table.
+
+# %%
+source_b = compare.ExemplarSource(scan_b, val_b, sae_b, chapter.dataset("val"), encoder_b.processor)
+pairs = list(table[["feature_a", "feature_b"]].itertuples(index=False, name=None))
+correlations = table["correlation"].tolist()
+browser.jpeg(compare.plot_matched(source, source_b, pairs[:n_pairs], k=4,
+                                  correlations=correlations[:n_pairs], tile=tile))  # fmt: skip
+
+# %%
+switcher(
+    {
+        f"{scan.name(a)} ↔ {scan_b.name(b)}": browser.figure_html(
+            compare.plot_matched(source, source_b, [(a, b)], k=4, correlations=[r], tile=tile),
+            "jpeg",
+            dpi=70,
+        )
+        for (a, b), r in zip(pairs, correlations, strict=True)
+    },
+    "pair",
+)
+
+# %% [markdown]
+# ## What to take from this
+#
+# * A patch SAE turns a layer's patches into features one can *look at*: each has exemplars,
+#   frequencies, a class profile and an ontology label, found in one streaming pass that never
+#   holds the codes of the whole store, so the same cells run on ImageNet in `paper`.
+# * In the toy world, the ground truth says what the exemplar overlays suggest: the strongest
+#   class-specific features of the middle layer fire on the *background* around the object
+#   (the ViT has spread the image's class over its background tokens), while the features that
+#   sit on the object's parts are colour and texture detectors shared across classes.
+# * Matching by correlation finds, for a feature of one encoder, the features of another that
+#   fire on the same images; features whose best match is no better than chance are where two
+#   encoders differ, which is where paper 002 looked for CLIP's cultural and cross-style
+#   concepts.
+
+# %%
+plt.close("all")
