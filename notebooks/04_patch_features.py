@@ -194,10 +194,10 @@ browser.jpeg(
 # %%
 part_features = []
 if mini:
-    from saekit.toyworld import PART_NAMES, masks_root
+    from saekit.toyworld import PART_NAMES
 
     fractions = exemplars.store_patch_fractions(
-        val, masks_root(dataset.root), val.grid(layer), len(PART_NAMES)
+        val, dataset, val.grid(layer), len(PART_NAMES), processor=encoder.processor
     )
     common = np.flatnonzero(scan.image_freq_S >= min_match_freq)
     shares = exemplars.part_shares(val, sae, layer, np.union1d(common, features), fractions,

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
+from saekit.interventions import load_masks, patch_coverage
 from saekit.ontology import ClassSetRule, ClassStats, Taxonomy, class_stats, feature_table
 from saekit.ood import train_or_load
 from saekit.sae.architectures import SAESpec, check_width
@@ -578,61 +579,35 @@ def exemplar_rows(
 # --------------------------------------------------------------------------- ground truth
 
 
-def patch_fractions(mask_HW: np.ndarray, grid: tuple[int, int], n_labels: int) -> np.ndarray:
-    """How much of each patch every label covers: ``[h * w, n_labels]`` pixel fractions (rows
-    sum to 1), patches in row-major order.
-
-    The patch grid is stretched over the whole mask, as `overlay_patches` stretches it over the
-    image (block edges are rounded down when the mask does not divide evenly). Fractions rather
-    than one label per patch, because at ViT resolution most patches that touch a small part
-    are mostly background: a majority vote would hand nearly every patch to the background.
-    """
-    mask_HW = np.asarray(mask_HW)
-    if mask_HW.ndim != 2:
-        raise ValueError(f"a label mask is [H, W]; got shape {mask_HW.shape}")
-    if mask_HW.size and (mask_HW.min() < 0 or mask_HW.max() >= n_labels):
-        raise ValueError(f"mask values must be labels 0..{n_labels - 1}")
-    h, w = grid
-    height, width = mask_HW.shape
-    if height < h or width < w:
-        raise ValueError(f"a {height}x{width} mask is smaller than the {h}x{w} patch grid")
-    row_edges = np.arange(h + 1) * height // h
-    col_edges = np.arange(w + 1) * width // w
-    out = np.empty((h * w, n_labels), dtype=np.float32)
-    for r in range(h):
-        for c in range(w):
-            block = mask_HW[row_edges[r] : row_edges[r + 1], col_edges[c] : col_edges[c + 1]]
-            out[r * w + c] = np.bincount(block.ravel(), minlength=n_labels) / block.size
-    return out
-
-
 def store_patch_fractions(
     store: Any,
-    mask_root: str | Path,
+    dataset: Any,
     grid: tuple[int, int],
     n_labels: int,
     *,
-    progress: bool = True,
+    processor: Any | None = None,
+    masks_dir: str | Path | None = None,
 ) -> np.ndarray:
-    """`patch_fractions` ``[N, P, n_labels]`` of every store row, from label masks saved under
-    ``mask_root`` with the images' relative names (the layout of
-    `saekit.toyworld.export_imagefolder`'s ``<root>_masks`` folder; pixel value = label).
+    """How much of each patch every label covers: ``[N, P, n_labels]`` pixel fractions for
+    every store row, patches in row-major order.
 
-    The grid is stretched over the whole mask, so this suits encoders that see the whole image
-    (the toy ViT's processor only resizes); masks of centre-cropped inputs would need the crop.
+    The masks are read and cropped as the encoder saw the image by
+    `saekit.interventions.load_masks` (default folder: the image folder's sibling
+    ``<root>_masks``, as the toy world exports them) and split per patch by
+    `saekit.interventions.patch_coverage`; unlabelled pixels (255) count for no label.
+    Fractions rather than one label per patch, because at ViT resolution most patches that
+    touch a small part are mostly background: a majority vote would hand nearly every patch
+    to the background.
     """
-    mask_root = Path(mask_root)
-    first = mask_root / store.image_ids[0]
-    if not first.is_file():
-        raise FileNotFoundError(
-            f"no mask {first}; masks must sit under mask_root with the same relative names as "
-            "the images (the toy world exports them to '<root>_masks')"
+    masks_NHW = load_masks(store, dataset, processor, masks_dir)
+    labelled = masks_NHW[masks_NHW != 255]
+    if labelled.size and labelled.max() >= n_labels:
+        raise ValueError(
+            f"the masks hold label {int(labelled.max())} but n_labels is {n_labels}; pass the "
+            "number of labels (e.g. len(saekit.toyworld.PART_NAMES))"
         )
-    rows = [
-        patch_fractions(np.asarray(Image.open(mask_root / image_id)), grid, n_labels)
-        for image_id in tqdm(store.image_ids, desc="patch labels", disable=not progress)
-    ]
-    return np.stack(rows)
+    per_label = [patch_coverage(masks_NHW, grid, [label]) for label in range(n_labels)]
+    return np.stack(per_label, axis=-1).reshape(len(masks_NHW), -1, n_labels)
 
 
 def part_shares(

@@ -1,6 +1,6 @@
 """Exemplars: feature names, streaming top-k == full sort, chunk-bounded memory, planted facts
 with an ontology label, patch overlays that land on the right pixels, the model's view of an
-image, per-patch feature lists, a cached patch SAE, and the mask ground truth (pixel fractions
+image, per-patch feature lists, a cached patch SAE, and the mask ground truth (label fractions
 per patch, activation shares per part)."""
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from saekit.exemplars import (  # noqa: E402
     overlay_patches,
     part_shares,
     patch_features,
-    patch_fractions,
     plot_part_shares,
     row_images,
     scan_store,
@@ -358,29 +357,17 @@ def test_train_patch_sae_trains_on_patches_once_then_loads(world, tmp_path, monk
 # --------------------------------------------------------------------------- ground truth
 
 
-def test_patch_fractions_count_each_label_pixels_per_patch():
-    mask = np.zeros((4, 6), np.uint8)
-    mask[0, 0:3] = 2  # half of the top-left patch (rows 0-1, columns 0-2)
-    mask[2:4, 3:6] = 1  # all of the bottom-right patch
-    expected = [[0.5, 0, 0.5], [1, 0, 0], [1, 0, 0], [0, 1, 0]]
-    np.testing.assert_allclose(patch_fractions(mask, (2, 2), 3), expected)
-    # 5 rows over 2 patch rows: the edge rounds down, so the blocks hold rows 0-1 and 2-4
-    lower = (np.arange(5)[:, None] >= 2).repeat(5, axis=1).astype(np.uint8)
-    np.testing.assert_allclose(patch_fractions(lower, (2, 2), 2)[:, 1], [0, 0, 1, 1])
-    with pytest.raises(ValueError, match="labels 0..2"):
-        patch_fractions(mask + 1, (2, 2), 3)
-    with pytest.raises(ValueError, match="smaller than"):
-        patch_fractions(mask, (8, 8), 3)
-
-
 def _write_masks(root: Path, image_ids: list[str]) -> None:
-    """8 x 8 masks: label 1 fills patch 0 of the 4 x 4 grid, label 2 half of patch 15."""
+    """8 x 8 masks: label 1 fills patch 0 of the 4 x 4 grid, label 2 half of patch 15, and one
+    pixel of patch 5 is unlabelled (255)."""
     mask = np.zeros((8, 8), np.uint8)
     mask[0:2, 0:2] = 1
     mask[6:8, 7] = 2
+    mask[2, 2] = 255
     for image_id in image_ids:
-        (root / image_id).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask).save(root / image_id)
+        path = (root / image_id).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(path)
 
 
 def test_part_shares_split_each_feature_by_the_masks(world, tmp_path):
@@ -388,14 +375,18 @@ def test_part_shares_split_each_feature_by_the_masks(world, tmp_path):
     grid = store.grid(LAYER)
     assert grid == (4, 4)
     _write_masks(tmp_path / "masks", store.image_ids)
-    fractions = store_patch_fractions(store, tmp_path / "masks", grid, 3, progress=False)
+    dataset, masks = world["dataset"], tmp_path / "masks"
+    fractions = store_patch_fractions(store, dataset, grid, 3, masks_dir=masks)
     one = np.zeros((16, 3))
     one[:, 0] = 1
     one[0] = [0, 1, 0]
     one[15] = [0.5, 0, 0.5]
+    one[5] = [0.75, 0, 0]  # its unlabelled pixel counts for no label
     np.testing.assert_allclose(fractions, np.broadcast_to(one, (store.n_rows, 16, 3)))
-    with pytest.raises(FileNotFoundError, match="same relative names"):
-        store_patch_fractions(store, tmp_path / "nowhere", grid, 3, progress=False)
+    with pytest.raises(ValueError, match="label 2 but n_labels is 2"):
+        store_patch_fractions(store, dataset, grid, 2, masks_dir=masks)
+    with pytest.raises(FileNotFoundError, match="No mask"):
+        store_patch_fractions(store, dataset, grid, 3, masks_dir=tmp_path / "nowhere")
 
     sae = _random_sae(32, 24)
     with torch.no_grad():
@@ -413,7 +404,7 @@ def test_part_shares_split_each_feature_by_the_masks(world, tmp_path):
     assert shares.loc[~live].isna().all().all()  # never fires: no share to give
     assert list(shares.columns) == names
     assert shares.attrs["base"] == pytest.approx(
-        {"background": 14.5 / 16, "body": 1 / 16, "fin": 0.5 / 16}
+        {"background": 14.25 / 16, "body": 1 / 16, "fin": 0.5 / 16}
     )
     with pytest.raises(ValueError, match="one row of label fractions per"):
         part_shares(store, sae, LAYER, features, fractions[:, :8], names, progress=False)
