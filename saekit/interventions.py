@@ -407,7 +407,7 @@ def tie_scores(
     sum_all_S = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     starts = range(0, len(acts), batch_size)
     for start in tqdm(starts, desc="feature ties", disable=not progress):
-        x = torch.as_tensor(np.asarray(acts[start : start + batch_size], np.float32))
+        x = torch.from_numpy(np.array(acts[start : start + batch_size], np.float32))
         codes = sae.encode(x.to(device, dtype)).double().cpu()
         mark = torch.as_tensor(inside[start : start + batch_size])
         sum_in_S += codes[mark].sum(0)
