@@ -217,8 +217,10 @@ for name, feature in cls_features.items():
         images,
         relevancy_maps(encoder, images, cls_sae, relevancy_layer, feature),
     )
+first = {name: range(min(n_images, len(images))) for name, (_, images, _) in relevancy.items()}
 figure = plot_relevancy_rows(
-    [(f"{name}\n{cls_scan.name(cls_features[name])}", images[:n_images], maps.subset(range(n_images)))
+    [(f"{name}\n{cls_scan.name(cls_features[name])}", images[: len(first[name])],
+      maps.subset(first[name]))
      for name, (_, images, maps) in relevancy.items()],
     processor=encoder.processor,
 )  # fmt: skip
@@ -232,11 +234,11 @@ switcher(
     {
         f"{name}: {cls_scan.name(cls_features[name])}": plot_relevancy_rows(
             [
-                (f"top 1-{n_images}", images[:n_images], maps.subset(range(n_images))),
+                (f"top 1-{len(first[name])}", images[: len(first[name])], maps.subset(first[name])),
                 (
-                    f"top {n_images + 1}-{len(images)}",
-                    images[n_images:],
-                    maps.subset(range(n_images, len(images))),
+                    f"top {len(first[name]) + 1}-{len(images)}",
+                    images[len(first[name]) :],
+                    maps.subset(range(len(first[name]), len(images))),
                 ),
             ],
             processor=encoder.processor,
@@ -262,10 +264,15 @@ if mini:
     for name, (rows, _, maps) in relevancy.items():
         coverage = patch_coverage(object_masks[rows], maps.grid)
         share = relevancy_share(maps.maps_FBhw[0], coverage)
-        object_rows.append({"group": name, "feature": cls_scan.name(cls_features[name]),
-                      "relevancy on the object": share.mean(),
-                      "object's share of the image": coverage.mean(),
-                      "ratio": share.mean() / coverage.mean()})  # fmt: skip
+        object_rows.append(
+            {
+                "group": name,
+                "feature": cls_scan.name(cls_features[name]),
+                "relevancy on the object": share.mean(),
+                "object's share of the image": coverage.mean(),
+                "ratio": share.mean() / coverage.mean(),
+            }
+        )
     display(pd.DataFrame(object_rows).set_index("group"))
 
 # %% [markdown]
@@ -357,9 +364,12 @@ for name, classes in groups.items():
         encoder, group_images[name], patch_sae, patch_layer, Edit(ranked[name][0]), probe, seed=seed
     )
 effects = pd.concat(
-    {name: classification_table(c, group_labels[name], groups[name]) for name, c in class_edits.items()},
+    {
+        name: classification_table(comparison, group_labels[name], groups[name])
+        for name, comparison in class_edits.items()
+    },
     names=["group", "condition"],
-)  # fmt: skip
+)
 conditions = ["original", "edited", "random direction", "random feature"]
 effects["p(group)"].unstack("condition")[conditions]
 
@@ -454,9 +464,9 @@ pd.DataFrame({"IoU": iou}, index=part_names).T
 #
 # **Intervene.** On every validation image with such patches, the part's feature is set to 0
 # on them (and nowhere else). Parts that cover fewer than `min_region_patches` validation
-# patches at least half (thin legs and necks) are left out. Per part: the share of edited
-# patches whose predicted class changed and the mean absolute logit change there, for the
-# edit and each control:
+# patches at least half (thin parts such as legs, fins and necks) are left out. Per part: the
+# share of edited patches whose predicted class changed and the mean absolute logit change
+# there, for the edit and each control:
 
 # %%
 train_seg_patches = seg_train.patches(patch_layer)
