@@ -15,6 +15,7 @@ from scipy import stats
 
 from saekit import attributes as at
 from saekit import steering as st
+from saekit.sae.synthetic import identity_sae
 from saekit.steering_mini import build_mini_clip, build_mini_sd, mini_prompts, mini_vocabulary
 
 FAST = st.GenerationConfig(num_inference_steps=2)
@@ -39,17 +40,6 @@ def sae():
 
 def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(image) for image in images])
-
-
-def identity_sae(width: int) -> StandardSAE:
-    """codes = relu(x): identity encoder and decoder, zero biases, so codes can be planted."""
-    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=width))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(width))
-        sae.W_dec.copy_(torch.eye(width))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 # ------------------------------------------------------------------ attribute discovery

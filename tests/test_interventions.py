@@ -44,6 +44,7 @@ from saekit.interventions import (  # noqa: E402
     tie_scores,
 )
 from saekit.models import load_encoder  # noqa: E402
+from saekit.sae.synthetic import identity_sae
 
 D, S = 16, 24
 
@@ -236,17 +237,6 @@ def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_
 # --------------------------------------------------------------------------- study helpers
 
 
-def _identity_sae(width: int) -> StandardSAE:
-    """A ReLU SAE whose codes are the input's positive part: feature i is dimension i."""
-    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=width))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(width))
-        sae.W_dec.copy_(torch.eye(width))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
 def test_tie_scores_find_the_planted_feature_and_equal_the_direct_means():
     sae = _sae()
     acts = _acts((12, 5, D), seed=4).abs() * 0.1
@@ -394,7 +384,7 @@ def test_a_planted_part_edit_flips_exactly_the_parts_patches():
     feature 0 on the part's patches must turn every one of them (and nothing else) to class 0."""
     from saekit.probes import SegmentationHead
 
-    sae = _identity_sae(4)
+    sae = identity_sae(4)
     head = SegmentationHead(4, 2, (2, 2))
     with torch.no_grad():
         head.linear.weight.copy_(torch.tensor([[0.0, 0, 0, 0], [4.0, 0, 0, 0]]))

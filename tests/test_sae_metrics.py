@@ -3,21 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
 
 from saekit.sae import evaluate, frequency_histogram, metrics_table
+from saekit.sae.synthetic import identity_sae as planted_identity_sae
 
 
 @pytest.fixture
 def identity_sae():
     """z = ReLU(x), x̂ = z: reconstructs the positive part of x exactly."""
-    sae = StandardSAE(StandardSAEConfig(d_in=4, d_sae=4))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.eye(4))
-        sae.W_dec.copy_(torch.eye(4))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return planted_identity_sae(4)
 
 
 def test_known_answers(identity_sae):

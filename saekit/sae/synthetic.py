@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
 
 
 @dataclass
@@ -55,3 +56,15 @@ def atom_recovery(W_dec_SD: torch.Tensor, atoms_AD: torch.Tensor, threshold: flo
     atoms = atoms_AD / atoms_AD.norm(dim=1, keepdim=True)
     best_A = (atoms.to(rows) @ rows.T).max(dim=1).values
     return (best_A >= threshold).float().mean().item()
+
+
+def identity_sae(width: int) -> StandardSAE:
+    """A ReLU SAE whose codes are the input's positive part (feature i is dimension i): identity
+    encoder and decoder, zero biases, so a test can plant exact codes."""
+    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=width))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(width))
+        sae.W_dec.copy_(torch.eye(width))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
