@@ -106,21 +106,25 @@ from saekit import ontology_study
 from saekit.activations import extract
 from saekit.data import ImageFolder
 from saekit.exemplars import exemplar_figure, feature_facts, model_view, scan_store
-from saekit.interventions import (
-    Edit,
+from saekit.intervention_study import (
     class_contrast,
     classification_table,
-    compare_in_encoder,
     edit_part,
     group_tie_table,
-    load_masks,
     part_effects,
-    patch_coverage,
     plot_class_probabilities,
     plot_segmentation_edit,
     plot_suppression_curves,
     suppression_curve,
     tie_scores,
+)
+from saekit.interventions import (
+    Edit,
+    compare_in_encoder,
+)
+from saekit.masks import (
+    load_masks,
+    patch_coverage,
 )
 from saekit.models import load_encoder
 from saekit.ontology import Taxonomy
@@ -423,7 +427,7 @@ switcher(probability_views, "group")
 # mIoU, drawn one colour per patch for viewing. In the `mini` profile the toy world's part
 # masks (background, body, head, legs, wing, tail, fin, cabin, wheels, neck) make that head
 # real; in the `paper` profile it needs a folder of segmentation images and masks (e.g.
-# ADE20K converted to an image folder with masks beside it, see `saekit.interventions.MASK_LAYOUT`).
+# ADE20K converted to an image folder with masks beside it, see `saekit.masks.MASK_LAYOUT`).
 # The head is trained with AdamW at a constant learning rate, and with strong weight decay:
 # why that matters is the last section of this chapter.
 

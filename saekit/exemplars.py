@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
-from saekit.interventions import load_masks, patch_coverage
+from saekit.masks import load_masks, patch_coverage
 from saekit.ontology import ClassSetRule, ClassStats, Taxonomy, class_stats, feature_table
 from saekit.ood import train_or_load
 from saekit.sae.architectures import SAESpec, check_width
@@ -592,9 +592,9 @@ def store_patch_fractions(
     every store row, patches in row-major order.
 
     The masks are read and cropped as the encoder saw the image by
-    `saekit.interventions.load_masks` (default folder: the image folder's sibling
+    `saekit.masks.load_masks` (default folder: the image folder's sibling
     ``<root>_masks``, as the toy world exports them) and split per patch by
-    `saekit.interventions.patch_coverage`; unlabelled pixels (255) count for no label.
+    `saekit.masks.patch_coverage`; unlabelled pixels (255) count for no label.
     Fractions rather than one label per patch, because at ViT resolution most patches that
     touch a small part are mostly background: a majority vote would hand nearly every patch
     to the background.

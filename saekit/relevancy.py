@@ -185,7 +185,7 @@ def relevancy_share(maps_Bhw: np.ndarray, coverage_Bhw: np.ndarray) -> np.ndarra
     """Share of each image's relevancy that falls on a region, ``[B]``.
 
     ``coverage_Bhw`` is the fraction of each patch the region covers (e.g.
-    `saekit.interventions.patch_coverage` of the object). A map spread evenly over the patches
+    `saekit.masks.patch_coverage` of the object). A map spread evenly over the patches
     scores the region's share of the image, so that is the chance level to compare with.
     """
     maps_Bhw, coverage_Bhw = np.asarray(maps_Bhw), np.asarray(coverage_Bhw)

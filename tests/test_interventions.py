@@ -20,28 +20,32 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig  # noqa: E402
 
-from saekit.interventions import (  # noqa: E402
-    Comparison,
-    Edit,
+from saekit.intervention_study import (  # noqa: E402
     class_contrast,
     classification_table,
-    compare,
-    compare_in_encoder,
-    continue_forward,
     edit_part,
     group_tie_table,
-    intervene,
-    load_masks,
-    model_view_mask,
     part_effects,
-    patch_coverage,
     plot_class_probabilities,
     plot_segmentation_edit,
     plot_suppression_curves,
-    random_direction,
-    random_features,
     suppression_curve,
     tie_scores,
+)
+from saekit.interventions import (  # noqa: E402
+    Comparison,
+    Edit,
+    compare,
+    compare_in_encoder,
+    continue_forward,
+    intervene,
+    random_direction,
+    random_features,
+)
+from saekit.masks import (  # noqa: E402
+    load_masks,
+    model_view_mask,
+    patch_coverage,
 )
 from saekit.models import load_encoder  # noqa: E402
 from saekit.sae.synthetic import identity_sae
