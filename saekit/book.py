@@ -56,6 +56,9 @@ MINI_SPLITS = {
 }
 MINI_IMAGES_PER_CLASS = {"train": 60, "val": 20}
 
+#: Environment for the chapters' kernels: no progress-bar widgets saved into the pages.
+QUIET_PAGES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
 IMAGENET_LAYOUT = """Expected ImageNet-style folders (one sub-folder per WordNet id):
     {path}/n01440764/*.JPEG
     {path}/n01443537/*.JPEG
@@ -290,6 +293,10 @@ def run_chapter(
     staged = out_dir / f".{source.stem}.input.ipynb"
     jupytext.write(notebook, staged)
     target = out_dir / f"{source.stem}.ipynb"
+    # Progress bars would be saved into the page as dozens of finished widgets; the runner shows
+    # the chapter's progress in the terminal instead. Set TQDM_DISABLE=0 to keep them.
+    quiet = {k: v for k, v in QUIET_PAGES.items() if k not in os.environ}
+    os.environ.update(quiet)
     try:
         papermill.execute_notebook(
             str(staged),
@@ -297,10 +304,12 @@ def run_chapter(
             parameters={"profile": profile, **(params or {})},
             kernel_name="python3",
             cwd=str(source.parent),
-            progress_bar=False,
+            progress_bar=True,
         )
     finally:
         staged.unlink(missing_ok=True)
+        for key in quiet:
+            os.environ.pop(key, None)
     return target
 
 

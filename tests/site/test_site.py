@@ -76,6 +76,8 @@ def test_chapter_renders_figures_widgets_and_no_errors(page, server, tmp_path):
     # ipywidgets' HTML manager replaced the widget-view placeholders with live widget DOM.
     assert re.search(r'class="lm-Widget[^"]*jupyter-widgets', dom), "no widget rendered"
     assert "Error rendering Jupyter widget" not in dom
+    # Progress bars belong in the terminal, not saved into the page as finished widgets.
+    assert not re.search(r"\[\d\d:\d\d<\d\d:\d\d", dom), "a progress bar was saved into the page"
     if 'class="math' in page.read_text():
         assert "<mjx-container" in dom, "formulas were not typeset (MathJax must be served locally)"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
