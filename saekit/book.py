@@ -235,7 +235,30 @@ def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chap
     if show:
         _show_banner(chapter)
         _inline_figures()
+    if os.environ.get("TQDM_DISABLE") == "1":
+        _silence_progress_bars()
     return chapter
+
+
+def _silence_progress_bars() -> None:
+    """Make every later tqdm bar silent, even one created with ``disable=False``.
+
+    ``saekit book`` sets TQDM_DISABLE=1 so that pages do not keep dozens of finished progress
+    widgets, but tqdm reads that variable only as a default and saekit's loops pass
+    ``disable=not progress`` explicitly. Modules a chapter imports after `setup` pick up this
+    class; an interactive session (no TQDM_DISABLE) keeps its bars.
+    """
+    import tqdm
+    import tqdm.auto
+    import tqdm.std
+
+    class SilentTqdm(tqdm.std.tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    tqdm.auto.tqdm = SilentTqdm
+    tqdm.tqdm = SilentTqdm
 
 
 def _inline_figures() -> None:
