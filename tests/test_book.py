@@ -121,3 +121,18 @@ def test_chapter_parameters_come_from_the_tagged_cell_and_values_take_their_type
     assert _coerce("all", 5) == "5" and _coerce("all", [0, 5]) == "[0, 5]"
     assert _coerce(10.0, 3) == 3.0 and isinstance(_coerce(10.0, 3), float)
     assert _coerce(3, 4) == 4 and _coerce(True, False) is False
+
+
+def test_book_kernels_silence_even_explicitly_enabled_progress_bars(tmp_path, monkeypatch):
+    import tqdm
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.auto.tqdm)  # restored after the test
+    monkeypatch.setattr(tqdm, "tqdm", tqdm.tqdm)
+    monkeypatch.setenv("SAEKIT_WORKDIR", str(tmp_path))
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    setup({"In": ['profile = "mini"\n'], "profile": "mini"}, show=False)
+    assert not tqdm.auto.tqdm(range(3), disable=False).disable  # interactive: bars stay
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    setup({"In": ['profile = "mini"\n'], "profile": "mini"}, show=False)
+    assert tqdm.auto.tqdm(range(3), disable=False).disable
