@@ -302,7 +302,7 @@ else:
         seed=seed, out_dir=patch_dir,
     )  # fmt: skip
 val_patches = np.array(val_patch.patches(patch_layer)[:1000], dtype=np.float32)  # ≤ 1000 images
-metrics_table({spec.label: evaluate(patch_sae, val_patches.reshape(-1, val_patches.shape[-1]))})
+metrics_table({spec.label: evaluate(patch_sae, val_patches.reshape(-1, val_patches.shape[-1]), normalized=True)})
 
 # %% [markdown]
 # ### Classification: observe, hypothesise, intervene

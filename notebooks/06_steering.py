@@ -136,9 +136,12 @@ print(f"{len(prompts)} prompts, {len(captions)} captions; e.g. {prompts[0]!r}")
 # %% [markdown]
 # ## 1. Token activations of the text encoder
 #
-# Every (non-padding) token of every prompt becomes one row, taken at the hidden state the
-# denoiser reads (`layer = -2`: the penultimate layer, through CLIP's final layer norm as
-# diffusers applies it). A side table says which prompt, position and word each row is.
+# Every (non-padding) token of every prompt becomes one row, taken at the text encoder's
+# penultimate layer (`layer = -2`, through CLIP's final layer norm, as diffusers' `clip_skip=1`
+# computes it), where paper 003 trains its SAE. The pipeline is then conditioned on that same
+# layer, steered or not, so "original" images are `clip_skip=1` images: SD 1.x's default reads
+# the last layer instead (`-p layer -1` for that). A side table says which prompt, position and
+# word each row is.
 
 # %%
 acts_ND, token_info = st.text_token_activations(pipe, prompts, layer)

@@ -225,6 +225,14 @@ def plot_matched(
     return fig
 
 
+def share_above_chance(
+    matches: FeatureMatches, null: FeatureMatches, quantile: float = 0.99
+) -> tuple[float, float]:
+    """(share of A features whose best match beats the null's `quantile`, that cut-off)."""
+    cut = float(np.quantile(null.best(1)[1][:, 0], quantile))
+    return float((matches.best(1)[1][:, 0] > cut).mean()), cut
+
+
 def plot_best_correlations(
     matches: FeatureMatches,
     null: FeatureMatches | None = None,
@@ -246,11 +254,10 @@ def plot_best_correlations(
     ax.hist(best, bins=bins, color="#4c72b0", alpha=0.85, label=f"{label_a} features")
     if null is not None:
         chance = null.best(1)[1][:, 0]
-        cut = float(np.quantile(chance, 0.99))
+        share, cut = share_above_chance(matches, null)
         ax.hist(chance, bins=bins, histtype="step", color="0.3", lw=1.5,
                 label="same, images shuffled (chance)")  # fmt: skip
         ax.axvline(cut, color="#c44e52", ls="--", lw=1)
-        share = float((best > cut).mean())
         right = cut < 0.6  # write on the side of the line with room
         ax.annotate(f"{share:.0%} above chance's\n99th percentile", (cut, 0.95),
                     xycoords=("data", "axes fraction"), xytext=(4 if right else -4, 0),

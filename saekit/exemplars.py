@@ -74,6 +74,15 @@ def model_label(family_or_id: str) -> str:
     return str(family_or_id)
 
 
+def _store_model_label(manifest: dict) -> str:
+    """The label of the model a store was made from: its id or path first (the toy ViT's folder
+    says "toyvit" where its family says only "vit"), else its family."""
+    from_id = model_label(manifest["model"])
+    if from_id != manifest["model"]:
+        return from_id
+    return model_label(manifest.get("family") or manifest["model"])
+
+
 def feature_name(model: str, d_sae: int, index: int) -> str:
     """Paper 002's MODEL-WIDTH/INDEX name, e.g. ``feature_name("DINOv2", 24576, 9823)`` ->
     'DINOv2-24K/9823'. ``model`` may also be a family ('dinov2') or a hub id."""
@@ -265,7 +274,7 @@ def scan_store(
     return ExemplarScan(
         layer=layer,
         rank_by=rank_by,
-        model=model or model_label(manifest.get("family") or manifest["model"]),
+        model=model or _store_model_label(manifest),
         d_sae=d_sae,
         top_values_SK=top_values.cpu().numpy(),
         top_rows_SK=top_rows.cpu().numpy(),

@@ -60,7 +60,8 @@ class Edit:
     """The factor for 'scale' or the activation for 'set'; 'suppress' ignores it."""
 
     def __post_init__(self) -> None:
-        features = (self.features,) if isinstance(self.features, int) else self.features
+        # np.atleast_1d accepts an int, a numpy integer (from argmax) or any sequence.
+        features = np.atleast_1d(np.asarray(self.features)).ravel()
         object.__setattr__(self, "features", tuple(int(f) for f in features))
         if self.mode not in EDIT_MODES:
             raise ValueError(f"Edit.mode must be one of {EDIT_MODES}, not {self.mode!r}")
@@ -107,6 +108,10 @@ def token_mask(patches: Any, shape: torch.Size) -> torch.Tensor:
         raise ValueError(
             f"a patch mask must be [P] = [{n_patches}] or [B, P] = [{batch}, {n_patches}], got "
             f"{tuple(given.shape)}"
+        )
+    if given.ndim > 1:
+        raise ValueError(
+            "patch indices apply to every image; pass a bool [B, P] mask to pick patches per image"
         )
     index = given.long().reshape(-1)
     if index.numel() and (index.min() < -n_patches or index.max() >= n_patches):
@@ -159,16 +164,21 @@ def random_direction(acts: torch.Tensor, delta: torch.Tensor, seed: int = 0) -> 
 def random_features(
     codes: torch.Tensor, tokens: torch.Tensor, exclude: Sequence[int], n: int, seed: int = 0
 ) -> tuple[int, ...]:
-    """Control features: ``n`` random features other than ``exclude`` that fire in the edited
-    tokens (any features when too few fire)."""
-    d_sae = codes.shape[-1]
-    active = (codes[tokens] > 0).any(dim=0).cpu().numpy()
-    active[list(exclude)] = False
-    pool = np.flatnonzero(active)
-    if len(pool) < n:
-        pool = np.setdiff1d(np.arange(d_sae), np.asarray(exclude, dtype=np.int64))
+    """Control features: ``n`` random features other than ``exclude`` whose activation mass in
+    the edited tokens is like the edited features' (within 0.5x to 2x of their mean mass; the
+    closest in log-mass when too few are). Matching the mass keeps the control's edit about as
+    large as the real one: any feature that merely fires somewhere in the edited tokens is
+    usually so weak there that suppressing it changes nothing, a vacuous control."""
+    mass_S = codes[tokens].clamp(min=0).sum(0).double().cpu().numpy()
+    exclude = np.asarray(list(exclude), dtype=np.int64)
+    target = max(mass_S[exclude].mean(), np.finfo(float).tiny)
+    pool = np.setdiff1d(np.arange(len(mass_S)), exclude)
+    matched = pool[(mass_S[pool] >= 0.5 * target) & (mass_S[pool] <= 2.0 * target)]
+    if len(matched) < n:
+        distance = np.abs(np.log(np.maximum(mass_S[pool], np.finfo(float).tiny) / target))
+        matched = pool[np.argsort(distance, kind="stable")[: max(n, 1)]]
     rng = np.random.default_rng(seed)
-    return tuple(int(f) for f in rng.choice(pool, size=min(n, len(pool)), replace=False))
+    return tuple(int(f) for f in rng.choice(matched, size=min(n, len(matched)), replace=False))
 
 
 @dataclass

@@ -34,6 +34,9 @@ def model_view_mask(mask_HW: np.ndarray, processor: Any | None = None) -> np.nda
     return np.rint(pixels[0]).astype(np.uint8)
 
 
+UNLABELLED = 255
+"""Mask value of pixels with no label (ADE20K-style); never counted as object."""
+
 MASK_LAYOUT = """Masks sit in a sibling folder with the images' relative paths, as PNG:
     {root}/<class>/<name>.jpg      the image
     {root}_masks/<class>/<name>.png  its mask; pixel value = class index (255 = unlabelled)
@@ -68,14 +71,14 @@ def patch_coverage(
     masks_NHW: Any, grid: tuple[int, int], classes: int | Sequence[int] | None = None
 ) -> np.ndarray:
     """Fraction of each patch's pixels whose mask value is in ``classes`` (None: any value but
-    0, i.e. the object), ``[N, h, w]``; the mask must tile the patch grid exactly."""
+    0 and 255, i.e. the labelled object), ``[N, h, w]``; the mask must tile the patch grid."""
     masks = np.asarray(masks_NHW)
     n, height, width = masks.shape
     h, w = grid
     if height % h or width % w:
         raise ValueError(f"masks of {height}x{width} pixels do not tile a {h}x{w} patch grid")
     if classes is None:
-        hit = masks != 0
+        hit = (masks != 0) & (masks != UNLABELLED)  # object = any labelled, non-background pixel
     else:
         hit = np.isin(masks, np.atleast_1d(np.asarray(classes)))
     return hit.reshape(n, h, height // h, w, width // w).mean(axis=(2, 4))

@@ -116,6 +116,11 @@ def relevancy_maps(
     d_sae = int(sae.cfg.d_sae)
     if not features or not all(0 <= f < d_sae for f in features):
         raise IndexError(f"features must be indices in [0, {d_sae}); got {features}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "relevancy maps need gradients, which torch.inference_mode() forbids; call "
+            "relevancy_maps outside an inference_mode block (torch.no_grad() is fine)."
+        )
     pixels = images if torch.is_tensor(images) else encoder.preprocess(images)
     with torch.enable_grad():
         out = encoder.forward_pixels(pixels, layers=list(range(layer + 1)), attentions=True)

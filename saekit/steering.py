@@ -13,10 +13,11 @@ The stages, left to right:
 
 Naming the features and checking the names with CLIP (§4.2, Table 3) is `saekit.attributes`.
 
-The activation space is exactly what the denoiser reads: `layer=-2` is the penultimate hidden
-state as diffusers feeds it (SD 1.x: `clip_skip=1`, through CLIP's final layer norm; SD 3: its
-default), so an SAE trained on `text_token_activations(pipe, ..., layer)` is steered with the
-same `layer`.
+The SAE's activation space is what the denoiser is conditioned on: `layer=-2` is the
+penultimate hidden state as diffusers feeds it with `clip_skip=1` (through CLIP's final layer
+norm; SD 3 uses it by default), and both the steered and the unsteered images are generated from
+that same layer, so an SAE trained on `text_token_activations(pipe, ..., layer)` is steered with
+the same `layer`. SD 1.x's own default conditions on the last layer (`layer=-1`).
 Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SD 3.x (`StableDiffusion3Pipeline`,
 three text encoders, Appendix B) are supported; for SD 3 the rows are positions of the joint
 CLIP+T5 sequence and the pooled CLIP vector is left unsteered.

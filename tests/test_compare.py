@@ -156,3 +156,18 @@ def test_best_correlation_histogram_counts_features_above_chance():
     assert [line.get_xdata()[0] for line in ax.lines] == [pytest.approx(0.25)]
     assert ax.get_xlabel() == "best correlation with any B feature"
     plt.close(fig)
+
+
+def test_share_above_chance_known_answer():
+    from saekit.compare import FeatureMatches, share_above_chance
+
+    # Best real matches 0.9, 0.8, 0.1, 0.05; the null's best matches are all 0.2 or below.
+    real = FeatureMatches(
+        np.arange(4), np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.0], [0.05, 0.0]]), 10
+    )
+    null = FeatureMatches(
+        np.arange(4), np.array([[0.2, 0.1], [0.1, 0.15], [0.0, 0.1], [0.05, 0.0]]), 10
+    )
+    share, cut = share_above_chance(real, null)
+    assert cut == pytest.approx(np.quantile([0.2, 0.15, 0.1, 0.05], 0.99))
+    assert share == 0.5

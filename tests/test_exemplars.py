@@ -426,3 +426,12 @@ def test_dominant_part_and_its_heat_map():
     # 'fin' covers no pixel and draws no activation: no column for it
     assert [t.get_text() for t in ax.get_xticklabels()] == ["background", "body"]
     plt.close(fig)
+
+
+def test_store_features_are_named_after_the_model_folder_before_its_family():
+    from saekit.exemplars import _store_model_label
+
+    # The toy ViT's family is plain "vit"; its folder name tells it apart.
+    assert _store_model_label({"model": "/repo/saekit/data/toyvit", "family": "vit"}) == "ToyViT"
+    assert _store_model_label({"model": "facebook/dinov2-giant", "family": "dinov2"}) == "DINOv2"
+    assert _store_model_label({"model": "/tmp/my_model", "family": "clip"}) == "CLIP"

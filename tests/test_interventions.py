@@ -41,6 +41,7 @@ from saekit.interventions import (  # noqa: E402
     intervene,
     random_direction,
     random_features,
+    token_mask,
 )
 from saekit.masks import (  # noqa: E402
     load_masks,
@@ -135,6 +136,26 @@ def test_controls_have_the_same_size_and_other_features():
     assert feature not in out.control_features
     table = out.summary()
     assert list(table.index) == ["edited", "random direction", "random feature"]
+
+
+def test_random_feature_control_is_matched_on_activation_mass():
+    # Feature 0 is edited (mass 10 per token); features 1-2 are as strong, 3-9 fire weakly.
+    codes = torch.zeros(4, 5, 10)
+    codes[..., 0], codes[..., 1], codes[..., 2] = 10.0, 8.0, 15.0
+    codes[..., 3:] = 0.01
+    tokens = torch.ones(4, 5, dtype=torch.bool)
+    for seed in range(5):
+        assert set(random_features(codes, tokens, [0], 2, seed=seed)) == {1, 2}
+    # When nothing is comparable, the closest masses are taken.
+    codes[..., 1:3] = 0.02
+    assert set(random_features(codes, tokens, [0], 2, seed=0)) == {1, 2}
+
+
+def test_edit_features_accept_numpy_integers_and_per_image_indices_are_refused():
+    assert Edit(np.int64(3)).features == (3,)
+    assert Edit(np.array([1, 2])).features == (1, 2)
+    with pytest.raises(ValueError, match="bool \\[B, P\\] mask"):
+        token_mask([[0], [3]], torch.Size([2, 4, 8]))
 
 
 def test_bad_edits_are_refused_with_a_hint():
@@ -293,6 +314,8 @@ def test_patch_coverage_known_answer():
     np.testing.assert_allclose(object_share[0], [[1.0, 0.0], [0.0, 0.5]])
     np.testing.assert_allclose(patch_coverage(mask, (2, 2), 1)[0], [[0, 0], [0, 0.5]])
     np.testing.assert_allclose(patch_coverage(mask, (2, 2), [1, 2]), object_share)
+    mask[0, :2, 3:] = 255  # unlabelled pixels are not object
+    np.testing.assert_allclose(patch_coverage(mask, (2, 2))[0], [[1.0, 0.0], [0.0, 0.5]])
     with pytest.raises(ValueError, match="tile"):
         patch_coverage(mask, (3, 2))
 
