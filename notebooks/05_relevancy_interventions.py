@@ -39,7 +39,8 @@
 # every change comes from the edit. An effect only means something next to what a meaningless
 # edit of the same size does, so every edit is run beside two controls, as the saev code does:
 # the same change in norm along a **random direction**, and the same edit of a **random
-# feature** (among those active in the edited patches). Paper 002 edits two tasks: a linear
+# feature** (one whose activation mass in the edited patches is like the edited feature's, so
+# the control's edit is about as large). Paper 002 edits two tasks: a linear
 # classifier on the CLS token (§5.1) and a linear segmentation head on the patch tokens (§5.2);
 # so does this chapter.
 
@@ -555,15 +556,19 @@ head_table
 relevancy_ratio = pd.DataFrame(object_rows)["ratio"] if mini else pd.Series(dtype=float)
 moved = effects["p(group)"].unstack("condition").eval("original - edited")
 control = effects["p(group)"].unstack("condition").eval("original - `random direction`")
+control_feature = effects["p(group)"].unstack("condition").eval("original - `random feature`")
 beats = (part_table["changed: edited"] > part_table["changed: random direction"]).sum()
+beats_feature = (part_table["changed: edited"] > part_table["changed: random feature"]).sum()
 lines = [
     f"Relevancy on the object: {relevancy_ratio.min():.1f} to {relevancy_ratio.max():.1f} times "
     "what an even spread over the patches would give." if mini else "",
     f"Classification: suppressing one feature lowered p(group) by more than 0.1 for "
     f"{(moved > 0.1).sum()} of {len(moved)} groups (largest drop {moved.max():.2f}, for "
-    f"{moved.idxmax()}); the random direction's largest drop was {control.max():.2f}.",
+    f"{moved.idxmax()}); the random direction's largest drop was {control.max():.2f}, the "
+    f"random feature's {control_feature.max():.2f}.",
     f"Segmentation: the edit changed the predicted class of more of the part's patches than "
-    f"the random direction did for {beats} of {len(part_table)} parts; patches outside the "
+    f"the random direction did for {beats} of {len(part_table)} parts, and than the random "
+    f"feature did for {beats_feature}; patches outside the "
     "edited region never change (the head is per patch, and the edit touches only the region).",
     "Head regularisation: the edit moved the logits "
     + " and ".join(f"{r:.1f}x as far as a random direction ({head})"
