@@ -17,6 +17,7 @@ import math
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
@@ -30,6 +31,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
 )
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's own pre-tokeniser pattern, so the trained BPE splits words exactly as CLIPTokenizer does.
@@ -122,6 +126,23 @@ def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 0) -> 
     )
 
 
+def _mini_vae(**overrides: Any) -> AutoencoderKL:
+    """A two-block, 4-channel-latent VAE for 32-pixel images (SD 1.x settings unless overridden)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **overrides,
+    )
+
+
 def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
     """Save a tiny `StableDiffusionPipeline` (32x32 images, 32-wide text encoder) to `path`.
 
@@ -129,7 +150,6 @@ def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
     `StableDiffusionPipeline.from_pretrained(path)`. No safety checker.
     """
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -151,16 +171,7 @@ def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _mini_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -232,7 +243,6 @@ def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
     Paper 003 Appendix B steers SD 3.5 through the joint output of its three text encoders.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -273,17 +283,9 @@ def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
         pooled_projection_dim=2 * clip_width,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    # SD 3's VAE: its latent shift and scale, and no quantisation convolutions.
+    vae = _mini_vae(
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
     )
     StableDiffusion3Pipeline(
         transformer=transformer,
