@@ -153,31 +153,23 @@ def sparsity_multiplier(step: int, warmup: int) -> float:
     return 1.0
 
 
+_OLSON2025 = Recipe(
+    name="olson2025",
+    lr=1e-4,
+    lr_warmup_fraction=0.05,
+    lr_decay_fraction=0.20,
+    sparsity_warmup_fraction=0.05,
+    l1=10.0,
+    batch_size=64,
+    epochs=3,
+    expansion=8,
+    max_grad_norm=1.0,
+)
+
 RECIPES: dict[str, Recipe] = {
-    "olson2025": Recipe(
-        name="olson2025",
-        lr=1e-4,
-        lr_warmup_fraction=0.05,
-        lr_decay_fraction=0.20,
-        sparsity_warmup_fraction=0.05,
-        l1=10.0,
-        batch_size=64,
-        epochs=3,
-        expansion=8,
-        max_grad_norm=1.0,
-    ),
-    "olson2025_ood": Recipe(
-        name="olson2025_ood",
-        lr=1e-4,
-        lr_warmup_fraction=0.05,
-        lr_decay_fraction=0.20,
-        sparsity_warmup_fraction=0.05,
-        l1=0.5,
-        batch_size=64,
-        epochs=3,
-        expansion=8,
-        max_grad_norm=1.0,
-    ),
+    "olson2025": _OLSON2025,
+    # Paper 003's OOD study: the same recipe with λ = 0.5.
+    "olson2025_ood": dataclasses.replace(_OLSON2025, name="olson2025_ood", l1=0.5),
     "stevens2025": Recipe(
         name="stevens2025",
         lr=4e-4,
