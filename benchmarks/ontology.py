@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from saekit.ontology import Taxonomy, feature_table, plot_height_vs_coverage
+from saekit.analysis.ontology import feature_table, plot_height_vs_coverage
+from saekit.taxonomy import Taxonomy
 
 
 def synthetic_class_sets(

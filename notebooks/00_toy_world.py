@@ -23,7 +23,7 @@
 #   other nuisances, an edges-only sketch, a palette-swapped rendition, and hard examples with
 #   clutter and occlusion. Noise textures of no class serve as far-OOD images.
 # * **A miniature ViT** (6 layers, width 64, a real `transformers` ViT) was trained on the toy
-#   world by `python -m saekit.toyworld.train`; its weights ship in `saekit/data/toyvit` and load
+#   world by `python -m saekit.mini.toyworld.train`; its weights ship in `saekit/data/toyvit` and load
 #   through `from_pretrained` like any hub checkpoint.
 #
 # The ontology chapter can then check its metrics against the planted hierarchy, which no
@@ -47,10 +47,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from saekit.probes import train_probe
-from saekit.toyworld import GROUPS, LEAVES, MIDS, ToyWorld, toyvit_path
-from saekit.toyworld.figures import classes_per_group, group_separation, sample_grid
-from saekit.widgets import switcher
+from saekit.analysis.probes import train_probe
+from saekit.analysis.widgets import switcher
+from saekit.mini.toyworld import GROUPS, LEAVES, MIDS, ToyWorld, toyvit_path
+from saekit.mini.toyworld.figures import classes_per_group, group_separation, sample_grid
 
 # %% [markdown]
 # ## The planted hierarchy
@@ -87,7 +87,7 @@ pd.DataFrame(record["results"]).T.rename(columns=lambda c: c.replace("_", " ")).
 # store (`saekit.activations.extract`, cached under the work folder), then projected on the two
 # directions that best spread the five group means (a linear discriminant view) and coloured by
 # planted group. The view is fitted on the plotted images, so it flatters a little; the linear
-# probes below (`saekit.probes`, trained on the train split, scored on val) are the honest number.
+# probes below (`saekit.analysis.probes`, trained on the train split, scored on val) are the honest number.
 
 # %%
 store = chapter.store(encoder, "val", n_per_class=images_per_class)

@@ -51,10 +51,10 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
-import saekit.plots
-import saekit.probes
+import saekit.analysis.plots
+import saekit.analysis.probes
+import saekit.analysis.widgets
 import saekit.sae
-import saekit.widgets
 
 # %% [markdown]
 # ## Profile defaults
@@ -108,8 +108,11 @@ specs = [
     )
     for layer in sweep_layers
 ]
-sweep_dir = chapter.workdir / "saes" / f"layer-sweep-{encoder}-l{lam:g}-x{expansion}-e{epochs}"
-saes = saekit.sae.sweep_from_store(train_store, specs, epochs=epochs, seed=seed, out_dir=sweep_dir)
+saes = list(
+    saekit.sae.train_or_load(
+        specs, train_store, root=chapter.workdir / "saes", epochs=epochs, seed=seed
+    ).values()
+)
 
 # %% [markdown]
 # Each SAE is scored on the validation images it never saw: MSE (averaged over dimensions),
@@ -131,13 +134,13 @@ sae_metrics = {
 
 # %%
 probe_config = (
-    saekit.probes.ProbeConfig()
+    saekit.analysis.probes.ProbeConfig()
     if probe_optimizer == "lbfgs"
-    else saekit.probes.ProbeConfig(optimizer="adam", lr=1e-3, max_iter=epochs)
+    else saekit.analysis.probes.ProbeConfig(optimizer="adam", lr=1e-3, max_iter=epochs)
 )
 accuracy = {}
 for layer in tqdm(sweep_layers, desc="probes"):
-    probe = saekit.probes.train_probe(
+    probe = saekit.analysis.probes.train_probe(
         train_store.cls(layer), train_store.labels, n_classes=n_classes, config=probe_config
     )
     accuracy[layer] = probe.accuracy(val_store.cls(layer), val_store.labels)
@@ -150,11 +153,11 @@ for layer in tqdm(sweep_layers, desc="probes"):
 # can be compared with the accuracy's.
 
 # %%
-table = saekit.plots.layer_sweep_table(sae_metrics, accuracy)
+table = saekit.analysis.plots.layer_sweep_table(sae_metrics, accuracy)
 table.round(4)
 
 # %%
-fig = saekit.plots.layer_sweep_figure(
+fig = saekit.analysis.plots.layer_sweep_figure(
     table,
     chance=1 / n_classes,
     title=f"{train_store.manifest['model'].rsplit('/', 1)[-1]}: ReLU SAE (λ = {lam:g}) and "
@@ -176,11 +179,11 @@ plt.show()
 # too, the early layers' low MSE says more about their scale than about being easy to encode.
 
 # %%
-correlations = saekit.plots.metric_correlations(
+correlations = saekit.analysis.plots.metric_correlations(
     table, metrics=["mse", "l0", "l1", "explained_variance"]
 )
 display(correlations.round(3))
-display(Markdown(saekit.plots.correlation_summary(correlations)))
+display(Markdown(saekit.analysis.plots.correlation_summary(correlations)))
 
 # %% [markdown]
 # ## Explore: how often each layer's latents fire
@@ -193,14 +196,14 @@ display(Markdown(saekit.plots.correlation_summary(correlations)))
 # %%
 frequencies = {layer: m.frequencies for layer, m in sae_metrics.items()}
 n_val = len(val_store)
-fig = saekit.plots.frequency_by_layer_figure(frequencies, n_rows=n_val)
+fig = saekit.analysis.plots.frequency_by_layer_figure(frequencies, n_rows=n_val)
 plt.show()
 
 # %%
 views = {
-    layer: saekit.plots.frequency_histogram_figure(
+    layer: saekit.analysis.plots.frequency_histogram_figure(
         m.frequencies, n_rows=n_val, title=f"layer {layer}: MSE {m.mse:.3g}, L0 {m.l0:.1f}"
     )
     for layer, m in sae_metrics.items()
 }
-saekit.widgets.switcher(views, description="layer", control="slider")
+saekit.analysis.widgets.switcher(views, description="layer", control="slider")

@@ -68,9 +68,9 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-import saekit.widgets
-from saekit import ood
-from saekit.sae import get_recipe
+import saekit.analysis.widgets
+from saekit.sae import get_recipe, train_or_load
+from saekit.studies import ood
 
 # %% [markdown]
 # ## Profile defaults
@@ -131,8 +131,9 @@ saes = {}
 for encoder in encoders:
     train_store = stores[encoder]["train"]
     specs = grid.specs(layer=train_store.layers[-1], recipe=recipe)
-    out_dir = chapter.workdir / "saes" / f"ood-{encoder}"
-    saes[encoder] = ood.train_or_load(train_store, specs, out_dir, seed=seed, device=device)
+    saes[encoder] = train_or_load(
+        specs, train_store, root=chapter.workdir / "saes", seed=seed, device=device
+    )
 sweep = pd.concat([ood.sweep_table(saes[encoder], encoder) for encoder in encoders])
 sweep
 
@@ -225,7 +226,7 @@ display(Markdown(ood.findings(summary, probes).replace("\n", "\n\n")))
 # stay in grey, so the axes do not move).
 
 # %%
-saekit.widgets.switcher(
+saekit.analysis.widgets.switcher(
     {arch: ood.ood_figure(summary, raw_ood, focus=("arch", arch)) for arch in grid.archs},
     description="architecture",
     control="toggle",
@@ -245,7 +246,7 @@ plt.show()
 # **Explore by evaluation set.**
 
 # %%
-saekit.widgets.switcher(
+saekit.analysis.widgets.switcher(
     {
         f"{split} ({ood.TABLE1_COLUMNS[split]})": ood.split_figure(
             summary, split, probes, panel_size=(6.0, 4.2)

@@ -68,17 +68,17 @@ chapter = saekit.book.setup(globals())
 import pandas as pd
 from IPython.display import display
 
-from saekit import ontology_study
-from saekit.ontology import (
+from saekit.analysis.ontology import (
     ClassSetRule,
-    Taxonomy,
     class_sets_with_baselines,
     feature_table,
     plot_height_vs_coverage,
     table2,
 )
+from saekit.analysis.widgets import switcher
 from saekit.sae import evaluate, metrics_table
-from saekit.widgets import switcher
+from saekit.studies import ontology as ontology_study
+from saekit.taxonomy import Taxonomy
 
 family = "toyvit" if chapter.profile == "mini" else "dinov2"
 lam = lam or (3.0 if chapter.profile == "mini" else 10.0)
@@ -107,11 +107,10 @@ print(f"layers {layers}, width {val.d_model}")
 # %%
 saes = ontology_study.layer_saes(
     train,
-    chapter.workdir / "saes" / f"ontology-{family}-l{lam:g}-e{epochs}-s{seed}",
+    chapter.workdir / "saes",
     lam=lam,
     epochs=epochs,
     seed=seed,
-    reuse=[chapter.workdir / "saes" / f"layer-sweep-{family}-l{lam:g}-x8-e{epochs}"],
 )
 metrics_table({f"layer {layer}": evaluate(sae, val.cls(layer)) for layer, sae in saes.items()})
 

@@ -90,11 +90,12 @@ import numpy as np
 import pandas as pd
 from IPython.display import HTML, display
 
-from saekit import browser, compare, exemplars
+from saekit.analysis import browser, compare, exemplars
+from saekit.analysis.ontology import ClassSetRule
+from saekit.analysis.widgets import switcher
 from saekit.models import load_encoder
-from saekit.ontology import ClassSetRule
 from saekit.sae import evaluate, metrics_table
-from saekit.widgets import switcher
+from saekit.studies.patch_features import train_patch_sae
 
 mini = chapter.profile == "mini"
 family = family or ("toyvit" if mini else "dinov2")
@@ -136,9 +137,8 @@ print(
 # patches):
 
 # %%
-sae_dir = chapter.workdir / "saes" / f"patch-x{expansion}-l{lam:g}-e{epochs}-b{batch_size}-s{seed}"
 options = dict(expansion=expansion, l1=lam, epochs=epochs, batch_size=batch_size, seed=seed)
-sae = exemplars.train_patch_sae(train, layer, sae_dir / f"{family}-L{layer}", **options)
+sae = train_patch_sae(train, layer, chapter.workdir / "saes", **options)
 # the first images of the validation store, up to 65,536 patches (all of them in mini)
 n_eval = max(1, 2**16 // val.patches(layer).shape[1])
 eval_patches = np.array(val.patches(layer)[:n_eval]).reshape(-1, val.d_model)
@@ -194,7 +194,7 @@ browser.jpeg(
 # %%
 part_features = []
 if mini:
-    from saekit.toyworld import PART_NAMES
+    from saekit.mini.toyworld import PART_NAMES
 
     fractions = exemplars.store_patch_fractions(
         val, dataset, val.grid(layer), len(PART_NAMES), processor=encoder.processor
@@ -281,9 +281,7 @@ display(HTML(
 # %%
 train_b = chapter.store(family_b, "train", layers=[layer_b], tokens="both")
 val_b = chapter.store(family_b, "val", layers=[layer_b], tokens="both")
-sae_b = exemplars.train_patch_sae(
-    train_b, layer_b, sae_dir / f"{family_b}-L{layer_b}", **{**options, "seed": seed + 1}
-)
+sae_b = train_patch_sae(train_b, layer_b, chapter.workdir / "saes", **{**options, "seed": seed + 1})
 scan_b = exemplars.scan_store(val_b, sae_b, layer_b, k=n_exemplars, model=label_b)
 n_eval_b = max(1, 2**16 // val_b.patches(layer_b).shape[1])
 eval_patches_b = np.array(val_b.patches(layer_b)[:n_eval_b]).reshape(-1, val_b.d_model)

@@ -103,11 +103,30 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from saekit import ontology_study
 from saekit.activations import extract
+from saekit.analysis.exemplars import exemplar_figure, feature_facts, model_view, scan_store
+from saekit.analysis.interventions import (
+    Edit,
+    compare_in_encoder,
+)
+from saekit.analysis.probes import (
+    SegmentationConfig,
+    mean_iou,
+    train_probe,
+    train_segmentation_head,
+)
+from saekit.analysis.relevancy import plot_relevancy_rows, relevancy_maps, relevancy_share
+from saekit.analysis.widgets import switcher
 from saekit.data import ImageFolder
-from saekit.exemplars import exemplar_figure, feature_facts, model_view, scan_store
-from saekit.intervention_study import (
+from saekit.masks import (
+    load_masks,
+    patch_coverage,
+)
+from saekit.mini.toyworld import GROUPS, PART_NAMES
+from saekit.models import load_encoder
+from saekit.sae import SAESpec, evaluate, metrics_table, train_or_load
+from saekit.studies import ontology as ontology_study
+from saekit.studies.relevancy_interventions import (
     class_contrast,
     classification_table,
     edit_part,
@@ -119,21 +138,7 @@ from saekit.intervention_study import (
     suppression_curve,
     tie_scores,
 )
-from saekit.interventions import (
-    Edit,
-    compare_in_encoder,
-)
-from saekit.masks import (
-    load_masks,
-    patch_coverage,
-)
-from saekit.models import load_encoder
-from saekit.ontology import Taxonomy
-from saekit.probes import SegmentationConfig, mean_iou, train_probe, train_segmentation_head
-from saekit.relevancy import plot_relevancy_rows, relevancy_maps, relevancy_share
-from saekit.sae import SAESpec, evaluate, load_sweep, metrics_table, train_from_store
-from saekit.toyworld import GROUPS, PART_NAMES
-from saekit.widgets import switcher
+from saekit.taxonomy import Taxonomy
 
 mini = chapter.profile == "mini"
 family = "toyvit" if mini else "dinov2"
@@ -181,19 +186,18 @@ pd.DataFrame(
 # The relevancy SAE is the ontology chapter's: ReLU, recipe `olson2025`, 8× expansion, on the
 # CLS token of one layer, trained by the sweep trainer (`saekit.sae.sweep_from_store`) and
 # reused from that chapter's cache when it has run. One streaming pass over the validation
-# store (`saekit.exemplars.scan_store`) gives every feature's top images and its mean
+# store (`saekit.analysis.exemplars.scan_store`) gives every feature's top images and its mean
 # activation per class; the feature *tied* to a group is the one whose mean activation over
 # the group's classes exceeds its mean over the other classes by the most.
 
 # %%
 cls_sae = ontology_study.layer_saes(
     train_cls,
-    chapter.workdir / "saes" / f"relevancy-{family}-l{lam:g}-e{cls_epochs}-s{seed}",
+    chapter.workdir / "saes",
     lam=lam,
     epochs=cls_epochs,
     layers=[relevancy_layer],
     seed=seed,
-    reuse=[chapter.workdir / "saes" / f"ontology-{family}-l{lam:g}-e{cls_epochs}-s{seed}"],
 )[relevancy_layer]
 cls_scan = scan_store(val_cls, cls_sae, relevancy_layer, k=2 * n_images, rank_by="cls")
 cls_features = {
@@ -210,7 +214,7 @@ facts
 # Each row is one group's feature on its top validation images, every image overlaid with the
 # feature's relevancy map (each map scaled to its own maximum; the number is the feature's
 # CLS activation). The maps come from one forward pass with eager attention and one backward
-# pass per feature (`saekit.relevancy.relevancy_maps`).
+# pass per feature (`saekit.analysis.relevancy.relevancy_maps`).
 
 # %%
 relevancy = {}
@@ -294,21 +298,17 @@ spec = SAESpec(
     arch=patch_arch, layer=patch_layer, expansion=patch_expansion, recipe="stevens2025",
     k=patch_k if patch_arch in ("topk", "batchtopk") else None, seed=seed,
 )  # fmt: skip
-patch_dir = chapter.workdir / "saes" / f"patch-{family}-{spec.label}-e{patch_epochs}-b{patch_batch}"
-if (patch_dir / "sweep.json").exists():
-    (patch_sae,) = load_sweep(patch_dir).values()
-else:
-    patch_sae = train_from_store(
-        train_patch, spec, tokens="patch", batch_size=patch_batch, epochs=patch_epochs,
-        seed=seed, out_dir=patch_dir,
-    )  # fmt: skip
+patch_sae = train_or_load(
+    spec, train_patch, root=chapter.workdir / "saes", tokens="patch", batch_size=patch_batch,
+    epochs=patch_epochs, seed=seed,
+)  # fmt: skip
 val_patches = np.array(val_patch.patches(patch_layer)[:1000], dtype=np.float32)  # ≤ 1000 images
 metrics_table({spec.label: evaluate(patch_sae, val_patches.reshape(-1, val_patches.shape[-1]), normalized=True)})
 
 # %% [markdown]
 # ### Classification: observe, hypothesise, intervene
 #
-# The frozen task head is a linear probe (softmax regression, `saekit.probes.train_probe`) on
+# The frozen task head is a linear probe (softmax regression, `saekit.analysis.probes.train_probe`) on
 # the **last** layer's CLS token, trained on the training images. The edit is made on the
 # patch tokens of the SAE's layer; the rest of the encoder then runs on the edited tokens
 # (`continue_forward`), and the probe reads the class off the last layer, as in paper 002

@@ -83,11 +83,11 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from saekit import attributes as at
-from saekit import steering as st
-from saekit.sae import SAESpec, evaluate, get_recipe, metrics_table
-from saekit.steering_mini import mini_models, mini_vocabulary
-from saekit.widgets import switcher
+from saekit.analysis import attributes as at
+from saekit.analysis import steering as st
+from saekit.analysis.widgets import switcher
+from saekit.mini.diffusion import mini_models, mini_prompt_file, mini_vocabulary
+from saekit.sae import SAESpec, evaluate, get_recipe, metrics_table, train_or_load
 
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 80)
@@ -113,7 +113,7 @@ if mini:
     mini_sd, mini_clip = mini_models(chapter.workdir / "models")
 pipeline = pipeline or str(mini_sd if mini else st.PAPER_PIPELINE)
 clip = clip or str(mini_clip if mini else st.PAPER_CLIP)
-prompt_file = prompt_file or str(st.mini_prompt_file() if mini else "")
+prompt_file = prompt_file or str(mini_prompt_file() if mini else "")
 caption_file = caption_file or prompt_file
 describer = describer or ("clip" if mini else "Qwen/Qwen2.5-VL-7B-Instruct")
 vocabulary = vocabulary or mini_vocabulary()
@@ -164,11 +164,8 @@ spec = SAESpec(
     seed=seed,
     name="text-sae",
 )
-sae_dir = (
-    chapter.workdir / "saes" / f"steering-{pipe.text_encoder.config.hidden_size}d-layer{layer}"
-)
-sae = st.train_text_sae(
-    acts_ND, spec, epochs=epochs, seed=seed, out=sae_dir / spec.label, device=device
+sae = train_or_load(
+    spec, acts_ND, root=chapter.workdir / "saes", epochs=epochs, seed=seed, device=device
 )
 metrics_table({"text-encoder SAE": evaluate(sae, acts_ND)})
 

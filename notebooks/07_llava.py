@@ -98,10 +98,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from saekit import multimodal as mm
-from saekit.multimodal_mini import build_mini_llava
+from saekit.analysis import multimodal as mm
+from saekit.analysis.widgets import switcher
+from saekit.mini.llava import build_mini_llava
 from saekit.sae import evaluate, metrics_table
-from saekit.widgets import switcher
 
 defaults = mm.profile_config(chapter.profile)
 sae_lr = sae_lr or (1e-3 if chapter.profile == "mini" else 1e-4)

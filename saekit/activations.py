@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +37,54 @@ from saekit.models import Encoder, load_encoder
 
 FORMAT_VERSION = 1
 TOKEN_KINDS = ("cls", "patch")
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What an analysis needs of an activation store (`ActivationStore` is the real one; tests
+    may pass any object with these members).
+
+    Rows are images in store order; ``labels`` and ``image_ids`` are aligned with them.
+    """
+
+    root: Path
+    """Folder the store lives in (named in error messages)."""
+    manifest: dict
+    """What produced the store: ``identity``, ``model``, ``layers``, ``tokens``, ``widths``,
+    ``class_names``, ``wnids``, ..."""
+    labels: np.ndarray
+    """Class index of each row, ``[N]``."""
+    rows: np.ndarray
+    """Dataset index of each row, ``[N]`` (unreadable images are skipped)."""
+
+    @property
+    def layers(self) -> list[int]: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def image_ids(self) -> list[str]: ...
+
+    def __len__(self) -> int: ...
+
+    def cls(self, layer: int) -> Any:
+        """CLS activations of ``layer``, ``[N, D]`` (array-like, possibly memory-mapped)."""
+        ...
+
+    def patches(self, layer: int) -> Any:
+        """Patch activations of ``layer``, ``[N, P, D]`` (array-like, possibly memory-mapped)."""
+        ...
+
+    def batches(
+        self, layer: int | Sequence[int], batch_size: int, *, tokens: str = "cls",
+        seed: int = 0, epoch: int = 0,
+    ) -> Iterator[Any]:  # fmt: skip
+        """Shuffled training batches: every row once per epoch."""
+        ...
 
 
 class StoreMismatchError(ValueError):

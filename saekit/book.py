@@ -1,4 +1,4 @@
-"""The book: profiles, chapter parameters, the papermill runner and the site build.
+"""The book, kernel side: profiles, chapter parameters and the `Chapter` a notebook works with.
 
 Every chapter is a Jupytext text notebook in ``notebooks/`` whose first code cell is tagged
 ``parameters`` (``profile = "mini"`` plus the study's knobs) and whose second cell calls
@@ -7,20 +7,15 @@ names and wrong types stop the chapter with the list of valid parameters), print
 and parameters produced the page, and returns a `Chapter` that resolves the profile into models,
 data and a working folder.
 
-``saekit book`` executes every chapter with papermill into ``book/`` and builds the HTML with
-Jupyter Book 1 (``_build/html``).
+The host side (``saekit book``: papermill runner and site build) is `saekit.runner`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import datetime
-import json
 import os
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,37 +68,99 @@ class ParameterError(ValueError):
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
 
-def _declared_parameters(source: str) -> dict[str, Any]:
-    """Names and default values assigned in a parameters cell's source."""
-    declared = {}
+_TYPE_NAMES: dict[str, type] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "list": list,
+    "tuple": tuple,
+    "dict": dict,
+    "None": type(None),
+}
+
+
+def _annotation_types(node: ast.expr) -> tuple[type, ...] | None:
+    """The types an annotation such as ``float | None`` or ``list[int] | None`` allows; None
+    when it names something the check does not know (then any value passes)."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        left, right = _annotation_types(node.left), _annotation_types(node.right)
+        return None if left is None or right is None else left + right
+    if isinstance(node, ast.Subscript):
+        return _annotation_types(node.value)
+    if isinstance(node, ast.Constant) and node.value is None:
+        return (type(None),)
+    if isinstance(node, ast.Name) and node.id in _TYPE_NAMES:
+        return (_TYPE_NAMES[node.id],)
+    return None
+
+
+def _parameter_nodes(source: str) -> Iterator[tuple[str, ast.Assign | ast.AnnAssign]]:
     for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign | ast.AnnAssign):
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 if isinstance(target, ast.Name):
-                    try:
-                        declared[target.id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        declared[target.id] = None
+                    yield target.id, node
+
+
+def _declared_parameters(source: str) -> dict[str, Any]:
+    """Names and default values assigned in a parameters cell's source."""
+    declared = {}
+    for name, node in _parameter_nodes(source):
+        try:
+            declared[name] = ast.literal_eval(node.value)
+        except ValueError:
+            declared[name] = None
     return declared
 
 
-def _type_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
+def declared_types(source: str) -> dict[str, tuple[type, ...] | None]:
+    """Each parameter's allowed types: its annotation (``lam: float | None = None``), else the
+    type of its default; None where neither says (any value passes)."""
+    defaults = _declared_parameters(source)
+    types: dict[str, tuple[type, ...] | None] = {}
+    for name, node in _parameter_nodes(source):
+        if isinstance(node, ast.AnnAssign):
+            types[name] = _annotation_types(node.annotation)
+        else:
+            types[name] = None if defaults[name] is None else (type(defaults[name]),)
+    return types
+
+
+def type_label(types: tuple[type, ...] | None) -> str:
+    """``float | None`` for the types a parameter allows."""
+    if types is None:
+        return "any"
+    return " | ".join("None" if t is type(None) else t.__name__ for t in types)
+
+
+def _type_ok(types: tuple[type, ...] | None, value: Any) -> bool:
+    if types is None:
         return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) == isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float)
-    if isinstance(default, list | tuple):
-        return isinstance(value, list | tuple)
-    return isinstance(value, type(default))
+    if value is None:
+        return type(None) in types
+    if isinstance(value, bool):  # a bool is an int to Python, never to a parameter
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    if isinstance(value, list | tuple):
+        return bool({list, tuple} & set(types))
+    return isinstance(value, tuple(t for t in types if t is not bool))
 
 
-def check_parameters(declared: dict[str, Any], given: dict[str, Any]) -> None:
-    """Raise `ParameterError` listing the valid parameters if `given` strays from `declared`."""
+def check_parameters(
+    declared: dict[str, Any],
+    given: dict[str, Any],
+    types: dict[str, tuple[type, ...] | None] | None = None,
+) -> None:
+    """Raise `ParameterError` listing the valid parameters if `given` strays from `declared`
+    (defaults by name) or from `types` (allowed types by name; default: the defaults' types)."""
+    if types is None:
+        types = {k: None if v is None else (type(v),) for k, v in declared.items()}
     valid = "\n".join(
-        f"  {name} = {default!r}  ({type(default).__name__})" for name, default in declared.items()
+        f"  {name} = {default!r}  ({type_label(types.get(name))})"
+        for name, default in declared.items()
     )
     unknown = sorted(set(given) - set(declared))
     if unknown:
@@ -111,10 +168,10 @@ def check_parameters(declared: dict[str, Any], given: dict[str, Any]) -> None:
             f"Unknown parameter(s) {unknown}. This chapter's parameters are:\n{valid}"
         )
     for name, value in given.items():
-        if not _type_ok(declared[name], value):
+        if not _type_ok(types.get(name), value):
             raise ParameterError(
                 f"Parameter {name}={value!r} is a {type(value).__name__}; expected "
-                f"{type(declared[name]).__name__}. This chapter's parameters are:\n{valid}"
+                f"{type_label(types.get(name))}. This chapter's parameters are:\n{valid}"
             )
     if given.get("profile", declared.get("profile")) not in PROFILES:
         raise ParameterError(f"profile must be one of {PROFILES}, not {given.get('profile')!r}.")
@@ -152,10 +209,10 @@ class Chapter:
                 )
             return PAPER_ENCODERS[family]
         if family == "toyvit":
-            from saekit.toyworld import toyvit_path
+            from saekit.mini.toyworld import toyvit_path
 
             return str(toyvit_path())
-        from saekit.models import miniature
+        from saekit.mini.miniatures import miniature
 
         path = self.workdir / "models" / family
         if not (path / "config.json").exists():
@@ -170,7 +227,7 @@ class Chapter:
 
         if self.profile == "paper":
             return ImageFolder(self.require_folder(f"imagenet_{split}"))
-        from saekit.toyworld import export_imagefolder
+        from saekit.mini.toyworld import export_imagefolder
 
         n_per_class = n_per_class or MINI_IMAGES_PER_CLASS.get(split, 20)
         root = self.workdir / "data" / f"{split}-{n_per_class}"
@@ -217,6 +274,7 @@ def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chap
     history = namespace.get("In") or []
     sources = [cell for cell in history if cell.strip()]
     declared = _declared_parameters(sources[0]) if sources else {}
+    types = declared_types(sources[0]) if sources else {}
     defined = {
         name: value
         for name, value in namespace.items()
@@ -226,7 +284,7 @@ def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chap
         and type(value).__name__ != "module"
     }
     if declared:
-        check_parameters(declared, defined)
+        check_parameters(declared, defined, types)
     params = {name: defined.get(name, default) for name, default in declared.items()} or defined
     profile = params.get("profile", "mini")
     workdir = Path(os.environ.get("SAEKIT_WORKDIR", REPO_ROOT / "runs")) / profile
@@ -288,141 +346,3 @@ def _show_banner(chapter: Chapter) -> None:
         display(HTML(html))
     except ImportError:
         print(f"profile={chapter.profile} params={chapter.params}")
-
-
-# -- running chapters ------------------------------------------------------------------------
-def chapters() -> list[Path]:
-    """The chapters' text sources in reading order."""
-    return sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
-
-
-def run_chapter(
-    source: Path,
-    profile: str = "mini",
-    params: dict[str, Any] | None = None,
-    out_dir: Path = EXECUTED_DIR,
-) -> Path:
-    """Execute one chapter with papermill; the executed notebook lands in `out_dir`."""
-    import jupytext
-    import papermill
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    notebook = jupytext.read(source)
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    staged = out_dir / f".{source.stem}.input.ipynb"
-    jupytext.write(notebook, staged)
-    target = out_dir / f"{source.stem}.ipynb"
-    # Progress bars would be saved into the page as dozens of finished widgets; the runner shows
-    # the chapter's progress in the terminal instead. Set TQDM_DISABLE=0 to keep them.
-    quiet = {k: v for k, v in QUIET_PAGES.items() if k not in os.environ}
-    os.environ.update(quiet)
-    try:
-        papermill.execute_notebook(
-            str(staged),
-            str(target),
-            parameters={"profile": profile, **(params or {})},
-            kernel_name="python3",
-            cwd=str(source.parent),
-            progress_bar=True,
-        )
-    finally:
-        staged.unlink(missing_ok=True)
-        for key in quiet:
-            os.environ.pop(key, None)
-    return target
-
-
-def build_site(root: Path = REPO_ROOT) -> Path:
-    """Render the executed chapters with Jupyter Book 1 into ``_build/html``."""
-    command = [
-        str(Path(sys.executable).parent / "jupyter-book"),
-        "build",
-        str(root),
-        "--keep-going",
-    ]
-    subprocess.run(command, check=True)
-    return root / "_build" / "html"
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def chapter_parameters(source: Path) -> dict[str, Any]:
-    """The parameters a chapter declares (its cell tagged ``parameters``), with defaults."""
-    import jupytext
-
-    for cell in jupytext.read(source).cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            return _declared_parameters(cell.source)
-    return {}
-
-
-def _coerce(default: Any, value: Any) -> Any:
-    """A command-line value in its parameter's type ("-p layers 5" for a string parameter)."""
-    if isinstance(default, str) and not isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _book(args: argparse.Namespace) -> int:
-    params = {name: _parse_value(value) for name, value in args.param or []}
-    sources = chapters()
-    if args.only:
-        sources = [
-            p for p in sources if p.stem == args.only or p.stem.split("_", 1)[1] == args.only
-        ]
-        if not sources:
-            names = ", ".join(p.stem for p in chapters())
-            raise SystemExit(f"No chapter {args.only!r}; chapters are: {names}")
-    # Each chapter gets the -p values it declares; a name no chapter declares is an error.
-    declared = {source: chapter_parameters(source) for source in sources}
-    unknown = sorted(set(params) - {name for names in declared.values() for name in names})
-    if unknown:
-        listing = "\n".join(
-            f"  {source.stem}: {', '.join(names)}" for source, names in declared.items()
-        )
-        raise SystemExit(
-            f"Unknown parameter(s) {unknown}; the chapters' parameters are:\n{listing}"
-        )
-    timings = []
-    for source in sources:
-        start = time.perf_counter()
-        print(f"[saekit book] executing {source.name} (profile {args.profile})", flush=True)
-        own = {
-            k: _coerce(declared[source][k], v) for k, v in params.items() if k in declared[source]
-        }
-        run_chapter(source, args.profile, own)
-        timings.append((source.stem, time.perf_counter() - start))
-    for name, seconds in timings:
-        print(f"[saekit book] {name}: {seconds:.0f} s")
-    if not args.no_html:
-        site = build_site()
-        print(f"[saekit book] site: {site / 'index.html'}")
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``saekit book`` to the CLI."""
-    book = commands.add_parser("book", help="execute the chapters and build the site")
-    book.add_argument("--profile", default="mini", choices=PROFILES)
-    book.add_argument("--only", help="execute just this chapter (e.g. 01_layer_sweep)")
-    book.add_argument(
-        "-p",
-        "--param",
-        nargs=2,
-        action="append",
-        metavar=("NAME", "VALUE"),
-        help="a chapter parameter, as papermill's -p",
-    )
-    book.add_argument("--no-html", action="store_true", help="execute only; skip the site build")
-    book.set_defaults(handler=_book)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from saekit import book
+from saekit import runner
 from saekit.sae import commands as sae_commands
 
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(handler=_extract)
     # Stages that own more commands register them: train and sweep (SAE engine), book.
     sae_commands.register(commands)
-    book.register(commands)
+    runner.register(commands)
     return parser
 
 

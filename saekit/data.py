@@ -54,7 +54,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 def _class_names_for(wnids: Sequence[str]) -> list[str]:
     """Human names for WordNet ids from the shipped ImageNet taxonomy, else the ids."""
     try:
-        from saekit.ontology import Taxonomy
+        from saekit.taxonomy import Taxonomy
 
         taxonomy = Taxonomy.imagenet1k()
         return [taxonomy.name(wnid) if wnid in taxonomy else wnid for wnid in wnids]

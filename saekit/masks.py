@@ -14,8 +14,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from saekit.toyworld.export import masks_root
-
 
 def model_view_mask(mask_HW: np.ndarray, processor: Any | None = None) -> np.ndarray:
     """A segmentation mask resized and cropped exactly as ``processor`` treats the image
@@ -34,13 +32,19 @@ def model_view_mask(mask_HW: np.ndarray, processor: Any | None = None) -> np.nda
     return np.rint(pixels[0]).astype(np.uint8)
 
 
+def masks_root(root: str | Path) -> Path:
+    """The mask folder that goes with an image folder (`MASK_LAYOUT`)."""
+    root = Path(root)
+    return root.with_name(root.name + "_masks")
+
+
 UNLABELLED = 255
 """Mask value of pixels with no label (ADE20K-style); never counted as object."""
 
 MASK_LAYOUT = """Masks sit in a sibling folder with the images' relative paths, as PNG:
     {root}/<class>/<name>.jpg      the image
     {root}_masks/<class>/<name>.png  its mask; pixel value = class index (255 = unlabelled)
-(saekit.toyworld.export_imagefolder writes this layout; convert ADE20K the same way)."""
+(saekit.mini.toyworld.export_imagefolder writes this layout; convert ADE20K the same way)."""
 
 
 def load_masks(

@@ -1,4 +1,4 @@
-"""Generate saekit/data/imagenet1k_taxonomy.json from NLTK's WordNet 3.0.
+"""Generate saekit/assets/imagenet1k_taxonomy.json from NLTK's WordNet 3.0.
 
 The 1000 ImageNet-1k wnids (class-index order = sorted order) and the 200-class subsets of
 ImageNet-A and ImageNet-R are not in NLTK; timm ships them. Fetch its wheel without installing
@@ -17,7 +17,7 @@ import argparse
 import zipfile
 from pathlib import Path
 
-from saekit.ontology import IMAGENET1K_FILE, Taxonomy
+from saekit.taxonomy import IMAGENET1K_FILE, Taxonomy
 
 LISTS = {
     "imagenet1k": "imagenet_synsets.txt",

@@ -38,7 +38,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def miniatures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from saekit.models import MINIATURE_KINDS, miniature
+    from saekit.mini.miniatures import MINIATURE_KINDS, miniature
 
     root = tmp_path_factory.mktemp("miniatures")
     return {kind: miniature(kind, root / kind) for kind in MINIATURE_KINDS}

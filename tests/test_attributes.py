@@ -1,4 +1,4 @@
-"""Tests for saekit.attributes (paper 003 §4.2, Table 3) on a miniature Stable Diffusion and CLIP."""
+"""Tests for saekit.analysis.attributes (paper 003 §4.2, Table 3) on a miniature Stable Diffusion and CLIP."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from PIL import Image
 from sae_lens import StandardSAE, StandardSAEConfig
 from scipy import stats
 
-from saekit import attributes as at
-from saekit import steering as st
+from saekit.analysis import attributes as at
+from saekit.analysis import steering as st
+from saekit.mini.diffusion import build_mini_clip, build_mini_sd, mini_prompts, mini_vocabulary
 from saekit.sae.synthetic import identity_sae
-from saekit.steering_mini import build_mini_clip, build_mini_sd, mini_prompts, mini_vocabulary
 
 FAST = st.GenerationConfig(num_inference_steps=2)
 PROMPTS = ["an elderly man wearing sunglasses in the desert, anime", "a tiny red dragon by the sea"]
@@ -116,7 +116,7 @@ def test_parse_keywords_cleans_an_lmm_answer():
 
 
 def test_lmm_describer_shows_all_images_and_reads_only_the_answer(tmp_path, monkeypatch):
-    from saekit.multimodal_mini import build_mini_llava
+    from saekit.mini.llava import build_mini_llava
 
     model, processor = at.load_lmm(build_mini_llava(tmp_path / "llava"))
     rng = np.random.default_rng(0)

@@ -10,12 +10,11 @@ import pytest
 
 from saekit.book import (
     ParameterError,
-    _coerce,
     _declared_parameters,
-    chapter_parameters,
     check_parameters,
     setup,
 )
+from saekit.runner import _coerce, chapter_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS_CELL = (
@@ -118,9 +117,13 @@ def test_chapter_parameters_come_from_the_tagged_cell_and_values_take_their_type
         "epochs",
         "show_widgets",
     ]
-    assert _coerce("all", 5) == "5" and _coerce("all", [0, 5]) == "[0, 5]"
-    assert _coerce(10.0, 3) == 3.0 and isinstance(_coerce(10.0, 3), float)
-    assert _coerce(3, 4) == 4 and _coerce(True, False) is False
+    assert _coerce((str,), 5) == "5" and _coerce((str,), [0, 5]) == "[0, 5]"
+    assert _coerce((float,), 3) == 3.0 and isinstance(_coerce((float,), 3), float)
+    assert _coerce((int,), 4) == 4 and _coerce((bool,), False) is False
+    # "None means the profile's default": an annotated optional keeps None and takes numbers
+    assert _coerce((float, type(None)), None) is None
+    assert _coerce((float, type(None)), 5) == 5.0
+    assert _coerce((list, type(None)), [1, 2]) == [1, 2]
 
 
 def test_book_kernels_silence_even_explicitly_enabled_progress_bars(tmp_path, monkeypatch):
@@ -136,3 +139,30 @@ def test_book_kernels_silence_even_explicitly_enabled_progress_bars(tmp_path, mo
     monkeypatch.setenv("TQDM_DISABLE", "1")
     setup({"In": ['profile = "mini"\n'], "profile": "mini"}, show=False)
     assert tqdm.auto.tqdm(range(3), disable=False).disable
+
+
+OPTIONAL_CELL = (
+    'profile = "mini"\nlam: float | None = None\nepochs: int | None = None\n'
+    'archs: list[str] | None = None\nname: str | None = None\n'
+)
+
+
+def test_annotated_optional_parameters_check_the_annotation_not_the_none_default():
+    from saekit.book import declared_types
+
+    declared, types = _declared_parameters(OPTIONAL_CELL), declared_types(OPTIONAL_CELL)
+    assert declared["lam"] is None and types["lam"] == (float, type(None))
+    check_parameters(declared, {"lam": 5, "epochs": None, "archs": ["relu"]}, types)
+    for name, value in [("lam", "five"), ("epochs", 2.5), ("epochs", True), ("archs", "relu")]:
+        with pytest.raises(ParameterError, match=f"expected {name == 'lam' and 'float' or ''}"):
+            check_parameters(declared, {name: value}, types)
+    with pytest.raises(ParameterError) as err:
+        check_parameters(declared, {"name": 3}, types)
+    assert "name = None  (str | None)" in str(err.value)
+
+
+def test_a_bool_is_never_an_int_or_a_float():
+    from saekit.book import _type_ok
+
+    assert not _type_ok((int,), True) and not _type_ok((float, type(None)), False)
+    assert _type_ok((bool,), True) and not _type_ok((bool,), 1)

@@ -21,7 +21,7 @@ from ipywidgets.embed import embed_data  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
-from saekit.browser import (  # noqa: E402
+from saekit.analysis.browser import (  # noqa: E402
     cards_html,
     export_html,
     feature_browser,
@@ -31,9 +31,9 @@ from saekit.browser import (  # noqa: E402
     jpeg,
     patch_views,
 )
-from saekit.compare import ExemplarSource  # noqa: E402
+from saekit.analysis.compare import ExemplarSource  # noqa: E402
+from saekit.analysis.exemplars import patch_features, scan_store, select_features  # noqa: E402
 from saekit.data import ImageFolder  # noqa: E402
-from saekit.exemplars import patch_features, scan_store, select_features  # noqa: E402
 from saekit.models import load_encoder  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

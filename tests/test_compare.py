@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
-from saekit.compare import (  # noqa: E402
+from saekit.analysis.compare import (  # noqa: E402
     ExemplarSource,
     FeatureMatches,
     correlate_features,
@@ -23,8 +23,8 @@ from saekit.compare import (  # noqa: E402
     plot_matched,
     shared_rows,
 )
+from saekit.analysis.exemplars import scan_store  # noqa: E402
 from saekit.data import ImageFolder, ImageList  # noqa: E402
-from saekit.exemplars import scan_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_best_correlation_histogram_counts_features_above_chance():
 
 
 def test_share_above_chance_known_answer():
-    from saekit.compare import FeatureMatches, share_above_chance
+    from saekit.analysis.compare import FeatureMatches, share_above_chance
 
     # Best real matches 0.9, 0.8, 0.1, 0.05; the null's best matches are all 0.2 or below.
     real = FeatureMatches(

@@ -20,8 +20,7 @@ from PIL import Image  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
-from saekit.data import ImageFolder  # noqa: E402
-from saekit.exemplars import (  # noqa: E402
+from saekit.analysis.exemplars import (  # noqa: E402
     dominant_part,
     exemplar_figure,
     exemplar_rows,
@@ -38,10 +37,12 @@ from saekit.exemplars import (  # noqa: E402
     scan_store,
     select_features,
     store_patch_fractions,
-    train_patch_sae,
     width_label,
 )
-from saekit.models import load_encoder, miniature  # noqa: E402
+from saekit.data import ImageFolder  # noqa: E402
+from saekit.mini.miniatures import miniature
+from saekit.models import load_encoder  # noqa: E402
+from saekit.studies.patch_features import train_patch_sae
 
 # tench, goldfish (both cyprinids), great white shark
 WNIDS = ("n01440764", "n01443537", "n01484850")
@@ -330,7 +331,7 @@ def test_exemplar_rows_draw_one_row_per_feature(world):
 
 
 def test_train_patch_sae_trains_on_patches_once_then_loads(world, tmp_path, monkeypatch):
-    import saekit.ood
+    import saekit.sae.cache
 
     store = world["store"]
     options = dict(expansion=2, l1=0.01, epochs=2, batch_size=64)
@@ -344,7 +345,7 @@ def test_train_patch_sae_trains_on_patches_once_then_loads(world, tmp_path, monk
     def retrain(*args, **kwargs):
         raise AssertionError("an identical request must load the saved SAE")
 
-    monkeypatch.setattr(saekit.ood, "sweep_from_store", retrain)
+    monkeypatch.setattr(saekit.sae.cache, "sweep_from_store", retrain)
     again = train_patch_sae(store, LAYER, tmp_path / "sae", **options)
     torch.testing.assert_close(again.W_dec, sae.W_dec)
     with pytest.raises(AssertionError, match="must load"):  # other settings: trained anew
@@ -429,7 +430,7 @@ def test_dominant_part_and_its_heat_map():
 
 
 def test_store_features_are_named_after_the_model_folder_before_its_family():
-    from saekit.exemplars import _store_model_label
+    from saekit.analysis.exemplars import _store_model_label
 
     # The toy ViT's family is plain "vit"; its folder name tells it apart.
     assert _store_model_label({"model": "/repo/saekit/data/toyvit", "family": "vit"}) == "ToyViT"

@@ -20,19 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig  # noqa: E402
 
-from saekit.intervention_study import (  # noqa: E402
-    class_contrast,
-    classification_table,
-    edit_part,
-    group_tie_table,
-    part_effects,
-    plot_class_probabilities,
-    plot_segmentation_edit,
-    plot_suppression_curves,
-    suppression_curve,
-    tie_scores,
-)
-from saekit.interventions import (  # noqa: E402
+from saekit.analysis.interventions import (  # noqa: E402
     Comparison,
     Edit,
     compare,
@@ -50,6 +38,18 @@ from saekit.masks import (  # noqa: E402
 )
 from saekit.models import load_encoder  # noqa: E402
 from saekit.sae.synthetic import identity_sae
+from saekit.studies.relevancy_interventions import (  # noqa: E402
+    class_contrast,
+    classification_table,
+    edit_part,
+    group_tie_table,
+    part_effects,
+    plot_class_probabilities,
+    plot_segmentation_edit,
+    plot_suppression_curves,
+    suppression_curve,
+    tie_scores,
+)
 
 D, S = 16, 24
 
@@ -192,9 +192,9 @@ def test_continue_forward_reruns_the_encoder_from_the_edited_layer(miniatures):
 
 
 def test_toy_world_suppressing_a_part_feature_moves_the_head_there_and_a_random_direction_not():
-    from saekit.probes import SegmentationConfig, mean_iou, train_segmentation_head
+    from saekit.analysis.probes import SegmentationConfig, mean_iou, train_segmentation_head
+    from saekit.mini.toyworld import PART_NAMES, ToyWorld, toyvit_path
     from saekit.sae import SAESpec, train_sae
-    from saekit.toyworld import PART_NAMES, ToyWorld, toyvit_path
 
     try:
         encoder = load_encoder(toyvit_path())
@@ -335,7 +335,7 @@ def test_masks_are_cropped_as_the_encoder_crops_the_image(miniatures):
 def test_load_masks_returns_each_store_rows_planted_mask(tmp_path):
     from saekit.activations import extract
     from saekit.data import ImageFolder
-    from saekit.toyworld import ToyWorld, export_imagefolder, toyvit_path
+    from saekit.mini.toyworld import ToyWorld, export_imagefolder, toyvit_path
 
     try:
         encoder = load_encoder(toyvit_path())
@@ -409,7 +409,7 @@ def test_compare_in_encoder_reads_the_head_after_the_rest_of_the_encoder(miniatu
 def test_a_planted_part_edit_flips_exactly_the_parts_patches():
     """Feature 0 is the part: the head calls a patch class 1 when dimension 0 is on. Suppressing
     feature 0 on the part's patches must turn every one of them (and nothing else) to class 0."""
-    from saekit.probes import SegmentationHead
+    from saekit.analysis.probes import SegmentationHead
 
     sae = identity_sae(4)
     head = SegmentationHead(4, 2, (2, 2))

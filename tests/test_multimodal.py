@@ -1,4 +1,4 @@
-"""Tests for saekit.multimodal (paper 003 §5) on a miniature LLaVA built offline."""
+"""Tests for saekit.analysis.multimodal (paper 003 §5) on a miniature LLaVA built offline."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from saekit import multimodal as mm
-from saekit.multimodal_mini import build_mini_llava
+from saekit.analysis import multimodal as mm
+from saekit.mini.llava import build_mini_llava
 
 CLASSES = ["clock", "red circle", "great_white_shark"]
 

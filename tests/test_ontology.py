@@ -17,23 +17,22 @@ import torch
 from PIL import Image
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from saekit import ontology
-from saekit.ontology import (
+from saekit import taxonomy
+from saekit.analysis.ontology import (
     ClassSetRule,
     RandomDirections,
-    Taxonomy,
     class_sets,
     class_sets_from_store,
     class_sets_with_baselines,
     class_stats,
     feature_labels,
     feature_table,
-    imagenet_subset,
     neuron_codes,
     plot_height_vs_coverage,
     random_direction_codes,
     table2,
 )
+from saekit.taxonomy import Taxonomy, imagenet_subset
 
 REPO = Path(__file__).resolve().parents[1]
 ELASMOBRANCHS = ["n01484850", "n01491361", "n01494475", "n01496331", "n01498041"]
@@ -80,7 +79,7 @@ def imagenet() -> Taxonomy:
 
 def _wordnet_or_skip():
     try:
-        return ontology._wordnet()
+        return taxonomy.wordnet()
     except (ImportError, LookupError) as err:
         pytest.skip(f"WordNet 3.0 for NLTK is not installed: {err}")
 
@@ -212,7 +211,7 @@ def test_imagenet_without_nltk(monkeypatch, imagenet):
     for name in [m for m in sys.modules if m == "nltk" or m.startswith("nltk.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "nltk", None)  # `import nltk` now raises ImportError
-    ontology._imagenet1k.cache_clear()
+    taxonomy._imagenet1k.cache_clear()
     try:
         fresh = Taxonomy.imagenet1k()
         assert len(fresh.synsets) == 1860 and fresh.leaves == imagenet.leaves
@@ -231,7 +230,7 @@ def test_imagenet_without_nltk(monkeypatch, imagenet):
         with pytest.raises(ImportError, match="NLTK"):
             Taxonomy.from_wnids(["n01440764", "n00000000"])
     finally:
-        ontology._imagenet1k.cache_clear()
+        taxonomy._imagenet1k.cache_clear()
 
 
 def test_json_round_trip(tmp_path, toy):
@@ -393,7 +392,7 @@ def store(tmp_path_factory):
     """A real activation store: a miniature DINOv2 over 3 wnid classes of coloured images."""
     from saekit.activations import extract
     from saekit.data import ImageFolder
-    from saekit.models import miniature
+    from saekit.mini.miniatures import miniature
 
     root = tmp_path_factory.mktemp("ontology_store")
     rng = np.random.default_rng(0)

@@ -3,8 +3,6 @@ Table 1, caching of the sweep, and the figures."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -16,13 +14,13 @@ matplotlib.use("Agg")
 
 from conftest import WNIDS, write_image_folder  # noqa: E402
 
-from saekit import ood  # noqa: E402
 from saekit.activations import extract  # noqa: E402
+from saekit.analysis.probes import ProbeConfig, train_probe  # noqa: E402
 from saekit.data import ImageFolder  # noqa: E402
 from saekit.models import load_encoder  # noqa: E402
-from saekit.ontology import Taxonomy, imagenet_subset  # noqa: E402
-from saekit.probes import ProbeConfig, train_probe  # noqa: E402
-from saekit.sae import get_recipe  # noqa: E402
+from saekit.sae import get_recipe, train_or_load  # noqa: E402
+from saekit.studies import ood  # noqa: E402
+from saekit.taxonomy import Taxonomy, imagenet_subset  # noqa: E402
 
 # --- the grid ----------------------------------------------------------------------------------
 
@@ -184,23 +182,8 @@ def sweep(stores, tmp_path_factory):
     recipe = get_recipe("olson2025_ood", epochs=2)
     specs = grid.specs(layer=stores["train"].layers[-1], recipe=recipe)
     out = tmp_path_factory.mktemp("sweep")
-    saes = ood.train_or_load(stores["train"], specs, out, progress=False)
+    saes = train_or_load(specs, stores["train"], root=out, progress=False)
     return specs, saes, out
-
-
-def test_sweep_is_cached_and_retrained_only_when_the_request_changes(stores, sweep, monkeypatch):
-    specs, saes, out = sweep
-    assert len(saes) == 3
-    calls = []
-    real = ood.sweep_from_store
-    monkeypatch.setattr(ood, "sweep_from_store", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = ood.train_or_load(stores["train"], specs, out, progress=False)
-    assert calls == [] and list(again) == list(saes)
-    for name in saes:
-        torch.testing.assert_close(again[name].W_dec, saes[name].W_dec)
-    changed = [dataclasses.replace(spec, seed=1) for spec in specs[:1]]
-    retrained = ood.train_or_load(stores["train"], changed, out, progress=False)
-    assert calls == [1] and len(retrained) == 1
 
 
 def test_sweep_table_reads_each_saes_grid_point(sweep):

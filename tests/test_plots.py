@@ -1,4 +1,4 @@
-"""saekit.plots: the layer-sweep figure draws exactly the table it is given, the frequency
+"""saekit.analysis.plots: the layer-sweep figure draws exactly the table it is given, the frequency
 histogram counts every live latent once, and the correlations match hand-computed values."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
-from saekit import plots  # noqa: E402
+from saekit.analysis import plots  # noqa: E402
 from saekit.sae import evaluate  # noqa: E402
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from saekit.probes import (
+from saekit.analysis.probes import (
     Probe,
     ProbeConfig,
     SegmentationConfig,

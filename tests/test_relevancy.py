@@ -16,8 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
-from saekit.models import load_encoder  # noqa: E402
-from saekit.relevancy import (  # noqa: E402
+from saekit.analysis.relevancy import (  # noqa: E402
     RelevancyMaps,
     cls_patch_relevancy,
     plot_relevancy,
@@ -26,6 +25,7 @@ from saekit.relevancy import (  # noqa: E402
     relevancy_maps,
     relevancy_share,
 )
+from saekit.models import load_encoder  # noqa: E402
 
 
 def _sae(d_in: int, d_sae: int = 16, seed: int = 0) -> StandardSAE:

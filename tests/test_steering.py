@@ -1,4 +1,4 @@
-"""Tests for saekit.steering (paper 003 §4.1, App. B) on a miniature Stable Diffusion."""
+"""Tests for saekit.analysis.steering (paper 003 §4.1, App. B) on a miniature Stable Diffusion."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from saekit import steering as st
-from saekit.sae import SAESpec, get_recipe
-from saekit.sae.synthetic import atom_recovery, planted_dictionary
-from saekit.steering_mini import (
+from saekit.analysis import steering as st
+from saekit.mini.diffusion import (
     build_mini_sd,
     build_mini_sd3,
+    mini_prompt_file,
     mini_prompts,
     train_clip_tokenizer,
 )
+from saekit.sae import SAESpec, get_recipe, train_or_load
+from saekit.sae.synthetic import atom_recovery, planted_dictionary
 
 FAST = st.GenerationConfig(num_inference_steps=2)
 PROMPTS = ["an elderly man wearing sunglasses in the desert, anime", "a tiny red dragon by the sea"]
@@ -67,7 +68,7 @@ def test_mini_sd_round_trips_and_generates_quickly(sd_path, pipe):
 
 
 def test_shipped_prompt_file_is_the_generated_corpus(tmp_path):
-    assert st.load_prompts(st.mini_prompt_file()) == mini_prompts()
+    assert st.load_prompts(mini_prompt_file()) == mini_prompts()
     (tmp_path / "p.txt").write_text("# a comment\n\n  a red cat  \nblue sea\n")
     assert st.load_prompts(tmp_path / "p.txt") == ["a red cat", "blue sea"]
     with pytest.raises(FileNotFoundError, match="one prompt per line"):
@@ -227,7 +228,7 @@ def test_sd3_steers_the_joint_clip_t5_sequence(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ SAE training, sweeps and figures
 
 
-def test_train_text_sae_recovers_planted_atoms_and_caches_by_data(tmp_path, monkeypatch):
+def test_text_sae_through_the_cache_recovers_planted_atoms(tmp_path, monkeypatch):
     data = planted_dictionary(n_rows=2048, d_in=16, n_atoms=12, active=2, noise=0.01, seed=0)
     recipe = get_recipe(
         "stevens2025",
@@ -239,22 +240,23 @@ def test_train_text_sae_recovers_planted_atoms_and_caches_by_data(tmp_path, monk
         dead_feature_window=50,
     )
     spec = SAESpec(arch="topk", expansion=4, k=2, recipe=recipe)
-    out = tmp_path / "sae"
-    sae = st.train_text_sae(data.acts_ND, spec, epochs=8, seed=0, out=out)
+    sae = train_or_load(spec, data.acts_ND, root=tmp_path, epochs=8, seed=0, progress=False)
     assert sae.cfg.d_in == 16 and sae.cfg.d_sae == 64
     assert atom_recovery(sae.W_dec, data.atoms_AD, threshold=0.9) >= 0.9
 
+    import saekit.sae.cache
+
     calls = []
-    real_train = st.train_on_tensor
+    real_train = saekit.sae.cache.train_on_tensor
     monkeypatch.setattr(
-        st, "train_on_tensor", lambda *a, **k: calls.append(1) or real_train(*a, **k)
+        saekit.sae.cache,
+        "train_on_tensor",
+        lambda *a, **k: calls.append(1) or real_train(*a, **k),
     )
-    again = st.train_text_sae(data.acts_ND, spec, epochs=8, seed=0, out=out)
+    again = train_or_load(spec, data.acts_ND, root=tmp_path, epochs=8, seed=0, progress=False)
     assert not calls and torch.equal(again.W_dec, sae.W_dec)  # same data and settings: reloaded
-    st.train_text_sae(data.acts_ND + 0.5, spec, epochs=1, seed=0, out=out)
+    train_or_load(spec, data.acts_ND + 0.5, root=tmp_path, epochs=1, seed=0, progress=False)
     assert len(calls) == 1  # other data: retrained
-    with pytest.raises(ValueError, match=r"\[N, D\]"):
-        st.train_text_sae(torch.zeros(0, 16), spec)
 
 
 def test_steer_sweep_grid_and_effect(pipe, sae):
@@ -278,7 +280,7 @@ def test_steer_sweep_grid_and_effect(pipe, sae):
 
 
 def test_mini_models_build_once_and_redo_an_interrupted_build(tmp_path, monkeypatch):
-    import saekit.steering_mini as mini
+    import saekit.mini.diffusion as mini
 
     built = []
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 from PIL import Image
 
-from saekit.toyworld import (
+from saekit.mini.toyworld import (
     GROUPS,
     LEAVES,
     MIDS,
@@ -28,7 +28,7 @@ from saekit.toyworld import (
     taxonomy,
     toyvit_path,
 )
-from saekit.toyworld.train import TrainConfig, to_pixels, train
+from saekit.mini.toyworld.train import TrainConfig, to_pixels, train
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -98,11 +98,11 @@ def test_planted_edges_are_real_wordnet_ancestor_relations():
 
 
 def test_leaves_are_imagenet1k_classes():
-    ontology = pytest.importorskip("saekit.ontology")
+    ontology = pytest.importorskip("saekit.analysis.ontology")
     try:
         imagenet = ontology.Taxonomy.imagenet1k()
     except (AttributeError, FileNotFoundError):
-        pytest.skip("saekit.ontology ships no ImageNet-1k taxonomy yet")
+        pytest.skip("saekit.analysis.ontology ships no ImageNet-1k taxonomy yet")
     assert [w for w in WNIDS if w not in imagenet] == []
 
 
@@ -268,7 +268,7 @@ def test_toyvit_is_a_small_hub_style_checkpoint(toyvit):
     assert sum(f.stat().st_size for f in path.iterdir()) < 10_000_000
     model, processor, record = toyvit
     assert 6 <= model.config.num_hidden_layers <= 8 and 64 <= model.config.hidden_size <= 128
-    assert record["seed"] == 0 and record["command"].startswith("python -m saekit.toyworld.train")
+    assert record["seed"] == 0 and record["command"].startswith("python -m saekit.mini.toyworld.train")
     assert [model.config.id2label[i] for i in range(N_CLASSES)] == [leaf.name for leaf in LEAVES]
     # The processor feeds the model exactly what training fed it.
     toys = ToyWorld(0).sample(4, "val")

@@ -7,8 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
-from saekit.toyworld import GROUP_OF_CLASS, N_CLASSES, ToyWorld  # noqa: E402
-from saekit.toyworld.figures import (  # noqa: E402
+from saekit.mini.toyworld import GROUP_OF_CLASS, N_CLASSES, ToyWorld  # noqa: E402
+from saekit.mini.toyworld.figures import (  # noqa: E402
     _discriminant_view,
     classes_per_group,
     group_separation,

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from saekit.widgets import figure_png, render_each, switcher  # noqa: E402
+from saekit.analysis.widgets import figure_png, render_each, switcher  # noqa: E402
 
 
 def _figure(value: float):

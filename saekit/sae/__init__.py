@@ -11,7 +11,7 @@ Typical use::
 Modules: :mod:`~saekit.sae.architectures` (specs, SAELens classes, load/save),
 :mod:`~saekit.sae.recipes` (``olson2025``, ``stevens2025``), :mod:`~saekit.sae.stacked`
 (batched losses), :mod:`~saekit.sae.train` (training, checkpoints, stores),
-:mod:`~saekit.sae.metrics`, :mod:`~saekit.sae.synthetic` (planted dictionaries) and
+:mod:`~saekit.sae.cache` (train once, load on every equal request), :mod:`~saekit.sae.metrics`, :mod:`~saekit.sae.synthetic` (planted dictionaries) and
 :mod:`~saekit.sae.commands` (the CLI).
 """
 
@@ -24,6 +24,7 @@ from saekit.sae.architectures import (
     save_sae,
     to_inference,
 )
+from saekit.sae.cache import CacheMismatchError, train_or_load
 from saekit.sae.metrics import SAEMetrics, evaluate, frequency_histogram, metrics_table
 from saekit.sae.recipes import RECIPES, Recipe, get_recipe
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
@@ -41,6 +42,7 @@ from saekit.sae.train import (
 
 __all__ = [
     "ARCHITECTURES",
+    "CacheMismatchError",
     "RECIPES",
     "NonFiniteActivationsError",
     "Recipe",
@@ -64,5 +66,6 @@ __all__ = [
     "to_inference",
     "train_from_store",
     "train_on_tensor",
+    "train_or_load",
     "train_sae",
 ]

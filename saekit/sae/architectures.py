@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +48,8 @@ from sae_lens import (
     TrainingSAE,
 )
 from sae_lens.registry import get_sae_class
-from tqdm.auto import tqdm
 
+from saekit.sae.codes import iter_codes
 from saekit.sae.recipes import Recipe, get_recipe, renormalize_decoder_
 
 #: saekit architecture name -> (SAELens training class, its config class).
@@ -266,48 +265,12 @@ def encode_in_batches(
     encoder output before the sparsifying nonlinearity (paper 003 Fig. 12, "skip the activation
     function"; for gated SAEs the magnitude path).
     """
-    chunks = list(_encode_chunks(sae, acts_ND, batch_size, pre_activation, progress))
+    chunks = [
+        codes.cpu()
+        for _, codes in iter_codes(
+            sae, acts_ND, batch_size, pre_activation=pre_activation, progress=progress
+        )
+    ]
     if not chunks:
         return torch.zeros(0, sae.cfg.d_sae)
     return torch.cat(chunks)
-
-
-def _encode_chunks(
-    sae: SAE, acts_ND: Any, batch_size: int, pre_activation: bool, progress: bool
-) -> Iterator[torch.Tensor]:
-    check_width(sae, acts_ND.shape[-1])
-    captured: list[torch.Tensor] = []
-    handle = None
-    if pre_activation:
-        handle = sae.hook_sae_acts_pre.register_forward_hook(
-            lambda _module, _inputs, output: captured.append(output)
-        )
-    try:
-        starts = range(0, len(acts_ND), batch_size)
-        for start in tqdm(starts, desc="encoding", disable=not progress):
-            chunk = _rows(acts_ND, start, batch_size)
-            chunk = chunk.to(sae.W_dec.device)
-            codes = sae.encode(chunk)
-            if pre_activation:
-                codes = captured.pop()
-            yield codes.cpu()
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _rows(acts_ND: Any, start: int, n: int) -> torch.Tensor:
-    """Rows ``start:start+n`` as a float32 tensor (copied: memmapped stores are read-only)."""
-    chunk = acts_ND[start : start + n]
-    if isinstance(chunk, torch.Tensor):
-        return chunk.float()
-    return torch.from_numpy(np.array(chunk, dtype=np.float32))
-
-
-def check_width(sae: SAE, width: int) -> None:
-    """Raise a clear error when activations of ``width`` cannot feed ``sae``."""
-    if width != sae.cfg.d_in:
-        raise ValueError(
-            f"activations are {width} wide but the SAE expects d_in={sae.cfg.d_in}; "
-            "use the layer/model the SAE was trained on"
-        )

@@ -25,7 +25,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from saekit.sae.architectures import _rows, check_width
+from saekit.sae.codes import check_width, read_rows
 
 
 @dataclass
@@ -76,7 +76,7 @@ def evaluate(
     x_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     x_sq = 0.0
     for start in tqdm(range(0, n, batch_size), desc="evaluating", disable=not progress):
-        x = _rows(acts_ND, start, batch_size)
+        x = read_rows(acts_ND, start, start + batch_size)
         x = x.to(device, torch.float32)
         codes = sae.encode(x)
         err = (sae.decode(codes) - x).double() * scale

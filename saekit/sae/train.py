@@ -595,7 +595,7 @@ def sweep_from_store(
             layer = layers[0]
         if layer not in layers:
             raise ValueError(f"layer {layer!r} is not in the store; it has layers {layers}")
-        width = _layer_width(manifest, layer)
+        width = layer_width(manifest, layer)
         if spec.d_in is not None and spec.d_in != width:
             raise ValueError(
                 f"SAE {spec.label!r} expects d_in={spec.d_in} but the store's layer {layer} is "
@@ -635,7 +635,7 @@ def sweep_from_store(
     return saes
 
 
-def _layer_width(manifest: Mapping[str, Any], layer: Any) -> int:
+def layer_width(manifest: Mapping[str, Any], layer: Any) -> int:
     """A layer's width: a CNN's stages differ, so prefer the manifest's per-layer widths."""
     return int(manifest.get("widths", {}).get(str(layer), manifest["d_model"]))
 

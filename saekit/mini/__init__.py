@@ -1,0 +1,9 @@
+"""The mini world: everything the `mini` profile builds or ships so that the book runs on a CPU.
+
+- `toyworld`: the planted-hierarchy image world, its shifts and masks, and the toy ViT trained on it;
+- `miniatures`: the supported encoder architectures at toy size, saved as hub checkpoints;
+- `diffusion`: miniature Stable Diffusion 1.x / 3 pipelines and the mini prompt corpus;
+- `llava`: a miniature LLaVA-1.5 with an offline tokenizer and processor.
+
+The mini world imports only the core (`saekit.data`, `saekit.models`, `saekit.masks`, ...).
+"""

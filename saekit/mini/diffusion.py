@@ -1,0 +1,325 @@
+"""Miniature Stable Diffusion and CLIP for the steering chapter's `mini` profile.
+
+Everything here is a real diffusers / transformers architecture built from a tiny config,
+saved with `save_pretrained` and meant to be reloaded with `from_pretrained`, so the steering
+code runs the exact path it runs on `CompVis/stable-diffusion-v1-4`. Weights are random: the
+images are noise-like and the "attributes" mechanical, but every step executes.
+
+The tokenizer cannot be downloaded, so we train a small byte-level BPE with `tokenizers` on the
+generated prompt corpus, using the same normaliser, pre-tokeniser and `</w>` word-end marker as
+CLIP's, and hand its vocabulary and merges to `transformers.CLIPTokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's own pre-tokeniser pattern, so the trained BPE splits words exactly as CLIPTokenizer does.
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+# Word lists for the generated corpus. Grouped by part of speech so the attribute-discovery
+# tests know which words are descriptive (nouns, adjectives, adverbs) and which are not.
+SUBJECTS = ["man", "woman", "cat", "dog", "bird", "robot", "castle", "car", "tree", "dragon"]
+ADJECTIVES = ["red", "blue", "old", "young", "elderly", "tiny", "giant", "shiny", "neon", "golden"]
+ADVERBS = ["brightly", "softly", "quietly", "quickly"]
+PARTICIPLES = ["glowing", "sleeping", "running", "flying"]
+ACCESSORIES = ["wearing sunglasses", "with a hat", "holding an umbrella", "with a scarf"]
+SETTINGS = ["in the desert", "by the sea", "in a forest", "on a mountain", "in the city"]
+STYLES = ["anime", "watercolor", "photograph", "cartoon", "oil painting", "abstract art"]
+MINI_PROMPT_COUNT = 200
+
+
+def mini_prompts(n: int = MINI_PROMPT_COUNT, seed: int = 0) -> list[str]:
+    """A small, deterministic corpus of Midjourney-like prompts built from the word lists above.
+
+    Example: "a tiny dragon softly glowing wearing sunglasses in the desert, watercolor".
+    """
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        adjective = rng.choice(ADJECTIVES)
+        words = ["an" if adjective[0] in "aeiou" else "a", adjective, rng.choice(SUBJECTS)]
+        if rng.random() < 0.5:
+            words += [rng.choice(ADVERBS), rng.choice(PARTICIPLES)]
+        if rng.random() < 0.5:
+            words.append(rng.choice(ACCESSORIES))
+        words.append(rng.choice(SETTINGS))
+        prompts.append(" ".join(words) + ", " + rng.choice(STYLES))
+    return prompts
+
+
+def mini_vocabulary() -> list[str]:
+    """Candidate attribute words for the CLIP zero-shot describer in the mini profile."""
+    return (
+        SUBJECTS
+        + ADJECTIVES
+        + STYLES
+        + ["sunglasses", "hat", "umbrella", "scarf", "desert", "sea", "forest", "mountain", "city"]
+    )
+
+
+def train_clip_tokenizer(texts: list[str], vocab_size: int = 512) -> CLIPTokenizer:
+    """Train a byte-level BPE on `texts` and wrap it as a `CLIPTokenizer` (max length 77)."""
+    bpe = Tokenizer(BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    # The merges are only reachable through the model's JSON form.
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+    # The trainer numbers single symbols in hash-set order, which changes between runs;
+    # renumber them sorted so the same corpus always gives the same token ids.
+    merged = ["".join(pair) for pair in merges]
+    singles = sorted(set(bpe.get_vocab()) - {BOS, EOS} - set(merged))
+    vocab = {token: i for i, token in enumerate([BOS, EOS, *singles, *merged])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 0) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _mini_vae(**overrides: Any) -> AutoencoderKL:
+    """A two-block, 4-channel-latent VAE for 32-pixel images (SD 1.x settings unless overridden)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **overrides,
+    )
+
+
+def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `StableDiffusionPipeline` (32x32 images, 32-wide text encoder) to `path`.
+
+    Reload it with `saekit.analysis.steering.load_pipeline(path)` or
+    `StableDiffusionPipeline.from_pretrained(path)`. No safety checker.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(mini_prompts())
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = _mini_vae()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_mini_clip(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `CLIPModel` + `CLIPProcessor` (32x32 images) to `path` for validation."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(mini_prompts() + mini_vocabulary())
+    text = _text_config(tokenizer, hidden=32, projection=16).to_dict()
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+def _t5_tokenizer(texts: list[str]):
+    """A T5 (Unigram) tokenizer whose pieces are the corpus's words plus single characters.
+
+    Scores are log word frequencies, so known words stay whole and anything else falls back
+    to characters; no SentencePiece model is needed.
+    """
+    from collections import Counter
+
+    from transformers import T5Tokenizer
+
+    words = Counter(w for text in texts for w in text.lower().replace(",", " ,").split())
+    chars = sorted({c for text in texts for c in text.lower() if not c.isspace()})
+    total = sum(words.values())
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", math.log(n / total)) for w, n in sorted(words.items())]
+    pieces += [(c, -20.0) for c in chars] + [(f"▁{c}", -21.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `StableDiffusion3Pipeline` (two CLIP text encoders + T5, 32x32 images).
+
+    Paper 003 Appendix B steers SD 3.5 through the joint output of its three text encoders.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    corpus = mini_prompts()
+    tokenizer = train_clip_tokenizer(corpus)
+    tokenizer_3 = _t5_tokenizer(corpus)
+    clip_width, t5_width = 32, 64  # T5 must be at least as wide as the two CLIPs side by side
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=clip_width))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=clip_width))
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * clip_width,
+        pos_embed_max_size=16,
+    )
+    # SD 3's VAE: its latent shift and scale, and no quantisation convolutions.
+    vae = _mini_vae(
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    ).save_pretrained(path)
+    return path
+
+
+def mini_models(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """The mini profile's Stable Diffusion pipeline and CLIP under `folder`, built on first use.
+
+    Returns (pipeline folder, CLIP folder). Each is built in a scratch folder and renamed into
+    place when complete, so an interrupted build is redone rather than half-loaded.
+    """
+    folder = Path(folder)
+    paths = []
+    for name, build in (("mini-sd", build_mini_sd), ("mini-clip", build_mini_clip)):
+        target = folder / name
+        if not target.is_dir():
+            scratch = folder / f".{name}.partial"
+            shutil.rmtree(scratch, ignore_errors=True)
+            build(scratch, seed=seed)
+            scratch.rename(target)
+        paths.append(target)
+    return paths[0], paths[1]
+
+
+def mini_prompt_file() -> Path:
+    """The mini profile's generated prompt corpus shipped with the package."""
+    return Path(__file__).parent / "assets" / "prompts_mini.txt"

@@ -1,0 +1,94 @@
+"""Miniature encoders: the supported architectures at toy size, saved as hub checkpoints.
+
+Each is a real `transformers` model (32x32 images, width 32-64, 3-4 layers) saved with its
+processor through `save_pretrained`, so `load_encoder(path)` runs exactly the code a hub id runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from saekit.models import _quiet_transformers
+
+MINIATURE_KINDS = ("dinov2", "dinov2_registers", "clip", "vit", "resnet")
+"""The encoder kinds `miniature` builds."""
+
+
+def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny, seeded model of `kind` with its processor at `path`; return the path.
+
+    The configs are real architectures at toy size (32x32 images, width 32-64, 3-4 layers), so
+    `load_encoder(path)` exercises the same code a hub checkpoint does.
+    """
+    if kind not in MINIATURE_KINDS:
+        raise ValueError(f"Unknown miniature kind {kind!r}; choose one of {MINIATURE_KINDS}.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    image_mean, image_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    crop = {"height": 32, "width": 32}
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    with _quiet_transformers():
+        if kind in ("dinov2", "dinov2_registers"):
+            if kind == "dinov2":
+                config = transformers.Dinov2Config(image_size=32, patch_size=8, **small)
+                model = transformers.Dinov2Model(config)
+            else:
+                config = transformers.Dinov2WithRegistersConfig(
+                    image_size=32, patch_size=8, num_register_tokens=4, **small
+                )
+                model = transformers.Dinov2WithRegistersModel(config)
+            processor = transformers.BitImageProcessor(
+                size={"shortest_edge": 32},
+                crop_size=crop,
+                do_center_crop=True,
+                image_mean=image_mean,
+                image_std=image_std,
+            )
+        elif kind == "clip":
+            # A full CLIPModel, like the hub's openai/clip-* checkpoints; we read its vision tower.
+            config = transformers.CLIPConfig(
+                text_config=dict(
+                    vocab_size=64,
+                    max_position_embeddings=16,
+                    bos_token_id=0,
+                    eos_token_id=1,
+                    pad_token_id=1,
+                    **small,
+                ),
+                vision_config=dict(image_size=32, patch_size=8, **small),
+                projection_dim=16,
+            )
+            model = transformers.CLIPModel(config)
+            processor = transformers.CLIPImageProcessor(
+                size={"shortest_edge": 32},
+                crop_size=crop,
+            )
+        elif kind == "vit":
+            config = transformers.ViTConfig(image_size=32, patch_size=8, **small)
+            model = transformers.ViTModel(config, add_pooling_layer=False)
+            processor = transformers.ViTImageProcessor(
+                size=crop, image_mean=image_mean, image_std=image_std
+            )
+        else:
+            config = transformers.ResNetConfig(
+                embedding_size=16,
+                hidden_sizes=[16, 24, 32, 48],
+                depths=[1, 1, 1, 1],
+                layer_type="basic",
+                downsample_in_first_stage=False,
+            )
+            model = transformers.ResNetModel(config)
+            processor = transformers.ConvNextImageProcessor(
+                size={"shortest_edge": 64},
+                crop_pct=1.0,
+                image_mean=image_mean,
+                image_std=image_std,
+            )
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    return path
