@@ -1,5 +1,7 @@
 """Linear probes and the segmentation head on data with planted answers."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,64 @@ def test_mean_iou_refuses_labels_outside_the_classes():
     with pytest.raises(ValueError, match="target labels"):
         mean_iou(np.array([[0]]), np.array([[7]]), n_classes=3, ignore_index=None)
     assert mean_iou(np.array([[0]]), np.array([[255]]), n_classes=3)[1].size == 3  # ignored pixel
+
+
+class ChunkOnlyArray:
+    """A memory-mapped layer stand-in that refuses to be read whole and records the largest
+    block read, so a test can tell that training streamed it."""
+
+    def __init__(self, feats):
+        self._feats = feats.numpy()
+        self.shape = self._feats.shape
+        self.largest_read = 0
+
+    def __len__(self):
+        return len(self._feats)
+
+    def __getitem__(self, key):
+        block = self._feats[key]
+        self.largest_read = max(self.largest_read, len(block))
+        return block
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole layer was loaded into memory")
+
+
+def test_adam_probe_streams_a_layer_in_blocks_with_exact_standardisation():
+    feats, labels = clusters(n_per_class=150, d=8)
+    acts = ChunkOnlyArray(feats * 50 + 7)
+    config = ProbeConfig(optimizer="adam", lr=1e-2, max_iter=20, batch_size=64, chunk_rows=128)
+    probe = train_probe(acts, labels, config=config)
+    assert acts.largest_read == 128  # one block at a time, never the 600 rows at once
+    torch.testing.assert_close(probe.mean_D, (feats * 50 + 7).mean(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(probe.std_D, (feats * 50).std(0), rtol=1e-4, atol=1e-4)
+    held_out, held_labels = clusters(seed=0, n_per_class=50)
+    assert probe.accuracy(held_out * 50 + 7, held_labels) >= 0.97
+    # the same seed gives the same probe; another block size visits rows in another order
+    again = train_probe(ChunkOnlyArray(feats * 50 + 7), labels, config=config)
+    torch.testing.assert_close(again.linear.weight, probe.linear.weight)
+    other = train_probe(
+        ChunkOnlyArray(feats * 50 + 7), labels, config=replace(config, chunk_rows=256)
+    )
+    assert not torch.equal(other.linear.weight, probe.linear.weight)
+
+
+def test_adam_probe_with_one_block_is_plain_minibatch_adam():
+    # With every row in one block the probe is the textbook algorithm, written out here: one
+    # permutation of all rows per epoch from the seeded generator, standardised inputs.
+    feats, labels = clusters(n_per_class=40)
+    config = ProbeConfig(optimizer="adam", lr=1e-2, max_iter=5, batch_size=32, weight_decay=1e-3)
+    probe = train_probe(feats, labels, config=config)
+    linear = torch.nn.Linear(8, 4)
+    torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
+    x = (feats - feats.mean(0)) / feats.std(0)
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for idx in torch.randperm(len(x), generator=gen).split(32):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(linear(x[idx]), labels[idx])
+            (loss + 0.5e-3 * linear.weight.pow(2).sum()).backward()
+            opt.step()
+    torch.testing.assert_close(probe.linear.weight, linear.weight)
+    torch.testing.assert_close(probe.linear.bias, linear.bias)

@@ -26,7 +26,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from saekit.activations import Store
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -52,6 +57,11 @@ class ProbeConfig:
     """L2 penalty coefficient on the weights (not the bias)."""
     batch_size: int = 4096
     """Adam minibatch size (ignored by L-BFGS)."""
+    chunk_rows: int = 1 << 18
+    """Adam reads the features in blocks of this many rows, one block in memory at a time: each
+    epoch visits the blocks in a random order and shuffles the rows within each, so a store's
+    memory-mapped layer larger than RAM streams from disk. With at most this many rows the order
+    is one permutation of all rows. (L-BFGS is full-batch and reads every row at once.)"""
     standardize: bool = True
     """Z-score each feature with training statistics (constant features are left unscaled)."""
     seed: int = 0
@@ -143,16 +153,27 @@ def train_probe(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Probe:
-    """Fit a softmax classifier on features ``[B, D]`` (raw activations, codes, pre-activations)."""
+    """Fit a softmax classifier on features ``[B, D]`` (raw activations, codes, pre-activations).
+
+    ``feats_BD`` may be a tensor, an array or a store's memory-mapped layer (``store.cls(layer)``):
+    L-BFGS (full batch) reads it whole; Adam streams it in blocks of ``config.chunk_rows`` rows, so
+    a layer larger than memory never loads at once."""
     config = config or ProbeConfig()
-    feats = _tensor(feats_BD).to(device)
     n_classes = n_classes or int(np.max(np.asarray(labels_B))) + 1
-    labels = _labels(labels_B, len(feats), n_classes).to(device)
-    probe = Probe(feats.shape[1], n_classes, config).to(device)
+    labels = _labels(labels_B, len(feats_BD), n_classes)
+    blocks = [
+        (start, min(start + config.chunk_rows, len(feats_BD)))
+        for start in range(0, len(feats_BD), config.chunk_rows)
+    ]
+    # One block (everything fits) is read once and kept; several are re-read every epoch.
+    whole = (
+        _tensor(feats_BD).to(device) if config.optimizer == "lbfgs" or len(blocks) <= 1 else None
+    )
+    probe = Probe(int(feats_BD.shape[1]), n_classes, config).to(device)
     if config.standardize:
-        probe.mean_D.copy_(feats.mean(0))
-        std = feats.std(0)
-        probe.std_D.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+        mean_D, std_D = _mean_std(feats_BD, blocks, whole, device)
+        probe.mean_D.copy_(mean_D)
+        probe.std_D.copy_(torch.where(std_D > 1e-8, std_D, torch.ones_like(std_D)))
     with torch.no_grad():
         probe.linear.weight.zero_()
         probe.linear.bias.zero_()
@@ -162,6 +183,7 @@ def train_probe(
         return F.cross_entropy(probe(x), y) + penalty
 
     if config.optimizer == "lbfgs":
+        feats, labels = whole, labels.to(device)
         opt = torch.optim.LBFGS(
             probe.linear.parameters(), lr=config.lr, max_iter=config.max_iter,
             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -177,22 +199,50 @@ def train_probe(
 
         opt.step(closure)
         bar.close()
-    else:
-        opt = torch.optim.Adam(probe.linear.parameters(), lr=config.lr)
-        gen = torch.Generator().manual_seed(config.seed)
-        for _ in tqdm(range(config.max_iter), desc="probe (Adam epochs)", disable=not progress):
-            for idx in torch.randperm(len(feats), generator=gen).split(config.batch_size):
+        return probe.eval()
+    opt = torch.optim.Adam(probe.linear.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    for _ in tqdm(range(config.max_iter), desc="probe (Adam epochs)", disable=not progress):
+        order = torch.randperm(len(blocks), generator=gen) if len(blocks) > 1 else [0]
+        for b in order:
+            start, stop = blocks[int(b)]
+            feats = whole if whole is not None else _tensor(feats_BD[start:stop]).to(device)
+            block_labels = labels[start:stop].to(device)
+            for idx in torch.randperm(stop - start, generator=gen).split(config.batch_size):
                 opt.zero_grad()
-                objective(feats[idx.to(device)], labels[idx.to(device)]).backward()
+                idx = idx.to(device)
+                objective(feats[idx], block_labels[idx]).backward()
                 opt.step()
     return probe.eval()
 
 
+def _mean_std(
+    feats_BD: ArrayLike,
+    blocks: list[tuple[int, int]],
+    whole: torch.Tensor | None,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and (unbiased) standard deviation, in one pass over the blocks when the
+    features are not in memory (float64 sums, so a million rows lose no precision)."""
+    if whole is not None:
+        return whole.mean(0), whole.std(0)
+    sum_D = sumsq_D = None
+    for start, stop in blocks:
+        chunk = _tensor(feats_BD[start:stop]).double()
+        part, part_sq = chunk.sum(0), chunk.pow(2).sum(0)
+        sum_D = part if sum_D is None else sum_D + part
+        sumsq_D = part_sq if sumsq_D is None else sumsq_D + part_sq
+    n = blocks[-1][1]
+    mean_D = sum_D / n
+    var_D = ((sumsq_D - n * mean_D.pow(2)) / max(n - 1, 1)).clamp(min=0)
+    return mean_D.float().to(device), var_D.sqrt().float().to(device)
+
+
 def store_features(
-    store: Any,
-    layer: Any,
+    store: Store,
+    layer: int,
     *,
-    sae: Any = None,
+    sae: SAE | None = None,
     pre_activation: bool = False,
     batch_size: int = 4096,
     progress: bool = False,
