@@ -195,3 +195,60 @@ def test_zero_ablation_matches_a_hand_written_forward(vit):
         log_target=True, reduction="batchmean",
     )  # fmt: skip
     assert result.kl["zero-ablated"] == pytest.approx(expected_kl.item(), rel=1e-5)
+
+
+# --- the card -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def card_world(miniatures, tmp_path_factory):
+    from conftest import write_image_folder
+
+    from saekit.activations import extract
+    from saekit.data import ImageFolder
+    from saekit.models import load_encoder
+    from saekit.sae import SAESpec, get_recipe, train_or_load
+
+    root = tmp_path_factory.mktemp("card")
+    encoder = load_encoder(miniatures["vit"])
+    dataset = ImageFolder(write_image_folder(root / "val", per_class=8, seed=4))
+    store = extract(encoder, dataset, layers=[1, 2], tokens="cls", out=root / "store")
+    spec = SAESpec(arch="relu", layer=1, expansion=2, l1=0.1,
+                   recipe=get_recipe("olson2025", epochs=3, batch_size=8))  # fmt: skip
+    sae = train_or_load(spec, store, root=root / "saes", progress=False)
+    return encoder, dataset, store, sae
+
+
+def test_report_card_measures_every_part(card_world):
+    from saekit.analysis.report_card import cards_table, report_card
+
+    encoder, dataset, store, sae = card_world
+    head = _head(encoder.d_model)
+    card = report_card(sae, store, 1, twin=sae, encoder=encoder, dataset=dataset, head=head,
+                       ks=(1, 2))  # fmt: skip
+    row = card.row()
+    assert row["stability (mean cos)"] == pytest.approx(1.0)  # an SAE is its own perfect twin
+    assert row["NMSE"] == pytest.approx(1.0 - card.fidelity.explained_variance) and row["L0"] > 0
+    assert set(card.sparse_probing.index) == {"SAE features", "neurons"}
+    assert list(card.sparse_probing.columns) == [1, 2]
+    assert card.absorption is not None and len(card.absorption) > 0  # tench/goldfish/shark
+    assert card.downstream is not None and card.downstream.accuracy.keys() == {
+        "original",
+        "reconstructed",
+        "zero-ablated",
+    }
+    assert card.notes == []
+    assert list(cards_table([card]).index) == [card.name]
+    card.figure()
+
+
+def test_pareto_frame_has_the_sae_and_baselines_with_exact_full_rank_pca(card_world):
+    from saekit.analysis.report_card import pareto_frame, plot_pareto
+
+    _, _, store, sae = card_world
+    # 24 images: 24 components span the centred rows exactly
+    frame = pareto_frame({"relu": sae}, store, 1, baseline_ks=(1, 24))
+    assert frame[frame["method"] == "SAE"]["name"].tolist() == ["relu"]
+    full = frame[(frame["method"] == "PCA") & (frame["L0"] == 24)]
+    assert full["NMSE"].iloc[0] == pytest.approx(0.0, abs=1e-9)
+    plot_pareto(frame)

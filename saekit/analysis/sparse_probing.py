@@ -115,7 +115,7 @@ def sparse_probing_summary(
         per_class = sparse_probing(
             train, train_labels_N, evaluation, eval_labels_N, ks=ks_here, seed=seed
         )
-        rows[name] = per_class.mean(0)
+        rows[name] = per_class.mean(axis=0)
     frame = pd.DataFrame(rows).T
     frame.columns.name = "k"
     return frame
