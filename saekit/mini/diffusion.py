@@ -23,14 +23,14 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import (
-    CLIPConfig,
     CLIPImageProcessorPil,
-    CLIPModel,
     CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
 )
+
+from saekit.mini.miniatures import clip_text_config, clip_vision_config, tiny_clip
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -112,13 +112,11 @@ def train_clip_tokenizer(texts: list[str], vocab_size: int = 512) -> CLIPTokeniz
 
 
 def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 0) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
+    return clip_text_config(
+        len(tokenizer),
+        hidden,
+        layers=3,
+        heads=4,
         projection_dim=projection or hidden,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -199,17 +197,12 @@ def build_mini_clip(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer = train_clip_tokenizer(mini_prompts() + mini_vocabulary())
-    text = _text_config(tokenizer, hidden=32, projection=16).to_dict()
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
+    model = tiny_clip(
+        _text_config(tokenizer, hidden=32, projection=16),
+        clip_vision_config(32, 2, 4, image_size=32, patch_size=8, projection_dim=16),
         projection_dim=16,
+        seed=seed,
     )
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPVisionConfig,
     LlamaConfig,
     LlamaTokenizer,
     LlavaConfig,
@@ -27,6 +26,8 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from saekit.mini.miniatures import clip_vision_config
 
 IMAGE_TOKEN = "<image>"
 
@@ -143,14 +144,12 @@ def build_mini_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision_config = CLIPVisionConfig(
-        hidden_size=cfg.vision_width,
-        intermediate_size=2 * cfg.vision_width,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=2,
+    vision_config = clip_vision_config(
+        cfg.vision_width,
+        cfg.vision_layers,
+        heads=2,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_width,
     )
     llava_config = LlavaConfig(
         text_config=text_config,

@@ -2,6 +2,11 @@
 
 Each is a real `transformers` model (32x32 images, width 32-64, 3-4 layers) saved with its
 processor through `save_pretrained`, so `load_encoder(path)` runs exactly the code a hub id runs.
+
+`clip_text_config`, `clip_vision_config` and `tiny_clip` are the one tiny-CLIP builder: the
+miniature encoder here, the mini Stable Diffusion's text encoder and judge CLIP
+(`saekit.mini.diffusion`), the mini LLaVA's vision tower (`saekit.mini.llava`) and the
+hub-shaped miniatures (`saekit.mini.hub`) all take their CLIP towers from it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,68 @@ from saekit.models import _quiet_transformers
 
 MINIATURE_KINDS = ("dinov2", "dinov2_registers", "clip", "vit", "resnet")
 """The encoder kinds `miniature` builds."""
+
+
+def clip_text_config(
+    vocab_size: int,
+    width: int,
+    layers: int,
+    heads: int,
+    *,
+    max_positions: int = 77,
+    projection_dim: int | None = None,
+    bos_token_id: int = 0,
+    eos_token_id: int = 1,
+    pad_token_id: int = 1,
+) -> transformers.CLIPTextConfig:
+    """A CLIP text tower `width` wide (MLP 2x), `layers` deep; projection defaults to `width`."""
+    return transformers.CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+        projection_dim=projection_dim or width,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def clip_vision_config(
+    width: int,
+    layers: int,
+    heads: int,
+    image_size: int,
+    patch_size: int,
+    *,
+    projection_dim: int | None = None,
+) -> transformers.CLIPVisionConfig:
+    """A CLIP vision tower `width` wide (MLP 2x) over `image_size` images in `patch_size` patches."""
+    return transformers.CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=projection_dim or width,
+    )
+
+
+def tiny_clip(
+    text: transformers.CLIPTextConfig,
+    vision: transformers.CLIPVisionConfig,
+    projection_dim: int,
+    seed: int = 0,
+) -> transformers.CLIPModel:
+    """A seeded `CLIPModel` from the two towers' configs (random weights)."""
+    config = transformers.CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim
+    )
+    torch.manual_seed(seed)
+    return transformers.CLIPModel(config)
 
 
 def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
@@ -51,19 +118,12 @@ def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
             )
         elif kind == "clip":
             # A full CLIPModel, like the hub's openai/clip-* checkpoints; we read its vision tower.
-            config = transformers.CLIPConfig(
-                text_config=dict(
-                    vocab_size=64,
-                    max_position_embeddings=16,
-                    bos_token_id=0,
-                    eos_token_id=1,
-                    pad_token_id=1,
-                    **small,
-                ),
-                vision_config=dict(image_size=32, patch_size=8, **small),
+            model = tiny_clip(
+                clip_text_config(64, 32, 3, 2, max_positions=16, projection_dim=512),
+                clip_vision_config(32, 3, 2, image_size=32, patch_size=8, projection_dim=512),
                 projection_dim=16,
+                seed=seed,
             )
-            model = transformers.CLIPModel(config)
             processor = transformers.CLIPImageProcessor(
                 size={"shortest_edge": 32},
                 crop_size=crop,
