@@ -41,8 +41,8 @@
 # persist while layer 6 recruits extra patches.
 #
 # ```{note}
-# The `mini` profile runs a *miniature* LLaVA: a real `LlavaForConditionalGeneration` (a
-# 4-block Llama of width 64 and a 2-block CLIP vision tower on a 6×6 patch grid) built offline
+# The `mini` profile runs a *miniature* LLaVA: a real `LlavaForConditionalGeneration` (a few
+# Llama blocks and a small CLIP vision tower; its sizes are printed below) built offline
 # **with random weights**. It cannot describe an image or define a word; its answers are
 # arbitrary tokens. Every number and figure below is therefore *mechanical*: it shows that the
 # pipeline runs end to end and how to read its outputs, not what LLaVA does. The findings need
@@ -51,103 +51,90 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-model = ""  # LLaVA hub id or folder, empty for the profile default (mini: built here, paper: 7B)
-layer = -1  # block read for the overlap, -1 for the profile default (mini 2 of 4, paper 16 of 32)
-evolution_layer = -1  # block set against the projector, -1 for profile default (mini 1, paper 6)
+model: str | None = None  # LLaVA hub id or folder; None: mini builds one from seed, paper 7B
+layer: int | None = None  # block read for the overlap; None: mini 2 of 4, paper 16 of 32
+evolution_layer: int | None = None  # block set against the projector; None: mini 1, paper 6
 n_classes = 10  # classes studied, spread evenly over the dataset's classes
 images_per_class = 3  # images described per class
-max_new_tokens = 0  # longest answer in tokens, 0 for the profile default (mini 8, paper 48)
-top_fraction = 0.0  # share of features in a top set, 0 for profile default (mini 0.05, paper 0.01)
+max_new_tokens: int | None = None  # longest answer in tokens; None: mini 8, paper 48
+top_fraction: float | None = None  # share of features in a top set; None: mini 0.05, paper 0.01
 sae_captions_per_class = 2  # further images of every class captioned to train the overlap SAE
 sae_train_on = "both"  # overlap SAE data besides captions: "both" modalities' answers or "image"
 sae_expansion = 8  # SAE width as a multiple of the model width
 sae_l1 = 0.3  # λ of the ReLU SAEs, on normalised inputs
-sae_lr = 0.0  # Adam learning rate, 0 for the profile default (mini 1e-3, paper 1e-4)
-sae_epochs = 0  # passes over the activations, 0 for the profile default (mini 50, paper 3)
+sae_lr: float | None = None  # Adam learning rate; None: mini 1e-3, paper 1e-4
+sae_epochs: int | None = None  # passes over the activations; None: mini 50, paper 3
 n_permutations = 1000  # mismatched class pairings drawn for the chance level
 seed = 0  # seeds the miniature's weights, the SAEs and the permutations
-imagenet_val = ""  # paper profile: ImageNet-1k validation folder (one sub-folder per wnid)
+imagenet_val: str | None = None  # paper: ImageNet-1k validation folder (one sub-folder per wnid)
+device: str | None = None  # where LLaVA runs and the SAEs train; None: cuda when available
 
 # %%
 import saekit.book
 
 chapter = saekit.book.setup(globals())
 
-# %% [markdown]
-# ## Setting up
-#
-# The profile fills in what the parameters leave at 0 or −1. In `mini`: the miniature LLaVA
-# (rebuilt from `seed`, its tokenizer trained on the class names so they are whole tokens),
-# language-model block 2 of 4 for the overlap and block 1 for the evolution, 8-token answers,
-# top sets of 5% of the features (1% of a 512-feature SAE would be only 6), and the toy world's
-# validation images. In `paper`: LLaVA-1.5-7B in float16 on the GPU, block 16 of 32 (the middle)
-# and block 6 as in the paper, 48-token answers, 1% top sets and the ImageNet validation folder.
-#
-# All three SAEs use the `olson2025` recipe (paper 003 §3.3: Adam with 5% warm-up and 20%
-# decay, λ warmed up, minibatch 64) with one change: inputs are centred and scaled to unit mean
-# norm before training (and the scaling folded back into the weights afterwards). The
-# miniature's randomly initialised residual stream has a norm of about 0.3, orders of magnitude
-# below LLaVA-7B's, and on normalised inputs one λ = 0.3 means the same sparsity for both. In `mini` the activations number only a
-# few hundred to a few thousand rows, so the SAEs take 50 epochs at lr 1e-3; `paper` keeps the
-# recipe's 3 epochs at 1e-4.
-
 # %%
-import math
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
+from saekit.analysis import modality_overlap as mo
 from saekit.analysis import multimodal as mm
+from saekit.analysis import patch_evolution as pe
 from saekit.analysis.widgets import switcher
-from saekit.mini.llava import build_mini_llava
 from saekit.sae import evaluate, metrics_table
+from saekit.studies import llava as study
 
-defaults = mm.profile_config(chapter.profile)
-sae_lr = sae_lr or (1e-3 if chapter.profile == "mini" else 1e-4)
-sae_epochs = sae_epochs or (50 if chapter.profile == "mini" else 3)
-cfg = mm.profile_config(
-    chapter.profile,
-    model=model or defaults.model,
-    layer=layer if layer >= 0 else defaults.layer,
-    evolution_layer=evolution_layer if evolution_layer >= 0 else defaults.evolution_layer,
-    max_new_tokens=max_new_tokens or defaults.max_new_tokens,
-    top_fraction=top_fraction or defaults.top_fraction,
-    n_permutations=n_permutations,
-    seed=seed,
-)
-sae_settings = dict(
-    expansion=sae_expansion,
-    l1=sae_l1,
-    lr=sae_lr,
-    epochs=sae_epochs,
-    seed=seed,
-    device=cfg.device,
-)
+settings = study.LlavaSettings.for_profile(**chapter.params)
+answers_cfg = settings.answers()
+saes_root = chapter.workdir / "saes"
 pd.set_option("display.precision", 3)
 
 # %% [markdown]
+# ## Setting up
+#
+# The profile fills in what the parameters leave at `None`. In `mini`: the miniature LLaVA
+# (rebuilt from `seed`, its tokenizer trained on the class names so they are whole tokens),
+# short answers, top sets of a larger share of the features than the paper's 1% (the miniature's
+# SAE is small), and the toy world's validation images. In `paper`: LLaVA-1.5-7B on the GPU (in
+# float16 there), the middle block for the overlap and block 6 for the evolution as in the paper,
+# 48-token answers, 1% top sets and the ImageNet validation folder.
+#
+# All three SAEs use the `olson2025` recipe (paper 003 §3.3: Adam with 5% warm-up and 20%
+# decay, λ warmed up, minibatch 64) with one change: inputs are centred and scaled to unit mean
+# norm before training (and the scaling folded back into the weights afterwards), so that one λ
+# means the same sparsity for the miniature's residual stream and LLaVA-7B's, whose norms differ
+# by orders of magnitude. They are trained once and cached (`saekit.sae.train_or_load`). `mini`
+# has few activation rows, so its SAEs take more epochs at a larger learning rate than `paper`,
+# which keeps the recipe's.
+#
 # The study's classes are spread evenly over the dataset's classes (in `mini`, across all five
 # shape families of the toy world), with the first `images_per_class` validation images of each.
 
 # %%
 dataset = chapter.dataset("val")
-classes_C, image_indices, labels_N = mm.study_images(dataset.labels, n_classes, images_per_class)
+classes_C, image_indices, labels_N = study.study_images(
+    dataset.labels, settings.n_classes, settings.images_per_class
+)
 class_names = [dataset.class_names[c] for c in classes_C]
 images = [dataset.load(int(i)) for i in image_indices]
 print(f"{len(images)} images of {len(class_names)} classes: {', '.join(class_names)}")
 
 # %%
-if not cfg.model:  # the mini profile builds its miniature
-    llava_dir = chapter.workdir / "llava-mini"
-    cfg.model = str(build_mini_llava(llava_dir, seed=seed, extra_words=dataset.class_names))
-llava, processor = mm.load_llava(cfg.model, device=cfg.device, dtype=cfg.dtype)
+llava, processor, source = study.load_model(settings, chapter.workdir, dataset.class_names)
 grid = mm.patch_grid(llava, processor)
 n_blocks = len(mm.language_layers(llava))
-print(
-    f"{cfg.model}: {n_blocks} language-model blocks, width {llava.config.text_config.hidden_size}"
+display(
+    Markdown(
+        f"**This run:** `{source}` ({n_blocks} language-model blocks of width "
+        f"{llava.config.text_config.hidden_size}, a {grid[0]}×{grid[1]} patch grid) in "
+        f"{settings.dtype} on `{settings.device}`; the overlap is read at block {settings.layer}, "
+        f"the evolution compares the projector with block {settings.evolution_layer}; answers of "
+        f"at most {settings.max_new_tokens} tokens; top sets of {settings.top_fraction:.0%} of "
+        f"the features; SAEs trained for {settings.sae_epochs} epochs at lr {settings.sae_lr:g}."
+    )
 )
-print(f"patch grid {grid[0]}x{grid[1]}; overlap read at block {cfg.layer}")
 
 # %% [markdown]
 # ## 1. Answers in two modalities (§5.1)
@@ -159,8 +146,8 @@ print(f"patch grid {grid[0]}x{grid[1]}; overlap read at block {cfg.layer}")
 # often byte fragments; in `paper` this table shows LLaVA's definitions and descriptions.)
 
 # %%
-text = mm.text_responses(llava, processor, class_names, cfg)
-image = mm.image_responses(llava, processor, images, labels_N, cfg)
+text = mm.text_responses(llava, processor, class_names, answers_cfg)
+image = mm.image_responses(llava, processor, images, labels_N, answers_cfg)
 first_image = [list(labels_N).index(c) for c in range(len(class_names))]
 pd.DataFrame(
     {
@@ -181,18 +168,25 @@ pd.DataFrame(
 # the text answers out, as the paper does. Reconstruction quality on each kind of answer:
 
 # %%
-caption_indices = mm.caption_images(dataset.labels, images_per_class, sae_captions_per_class)
+caption_indices = study.caption_images(
+    dataset.labels, settings.images_per_class, settings.sae_captions_per_class
+)
 captions = mm.image_responses(
     llava,
     processor,
     [dataset.load(int(i)) for i in caption_indices],
     [dataset.labels[i] for i in caption_indices],
-    cfg,
+    answers_cfg,
 )
-sae = mm.train_relu_sae(
-    mm.training_activations(text, image, sae_train_on, captions), **sae_settings
-)
+overlap_acts_ND = study.training_activations(text, image, settings.sae_train_on, captions)
+sae = study.train_sae(overlap_acts_ND, settings, "llava-overlap", saes_root)
 answers = {"text answers": text, "image answers": image, "caption answers": captions}
+display(
+    Markdown(
+        f"The overlap SAE has {sae.cfg.d_sae} features and trained on {len(overlap_acts_ND):,} "
+        f"answer-token rows whose mean norm is {overlap_acts_ND.norm(dim=1).mean():.3g}."
+    )
+)
 metrics_table({name: evaluate(sae, r.stacked()) for name, r in answers.items() if r.acts})
 
 # %% [markdown]
@@ -203,20 +197,21 @@ metrics_table({name: evaluate(sae, r.stacked()) for name, r in answers.items() i
 # are left out, so silence cannot count as overlap).
 
 # %%
-text_CS = mm.top_feature_sets(mm.class_profiles(sae, text, len(class_names)), cfg.top_fraction)
-image_CS = mm.top_feature_sets(mm.class_profiles(sae, image, len(class_names)), cfg.top_fraction)
-baseline = mm.permutation_baseline(text_CS, image_CS, cfg.n_permutations, cfg.seed)
-table = mm.overlap_table(text_CS, image_CS, class_names)
+n_classes_C = len(class_names)
+text_CS = mo.top_feature_sets(mo.class_profiles(sae, text, n_classes_C), settings.top_fraction)
+image_CS = mo.top_feature_sets(mo.class_profiles(sae, image, n_classes_C), settings.top_fraction)
+baseline = mo.permutation_baseline(text_CS, image_CS, settings.n_permutations, settings.seed)
+table = mo.overlap_table(text_CS, image_CS, class_names)
 table
 
 # %%
-k = max(1, math.ceil(cfg.top_fraction * sae.cfg.d_sae))
+k = mo.top_set_size(settings.top_fraction, sae.cfg.d_sae)
 display(
     Markdown(
         f"**Permutation baseline.** With top sets of K = {k} of {sae.cfg.d_sae} features, "
         f"matched classes share on average {table['overlap'].mean():.2f} features, a mean "
         f"Jaccard of **{baseline.observed:.3f}**. Mismatched pairings give "
-        f"{baseline.null_mean:.3f} on average over {cfg.n_permutations} random derangements "
+        f"{baseline.null_mean:.3f} on average over {settings.n_permutations} random derangements "
         f"(exact chance level {baseline.expected_chance:.3f}; 95th percentile of the null "
         f"{pd.Series(baseline.null).quantile(0.95):.3f}), so p = **{baseline.p_value:.3g}**. "
         + (
@@ -236,8 +231,7 @@ display(
 # chance level below accounts for.
 
 # %%
-frame = mm.overlap_heatmap_frame(text_CS, image_CS, class_names)
-mm.plot_overlap_heatmap(frame)
+study.plot_overlap_heatmap(mo.overlap_heatmap_frame(text_CS, image_CS, class_names))
 plt.show()
 
 # %% [markdown]
@@ -247,9 +241,7 @@ plt.show()
 # diagonal and a red line far to the right of the grey histogram.
 
 # %%
-fig, (ax_matrix, ax_null) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=[1, 1.2])
-mm.plot_jaccard_matrix(mm.jaccard_matrix(text_CS, image_CS), class_names, ax=ax_matrix)
-mm.plot_permutation_null(baseline, ax=ax_null)
+study.plot_chance(mo.jaccard_matrix(text_CS, image_CS), class_names, baseline)
 plt.show()
 
 # %% [markdown]
@@ -263,13 +255,19 @@ plt.show()
 # images.
 
 # %%
-points = (mm.PROJECTOR, cfg.evolution_layer)
-names = ("projector", f"layer {cfg.evolution_layer}")
+points = (mm.PROJECTOR, settings.evolution_layer)
+names = ("projector", f"layer {settings.evolution_layer}")
 tokens_BPD, tokens = mm.image_token_activations(
-    llava, processor, images, points, prompt=cfg.image_prompt, batch_size=cfg.batch_size
+    llava,
+    processor,
+    images,
+    points,
+    prompt=answers_cfg.image_prompt,
+    batch_size=answers_cfg.batch_size,
 )
 point_saes = {
-    point: mm.train_relu_sae(tokens_BPD[point].flatten(0, 1), **sae_settings) for point in points
+    point: study.train_sae(tokens_BPD[point].flatten(0, 1), settings, f"llava-{name}", saes_root)
+    for point, name in zip(points, ("projector", f"block{settings.evolution_layer}"), strict=True)
 }
 metrics_table(
     {
@@ -286,18 +284,16 @@ metrics_table(
 # counts the patches that only the later layer activates.
 
 # %%
-maps = {point: mm.patch_maps(point_saes[point], tokens_BPD[point], grid) for point in points}
-evolution = mm.compare_patch_maps(maps[points[0]][0], maps[points[1]][0])
+maps = {point: pe.patch_maps(point_saes[point], tokens_BPD[point], grid) for point in points}
+evolution = pe.compare_patch_maps(maps[points[0]][0], maps[points[1]][0])
 crops = [mm.square_crop(processor, im) for im in images]
 shown = first_image[:4]
-fig, axes = plt.subplots(len(shown), 3, figsize=(9, 3.1 * len(shown)), squeeze=False)
-for row, index in zip(axes, shown, strict=True):
-    mm.plot_evolution(crops[index], evolution, index, names, axes=row)
-    row[0].set_title(f"{class_names[labels_N[index]]}: {names[0]}")
+titles = [f"{class_names[labels_N[i]]}: {names[0]}" for i in shown]
+study.plot_evolutions(crops, evolution, shown, titles, names)
 plt.show()
 
 # %%
-evolution_frame = mm.evolution_table(
+evolution_frame = study.evolution_table(
     evolution, labels_N, class_names, (maps[points[0]][1], maps[points[1]][1])
 )
 display(
@@ -309,7 +305,7 @@ display(
     Markdown(
         f"Over all {len(images)} images, on a {grid[0]}×{grid[1]} grid: "
         f"{evolution_frame['early'].mean():.1f} patches active at the projector, "
-        f"{evolution_frame['late'].mean():.1f} at layer {cfg.evolution_layer}; a mean "
+        f"{evolution_frame['late'].mean():.1f} at layer {settings.evolution_layer}; a mean "
         f"persistence of {evolution_frame['persistence'].mean():.2f} and "
         f"{evolution_frame['new'].mean():.1f} new patches per image."
     )
@@ -324,7 +320,7 @@ display(
 # %%
 switcher(
     {
-        name: mm.plot_class_view(
+        name: study.plot_class_view(
             c,
             class_names,
             text_CS,
