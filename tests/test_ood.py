@@ -1,7 +1,10 @@
-"""The OOD study: grid, label alignment, class-subset scoring, probes, reconstruction by domain,
-Table 1, caching of the sweep, and the figures."""
+"""The OOD study: settings per profile, grid, label alignment, scoring on the classes a set
+shares with the training set (sets holding a subset of the classes, or classes the training set
+lacks), probes, reconstruction by domain, Table 1, caching of the sweep, and the figures."""
 
 from __future__ import annotations
+
+import shutil
 
 import matplotlib
 import numpy as np
@@ -19,8 +22,10 @@ from saekit.analysis.probes import ProbeConfig, train_probe  # noqa: E402
 from saekit.data import ImageFolder  # noqa: E402
 from saekit.models import load_encoder  # noqa: E402
 from saekit.sae import get_recipe, train_or_load  # noqa: E402
-from saekit.studies import ood  # noqa: E402
+from saekit.studies import ood, ood_figures, ood_scoring  # noqa: E402
 from saekit.taxonomy import Taxonomy, imagenet_subset  # noqa: E402
+
+TIGER_SHARK = "n01491361"  # a class the training folders lack
 
 # --- the grid ----------------------------------------------------------------------------------
 
@@ -46,22 +51,68 @@ def test_grid_rejects_unknown_architectures_and_empty_axes():
         ood.SweepGrid(lambdas=())
 
 
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_resolve_each_profile_and_paper_includes_resnet():
+    mini = ood.OODSettings.for_profile("mini")
+    assert mini.encoders == ("toyvit",) and mini.detail_encoder == "toyvit"
+    assert mini.grid == ood.SweepGrid(lambdas=(0.5, 5.0), ks=(4, 16), expansions=(4, 8))
+    assert (mini.recipe.epochs, mini.recipe.lr, mini.probe_per_class) == (30, 1e-3, None)
+    paper = ood.OODSettings.for_profile("paper", imagenet_hard="/data/a")
+    assert paper.encoders == ("dinov2", "clip", "resnet") and paper.detail_encoder == "resnet"
+    assert paper.grid == ood.PAPER_GRID and len(paper.grid.specs()) == 63
+    assert (paper.recipe.name, paper.recipe.epochs, paper.recipe.lr) == ("olson2025_ood", 3, 1e-4)
+    assert paper.probe_per_class == 100 and paper.imagenet_hard == "/data/a"
+    narrowed = ood.OODSettings.for_profile("paper", encoders=["dinov2"], lambdas=[0.5])
+    assert narrowed.encoders == ("dinov2",) and narrowed.grid.lambdas == (0.5,)
+
+
 # --- class subsets -------------------------------------------------------------------------------
 
 
-def test_paper_subsets_map_imagenet_a_and_r_wnids_to_training_indices():
+def _labelled(labels, n_classes, left_out=None):
+    labels = np.asarray(labels)
+    classes = [f"n{i:08d}" for i in range(n_classes)]
+    return ood_scoring.LabelledActs(np.zeros((len(labels), 2)), labels, classes, left_out or {})
+
+
+def test_each_set_is_scored_on_the_training_classes_it_holds():
+    # an ImageNet-A-like set: the 200 imagenet_a classes, in a training set of all 1000
     wnids = list(Taxonomy.imagenet1k().leaves)[::-1]  # any class order: indices must follow it
-    subsets = ood.restricted_classes(wnids, "paper")
-    for split, name in (("hard", "imagenet_a"), ("rendition", "imagenet_r")):
-        assert len(subsets[split]) == 200
-        assert {wnids[i] for i in subsets[split]} == set(imagenet_subset(name))
-    with pytest.raises(ValueError, match="not among the training classes"):
-        ood.restricted_classes(wnids[:500], "paper")
+    a_index = sorted(wnids.index(w) for w in imagenet_subset("imagenet_a"))
+    evals = {
+        "val": ood_scoring.LabelledActs(np.zeros((1000, 2)), np.arange(1000), wnids),
+        "hard": ood_scoring.LabelledActs(np.zeros((400, 2)), np.repeat(a_index, 2), wnids),
+    }
+    subsets = ood_scoring.scored_classes(evals, "paper")
+    assert subsets["val"] is None  # every training class: the argmax over all logits
+    assert subsets["hard"] == a_index and {wnids[i] for i in subsets["hard"]} == set(
+        imagenet_subset("imagenet_a")
+    )
+    # a training folder with fewer classes than the shifted set: the shared ones, rows counted
+    partial = {"hard": _labelled([0, 0, 2], 5, left_out={"n09999999": 4})}
+    assert ood_scoring.scored_classes(partial, "paper") == {"hard": [0, 2]}
+    table = ood_scoring.scoring_table(partial, {"hard": [0, 2]})
+    assert table.loc["hard"].to_dict() == {
+        "classes in the set": 3,
+        "not in training": 1,
+        "classes scored": 2,
+        "rows scored": 3,
+        "rows left out": 4,
+    }
+    with pytest.raises(ValueError, match="shares no class with the training set"):
+        ood_scoring.scored_classes({"v2": _labelled([], 3, left_out={"n09999999": 2})}, "paper")
 
 
-def test_mini_subsets_are_every_other_class():
-    subsets = ood.restricted_classes([f"c{i}" for i in range(7)], "mini")
-    assert subsets == {"hard": [0, 2, 4, 6], "rendition": [0, 2, 4, 6]}
+def test_mini_stand_ins_for_imagenet_a_and_r_keep_every_other_class():
+    evals = {split: _labelled(np.arange(7), 7) for split in ("val", "hard", "rendition")}
+    subsets = ood_scoring.scored_classes(evals, "mini")
+    assert subsets == {"val": None, "hard": [0, 2, 4, 6], "rendition": [0, 2, 4, 6]}
+    # a stand-in holding only some classes: the even ones among those it holds
+    assert ood_scoring.scored_classes({"hard": _labelled([1, 2, 3, 4], 7)}, "mini") == {
+        "hard": [2, 4]
+    }
 
 
 def test_subset_scoring_drops_other_classes_and_takes_the_argmax_over_the_subset():
@@ -75,9 +126,11 @@ def test_subset_scoring_drops_other_classes_and_takes_the_argmax_over_the_subset
     # argmax says 3 but among {0, 2} class 2 wins; rows of classes 1 and 3 must not be scored
     test = np.stack([0.4 * centers[2] + 0.6 * centers[3]] * 5 + [centers[1]] * 7 + [centers[0]] * 3)
     test_labels = np.array([2] * 5 + [1] * 7 + [0] * 3)
-    full, n_full = ood.probe_accuracy(probe, torch.as_tensor(test), test_labels, None)
+    full, n_full = ood_scoring.probe_accuracy(probe, torch.as_tensor(test), test_labels, None)
     assert (full, n_full) == (pytest.approx(10 / 15), 15)
-    restricted, n_restricted = ood.probe_accuracy(probe, torch.as_tensor(test), test_labels, [0, 2])
+    restricted, n_restricted = ood_scoring.probe_accuracy(
+        probe, torch.as_tensor(test), test_labels, [0, 2]
+    )
     assert (restricted, n_restricted) == (1.0, 8)
 
 
@@ -109,12 +162,12 @@ def test_reconstruction_error_by_domain_has_known_values():
     far = torch.randn(50, 4, generator=gen) @ complement
     labels = np.zeros(50, dtype=int)
     sets = {
-        "val": ood.LabelledActs(in_domain, labels),
-        "v2": ood.LabelledActs(near, labels),
-        "sketch": ood.LabelledActs(near, labels),
+        "val": ood_scoring.LabelledActs(in_domain, labels),
+        "v2": ood_scoring.LabelledActs(near, labels),
+        "sketch": ood_scoring.LabelledActs(near, labels),
         "far_ood": far,
     }
-    recon = ood.reconstruction_table({"exact": sae}, sets, encoder="toy", progress=False)
+    recon = ood_scoring.reconstruction_table({"exact": sae}, sets, encoder="toy", progress=False)
     assert list(recon["domain"]) == ["in-domain", "near-OOD", "near-OOD", "far-OOD"]
     mse = recon.set_index("split")["mse"]
     assert mse["val"] == pytest.approx(0.0, abs=1e-10)
@@ -122,13 +175,13 @@ def test_reconstruction_error_by_domain_has_known_values():
     assert mse["far_ood"] == pytest.approx(far.pow(2).sum(1).mean().item() / d, rel=1e-4)
     assert recon.set_index("split")["l1"]["far_ood"] == pytest.approx(0.0, abs=1e-5)
 
-    summary = ood.domain_summary(recon)
+    summary = ood_scoring.domain_summary(recon)
     assert list(summary.columns[:3]) == ["in-domain", "near-OOD", "far-OOD"]
     assert summary.loc["exact", "near-OOD"] == pytest.approx(mse["v2"])
     assert summary.loc["exact", "far-OOD ÷ in-domain"] > 1e6
 
     with pytest.raises(KeyError, match="no domain"):
-        ood.reconstruction_table({"exact": sae}, {"imagenet_o": far}, progress=False)
+        ood_scoring.reconstruction_table({"exact": sae}, {"imagenet_o": far}, progress=False)
 
 
 # --- the study on a real activation store ----------------------------------------------------------
@@ -136,8 +189,9 @@ def test_reconstruction_error_by_domain_has_known_values():
 
 @pytest.fixture(scope="module")
 def stores(miniatures, tmp_path_factory):
-    """Train and validation stores of a miniature ViT, and a shifted store whose folder holds only
-    two of the three classes (so its own label 0 is the training set's label 1)."""
+    """Train and validation stores of a miniature ViT, a shifted store whose folder holds only
+    two of the three classes (so its own label 0 is the training set's label 1), and one holding a
+    training class and a class the training set lacks."""
     root = tmp_path_factory.mktemp("ood")
     encoder = load_encoder(miniatures["vit"])
     folders = {
@@ -145,9 +199,10 @@ def stores(miniatures, tmp_path_factory):
         "val": write_image_folder(root / "val", per_class=6, seed=2),
         "hard": write_image_folder(root / "hard", per_class=6, seed=3),
     }
-    for extra in (folders["hard"] / WNIDS[0]).iterdir():
-        extra.unlink()
-    (folders["hard"] / WNIDS[0]).rmdir()
+    shutil.rmtree(folders["hard"] / WNIDS[0])
+    folders["rendition"] = write_image_folder(root / "rendition", per_class=6, seed=4)
+    shutil.rmtree(folders["rendition"] / WNIDS[1])
+    (folders["rendition"] / WNIDS[2]).rename(folders["rendition"] / TIGER_SHARK)
     return {
         split: extract(
             encoder, ImageFolder(path), layers=[-1], out=root / f"s-{split}", progress=False
@@ -157,23 +212,34 @@ def stores(miniatures, tmp_path_factory):
 
 
 def test_labels_of_a_partial_folder_are_mapped_to_the_training_classes(stores):
-    train = ood.LabelledActs.from_store(stores["train"])
+    train = ood_scoring.LabelledActs.from_store(stores["train"])
     assert train.classes == list(WNIDS)
-    hard = ood.LabelledActs.from_store(stores["hard"], classes=train.classes)
+    hard = ood_scoring.LabelledActs.from_store(stores["hard"], classes=train.classes)
     assert stores["hard"].wnids == list(WNIDS[1:])
     assert set(np.asarray(stores["hard"].labels)) == {0, 1}
     np.testing.assert_array_equal(hard.labels_N, np.asarray(stores["hard"].labels) + 1)
-    with pytest.raises(ValueError, match="classes the training set lacks"):
-        ood.LabelledActs.from_store(stores["train"], classes=list(WNIDS[1:]))
+    assert hard.left_out == {}
+    # rows of a class the training set lacks are left out and counted, the rest mapped
+    two = ood_scoring.LabelledActs.from_store(stores["train"], classes=list(WNIDS[1:]))
+    assert two.left_out == {WNIDS[0]: 24} and len(two.labels_N) == 48
+    np.testing.assert_array_equal(
+        np.asarray(two.acts_ND),
+        np.asarray(stores["train"].cls(stores["train"].layers[-1]))[stores["train"].labels > 0],
+    )
+    np.testing.assert_array_equal(
+        two.labels_N, stores["train"].labels[stores["train"].labels > 0] - 1
+    )
 
 
 def test_per_class_subsample_is_seeded_and_balanced(stores):
-    train = ood.LabelledActs.from_store(stores["train"])
+    train = ood_scoring.LabelledActs.from_store(stores["train"])
     five = train.per_class(5, seed=3)
     assert np.bincount(five.labels_N).tolist() == [5, 5, 5]
     again = train.per_class(5, seed=3)
     np.testing.assert_array_equal(np.asarray(five.acts_ND), np.asarray(again.acts_ND))
-    assert train.per_class(0) is train
+    assert train.per_class(None) is train
+    with pytest.raises(ValueError, match="n >= 1"):
+        train.per_class(0)
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +272,13 @@ def test_sweep_table_reads_each_saes_grid_point(sweep):
 @pytest.fixture(scope="module")
 def results(stores, sweep):
     _, saes, _ = sweep
-    train = ood.LabelledActs.from_store(stores["train"])
+    train = ood_scoring.LabelledActs.from_store(stores["train"])
     evals = {
-        split: ood.LabelledActs.from_store(stores[split], classes=train.classes)
+        split: ood_scoring.LabelledActs.from_store(stores[split], classes=train.classes)
         for split in ("val", "hard")
     }
     subsets = {"hard": [1]}
-    probes = ood.probe_table(
+    probes = ood_scoring.probe_table(
         saes,
         train,
         evals,
@@ -221,7 +287,7 @@ def results(stores, sweep):
         progress=False,
         config=ProbeConfig(max_iter=50),
     )
-    recon = ood.reconstruction_table(
+    recon = ood_scoring.reconstruction_table(
         saes, {"val": evals["val"], "hard": evals["hard"]}, encoder="vit", progress=False
     )
     sweep_df = ood.sweep_table(saes, encoder="vit")
@@ -245,7 +311,7 @@ def test_probe_table_scores_every_representation_on_every_set(results, sweep):
 
 def test_probe_table_matches_a_probe_fit_by_hand(results, stores):
     probes, _, _, evals = results
-    train = ood.LabelledActs.from_store(stores["train"])
+    train = ood_scoring.LabelledActs.from_store(stores["train"])
     probe = train_probe(
         np.asarray(train.acts_ND), train.labels_N, n_classes=3, config=ProbeConfig(max_iter=50)
     )
@@ -278,10 +344,10 @@ def test_summary_table1_and_figures(results):
     base = ood.baselines(probes)
     assert base["vit"] == pytest.approx(1.0)  # the one-class subset of "hard"
     figures = [
-        ood.ood_figure(summary, base),
-        ood.ood_figure(summary, base, focus=("arch", "topk")),
-        ood.split_figure(summary, ["val", "hard"], probes),
-        ood.preactivation_figure(summary, "val", probes),
+        ood_figures.ood_figure(summary, base),
+        ood_figures.ood_figure(summary, base, focus=("arch", "topk")),
+        ood_figures.split_figure(summary, ["val", "hard"], probes),
+        ood_figures.preactivation_figure(summary, "val", probes),
     ]
     assert [len(f.axes) for f in figures[:3]] == [3, 3, 2]
     left = figures[0].axes[0]
@@ -296,9 +362,9 @@ def test_summary_table1_and_figures(results):
     text = ood.findings(summary, probes)
     assert "100.0% for the raw embedding" in text and "near-OOD MSE is" in text
     with pytest.raises(KeyError, match="pre_activation=True"):
-        ood.preactivation_figure(summary.drop(columns=["pre:val"]), "val")
+        ood_figures.preactivation_figure(summary.drop(columns=["pre:val"]), "val")
     with pytest.raises(ValueError, match="empty"):
-        ood.ood_figure(summary.iloc[:0])
+        ood_figures.ood_figure(summary.iloc[:0])
 
 
 def test_summary_keeps_encoders_apart_when_their_saes_share_names(results):
@@ -317,7 +383,7 @@ def test_summary_keeps_encoders_apart_when_their_saes_share_names(results):
     np.testing.assert_allclose(clip["l0"], vit["l0"])
     # with two encoders colour means encoder, and each has its own dashed raw-embedding line
     both = pd.concat([probes, other])
-    figure = ood.ood_figure(summary, ood.baselines(both))
+    figure = ood_figures.ood_figure(summary, ood.baselines(both))
     dashed = [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"]
     assert len(dashed) == 2
     assert dashed[0].get_color() != dashed[1].get_color()
@@ -326,7 +392,67 @@ def test_summary_keeps_encoders_apart_when_their_saes_share_names(results):
 
 def test_evaluation_sets_in_another_class_order_are_refused(stores, sweep):
     _, saes, _ = sweep
-    train = ood.LabelledActs.from_store(stores["train"])
-    own_order = ood.LabelledActs.from_store(stores["hard"])
+    train = ood_scoring.LabelledActs.from_store(stores["train"])
+    own_order = ood_scoring.LabelledActs.from_store(stores["hard"])
     with pytest.raises(ValueError, match="another class order"):
-        ood.probe_table(saes, train, {"hard": own_order}, progress=False)
+        ood_scoring.probe_table(saes, train, {"hard": own_order}, progress=False)
+
+
+def test_chapter_steps_score_subsets_and_unknown_classes(stores, sweep, monkeypatch):
+    import saekit.sae.cache
+
+    _, saes, out = sweep
+    by_split = {**stores, "v2": stores["val"], "sketch": stores["val"], "far_ood": stores["hard"]}
+    settings = ood.OODSettings.for_profile(
+        "paper", encoders=["vit"], lambdas=[0.5], ks=[4], expansions=[2], epochs=2
+    )
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the sweep fixture's SAEs should have been loaded")
+
+    monkeypatch.setattr(saekit.sae.cache, "sweep_from_store", no_training)
+    trained = ood.train_sweeps({"vit": by_split}, settings, out, progress=False)
+    assert list(trained["vit"]) == list(saes)
+    sweep_df = ood.sweep_tables(trained)
+    assert list(sweep_df.index) == list(saes) and set(sweep_df["encoder"]) == {"vit"}
+
+    probes, scoring = ood.probe_tables({"vit": by_split}, trained, settings, progress=False)
+    hard, rendition = scoring.loc[("vit", "hard")], scoring.loc[("vit", "rendition")]
+    assert (hard["classes in the set"], hard["classes scored"], hard["rows scored"]) == (2, 2, 12)
+    # the rendition set's tiger sharks are unknown to the training set: left out and counted
+    assert rendition.to_dict() == {
+        "classes in the set": 2,
+        "not in training": 1,
+        "classes scored": 1,
+        "rows scored": 6,
+        "rows left out": 6,
+    }
+    assert scoring.loc[("vit", "val"), "classes scored"] == 3
+    rows = probes[probes["split"] == "rendition"]
+    assert (rows["n_classes"] == 1).all() and (rows["accuracy"] == 1.0).all()
+    assert (probes[probes["split"] == "hard"]["n_classes"] == 2).all()
+    assert len(probes) == (1 + 2 * len(saes)) * len(ood_scoring.EVAL_SPLITS)
+
+    recon = ood.reconstruction_tables({"vit": by_split}, trained, progress=False)
+    assert set(recon["split"]) == {"val", "v2", "sketch", "hard", "rendition", "far_ood"}
+    assert (
+        recon.groupby("split")["n_rows"].first()["rendition"] == 12
+    )  # every row, no labels needed
+    text = ood.data_summary({"vit": by_split}, settings.recipe)
+    assert text.startswith("vit: 72 training images (2 minibatches of 64 an epoch, 2 epochs")
+
+    summary = ood.summary_table(sweep_df, probes, recon)
+    figure = ood_figures.encoder_figure(summary, "vit", probes)
+    assert [ax.get_ylabel() for ax in figure.axes] == [
+        "top-1 accuracy, validation",
+        "top-1 accuracy, mean of shifts",
+        "reconstruction MSE, in-domain",
+        "reconstruction MSE, near-OOD",
+    ]
+    raw_val = probes[(probes["input"] == "raw") & (probes["split"] == "val")]["accuracy"].item()
+    dashed = [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_ydata()[0] for line in dashed] == [pytest.approx(raw_val)]
+    assert sum(len(c.get_offsets()) for c in figure.axes[2].collections) == len(saes)
+    matplotlib.pyplot.close(figure)
+    with pytest.raises(KeyError, match="no SAEs of encoder 'resnet'"):
+        ood_figures.encoder_figure(summary, "resnet")

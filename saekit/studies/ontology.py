@@ -31,10 +31,13 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from sae_lens import SAE
 from tqdm.auto import tqdm
 
+from saekit.activations import Store
 from saekit.analysis.ontology import TABLE2_ROWS, plot_height_vs_coverage, table2
-from saekit.sae import SAESpec, train_or_load
+from saekit.sae import SAESpec, get_recipe
+from saekit.studies import layer_sweep
 from saekit.taxonomy import Taxonomy
 
 #: A few ImageNet synsets paper 000 names among layer 36's coverage-1 features, plus two broad
@@ -53,15 +56,15 @@ PAPER_SYNSETS = {
 
 
 def layer_specs(layers: Sequence[int], lam: float, seed: int = 0) -> list[SAESpec]:
-    """The layer sweep's SAEs: ReLU, recipe olson2025 (expansion 8), sparsity λ = ``lam``."""
-    return [
-        SAESpec(arch="relu", layer=int(layer), l1=float(lam), recipe="olson2025", seed=seed)
-        for layer in layers
-    ]
+    """The layer sweep's SAEs (`saekit.studies.layer_sweep.layer_specs`): ReLU, recipe
+    olson2025 with its expansion (8), sparsity λ = ``lam``."""
+    return layer_sweep.layer_specs(
+        layers, lam, expansion=get_recipe("olson2025").expansion, seed=seed
+    )
 
 
 def layer_saes(
-    store: Any,
+    store: Store,
     root: str | Path,
     *,
     lam: float = 10.0,
@@ -70,17 +73,23 @@ def layer_saes(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
-) -> dict[int, Any]:
-    """One SAE per layer of ``store`` (CLS tokens), {layer: SAE}: loaded from the SAE cache
-    under ``root`` where an equal request was trained (by this chapter, the layer sweep or the
-    relevancy chapter), the rest trained together in one pass (`saekit.sae.train_or_load`).
+) -> dict[int, SAE]:
+    """One SAE per layer of ``store`` (CLS tokens), {layer: SAE}: the layer-sweep chapter's
+    SAEs (`saekit.studies.layer_sweep.train_layer_saes` at the recipe's expansion, 8), loaded
+    from the SAE cache under ``root`` where an equal request was trained (by this chapter, the
+    layer sweep or the relevancy chapter), the rest trained together in one pass.
     ``epochs`` defaults to the recipe's (3)."""
-    layers = list(store.layers if layers is None else layers)
-    specs = layer_specs(layers, lam, seed)
-    saes = train_or_load(
-        specs, store, root=root, epochs=epochs, seed=seed, device=device, progress=progress
+    return layer_sweep.train_layer_saes(
+        store,
+        root,
+        lam=lam,
+        epochs=epochs,
+        expansion=get_recipe("olson2025").expansion,
+        layers=layers,
+        seed=seed,
+        device=device,
+        progress=progress,
     )
-    return dict(zip(layers, saes.values(), strict=True))
 
 
 # --------------------------------------------------------------------------- counts
