@@ -1,4 +1,5 @@
-"""Tests for saekit.analysis.attributes (paper 003 §4.2, Table 3) on a miniature Stable Diffusion and CLIP."""
+"""Tests for naming and validating steering features (paper 003 §4.2, Table 3): saekit.analysis
+attributes, describers and attribute_validation, on a miniature Stable Diffusion and CLIP."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from PIL import Image
 from sae_lens import StandardSAE, StandardSAEConfig
 from scipy import stats
 
+from saekit.analysis import attribute_validation as av
 from saekit.analysis import attributes as at
+from saekit.analysis import describers as ds
 from saekit.analysis import steering as st
 from saekit.mini.diffusion import build_mini_clip, build_mini_sd, mini_prompts, mini_vocabulary
 from saekit.sae.synthetic import identity_sae
+from saekit.studies import steering as study
 
 FAST = st.GenerationConfig(num_inference_steps=2)
 PROMPTS = ["an elderly man wearing sunglasses in the desert, anime", "a tiny red dragon by the sea"]
@@ -66,7 +70,7 @@ def test_descriptive_features_on_planted_codes():
 def test_wordnet_lexicon_parts_of_speech():
     try:
         lexicon = at.wordnet_lexicon()
-    except RuntimeError:
+    except (ImportError, LookupError):
         pytest.skip("WordNet corpus not installed (NLTK_DATA)")
     assert lexicon("dogs") == "n" and lexicon("quickly") == "r" and lexicon("eat") == "v"
     assert lexicon("happy") in {"a", "s"} and lexicon("the") is None and lexicon("painted") == "v"
@@ -94,7 +98,7 @@ def test_clip_describer_agrees_with_clip_forward(clip, pipe, sae):
     vocabulary = mini_vocabulary()
     originals = st.generate(pipe, PROMPTS, seed=1, config=FAST)
     steered = st.generate(pipe, PROMPTS, sae, 9, 40.0, seed=1, config=FAST)
-    describer = at.ClipDescriber(model, processor, vocabulary, top_k=4)
+    describer = ds.ClipDescriber(model, processor, vocabulary, top_k=4)
     with torch.no_grad():
 
         def logits(images):
@@ -112,16 +116,16 @@ def test_clip_describer_agrees_with_clip_forward(clip, pipe, sae):
 
 def test_parse_keywords_cleans_an_lmm_answer():
     answer = "Keywords: Neon, elderly man.\n- Sunglasses; 2) anime style\n* neon\n\ufffd\ufffd"
-    assert at.parse_keywords(answer) == ["neon", "elderly man", "sunglasses", "anime style"]
+    assert ds.parse_keywords(answer) == ["neon", "elderly man", "sunglasses", "anime style"]
 
 
 def test_lmm_describer_shows_all_images_and_reads_only_the_answer(tmp_path, monkeypatch):
     from saekit.mini.llava import build_mini_llava
 
-    model, processor = at.load_lmm(build_mini_llava(tmp_path / "llava"))
+    model, processor = ds.load_lmm(build_mini_llava(tmp_path / "llava"))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
-    describer = at.LMMDescriber(model, processor, max_new_tokens=4)
+    describer = ds.LMMDescriber(model, processor, max_new_tokens=4)
     assert isinstance(describer.describe(images[:2], images[2:]), list)  # the real generate runs
     answer_ids = processor.tokenizer("neon, elderly man", add_special_tokens=False).input_ids
 
@@ -136,7 +140,7 @@ def test_lmm_describer_shows_all_images_and_reads_only_the_answer(tmp_path, monk
 def test_discovery_and_validation_run_end_to_end(pipe, clip, sae):
     model, processor = clip
     prompts = mini_prompts(4, seed=1)
-    describer = at.ClipDescriber(model, processor, mini_vocabulary(), top_k=2)
+    describer = ds.ClipDescriber(model, processor, mini_vocabulary(), top_k=2)
     found = at.discover_attributes(
         pipe, sae, [3, 8], prompts, describer, 30.0, images_per_call=2, config=FAST
     )
@@ -145,11 +149,11 @@ def test_discovery_and_validation_run_end_to_end(pipe, clip, sae):
     attributes = at.dominant_keywords(found.keywords)
     assert all(attributes[f] in found.keywords[f] for f in (3, 8))
     pairs = [(p, f, attributes[f]) for p in prompts[:2] for f in (3, 8)]
-    sims = at.validate_steering(pipe, model, processor, sae, pairs, 30.0, config=FAST)
+    sims = av.validate_steering(pipe, model, processor, sae, pairs, 30.0, config=FAST)
     assert len(sims) == 4 and sims.feature.tolist() == [3, 8, 3, 8]
     # Pairs with the same prompt share the original image, so share its (I_orig, t_orig) score.
     assert sims.orig_orig[0] == pytest.approx(sims.orig_orig[1], abs=1e-6)
-    assert at.table3(sims).n == 4
+    assert av.table3(sims).n == 4
 
 
 # ------------------------------------------------------------------ validation
@@ -159,7 +163,7 @@ def test_clip_similarities_match_clip_forward(clip, pipe):
     model, processor = clip
     originals = st.generate(pipe, PROMPTS, seed=0, config=FAST)
     steered = st.generate(pipe, PROMPTS, seed=1, config=FAST)
-    sims = at.clip_similarities(model, processor, originals, steered, PROMPTS, ["neon", "bird"])
+    sims = av.clip_similarities(model, processor, originals, steered, PROMPTS, ["neon", "bird"])
 
     def cosine(image, text):
         with torch.no_grad():
@@ -171,7 +175,7 @@ def test_clip_similarities_match_clip_forward(clip, pipe):
         assert sims.steer_orig[i] == pytest.approx(cosine(steered[i], prompt), abs=1e-5)
     assert sims.steer_attr[1] == pytest.approx(cosine(steered[1], PROMPTS[1] + ", bird"), abs=1e-5)
     with pytest.raises(ValueError, match="aligned"):
-        at.clip_similarities(model, processor, originals, steered[:1], PROMPTS, ["neon", "bird"])
+        av.clip_similarities(model, processor, originals, steered[:1], PROMPTS, ["neon", "bird"])
 
 
 def test_table3_statistics_agree_with_scipy_on_synthetic_numbers():
@@ -185,7 +189,7 @@ def test_table3_statistics_agree_with_scipy_on_synthetic_numbers():
             "steer_attr": steer_orig + rng.normal(0.012, 0.01, n),
         }
     )
-    result = at.table3(sims, alternative="greater")
+    result = av.table3(sims, alternative="greater")
     expected = stats.ttest_rel(sims.steer_attr, sims.steer_orig, alternative="greater")
     assert result.t_statistic == pytest.approx(expected.statistic)
     assert result.p_value == pytest.approx(expected.pvalue)
@@ -206,13 +210,16 @@ def test_table3_hand_computed_paired_t_test():
             "steer_attr": [0.21, 0.22, 0.23],
         }
     )
-    result = at.table3(sims)
+    result = av.table3(sims)
     assert result.t_statistic == pytest.approx(2 * math.sqrt(3))
     assert result.p_value == pytest.approx(1 - math.sqrt(12 / 14))
-    assert at.table3(sims, alternative="greater").p_value == pytest.approx(
+    assert av.table3(sims, alternative="greater").p_value == pytest.approx(
         (1 - math.sqrt(12 / 14)) / 2
     )
     assert result.relative_increase == pytest.approx(0.1)
+    # Negative similarities (an untrained CLIP): t_attr still wins, and the increase says so.
+    negative = sims.assign(steer_orig=-sims.steer_orig, steer_attr=-sims.steer_orig + 0.02)
+    assert av.table3(negative).relative_increase == pytest.approx(0.1)
     assert result.table.image.tolist() == ["I_orig", "I_steer", "I_steer"]
     assert result.table.text.tolist() == ["t_orig", "t_orig", "t_attr"]
 
@@ -227,8 +234,8 @@ def test_table3_figure_reports_the_paired_test():
             "steer_attr": steer_orig + rng.normal(0.01, 0.01, 12),
         }
     )
-    result = at.table3(sims)
-    fig = at.table3_figure(sims)
+    result = av.table3(sims)
+    fig = study.table3_figure(sims)
     left, right = fig.axes[:2]
     assert f"t = {result.t_statistic:.2f}" in right.get_title() and "n = 12" in left.get_title()
     # one faint line per pair plus the mean line
@@ -239,19 +246,19 @@ def test_table3_figure_reports_the_paired_test():
 def test_attribute_pairs_cycle_features_and_skip_prompts_naming_the_attribute():
     prompts = ["a neon cat", "a dog at sea", "an old bird", "a red car", "a neon sign by the sea"]
     attributes = {7: "neon", 2: "sea"}
-    pairs = at.attribute_pairs(prompts, attributes, n=6, seed=3)
+    pairs = av.attribute_pairs(prompts, attributes, n=6, seed=3)
     assert [f for _, f, _ in pairs] == [2, 7, 2, 7, 2, 7]
     assert all(attributes[f] == a for _, f, a in pairs)
     assert all(a not in p.split() for p, _, a in pairs)
     # the same seed gives the same pairs; the first pairs use distinct prompts
-    assert at.attribute_pairs(prompts, attributes, n=6, seed=3) == pairs
+    assert av.attribute_pairs(prompts, attributes, n=6, seed=3) == pairs
     assert len({p for p, _, _ in pairs[:3]}) == 3
     # a whole-word match only: "seal" does not name "sea"
-    assert at.attribute_pairs(["a seal"], {0: "sea"}, n=1) == [("a seal", 0, "sea")]
+    assert av.attribute_pairs(["a seal"], {0: "sea"}, n=1) == [("a seal", 0, "sea")]
     with pytest.raises(ValueError, match="already names 'neon'"):
-        at.attribute_pairs(["a neon cat"], {7: "neon"}, n=1)
+        av.attribute_pairs(["a neon cat"], {7: "neon"}, n=1)
     with pytest.raises(ValueError, match="no attributes"):
-        at.attribute_pairs(prompts, {}, n=1)
+        av.attribute_pairs(prompts, {}, n=1)
 
 
 def test_attribute_table_and_describer_loading(clip):
@@ -262,7 +269,7 @@ def test_attribute_table_and_describer_loading(clip):
         keywords={3: ["neon", "Neon", "bird"], 5: ["sea"]},
     )
     descriptive = pd.DataFrame({"feature": [3, 5], "top_words": [["red", "tiny", "red"], ["sea"]]})
-    table = at.attribute_table(found, {3: "neon", 5: "sea"}, descriptive)
+    table = study.attribute_table(found, {3: "neon", 5: "sea"}, descriptive)
     assert table.to_dict("records") == [
         {
             "feature": 3,
@@ -273,7 +280,7 @@ def test_attribute_table_and_describer_loading(clip):
         {"feature": 5, "attribute": "sea", "keywords": "sea", "fires_on": "sea"},
     ]
     model, processor = clip
-    describer = at.load_describer("clip", model, processor, ["neon", "sea"], top_k=1)
-    assert isinstance(describer, at.ClipDescriber) and describer.top_k == 1
+    describer = ds.load_describer("clip", model, processor, ["neon", "sea"], top_k=1)
+    assert isinstance(describer, ds.ClipDescriber) and describer.top_k == 1
     with pytest.raises(ValueError, match="vocabulary"):
-        at.load_describer("clip", model, processor, [])
+        ds.load_describer("clip", model, processor, [])

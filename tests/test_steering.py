@@ -20,6 +20,7 @@ from saekit.mini.diffusion import (
 )
 from saekit.sae import SAESpec, get_recipe, train_or_load
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
+from saekit.studies import steering as study
 
 FAST = st.GenerationConfig(num_inference_steps=2)
 PROMPTS = ["an elderly man wearing sunglasses in the desert, anime", "a tiny red dragon by the sea"]
@@ -269,14 +270,14 @@ def test_steer_sweep_grid_and_effect(pipe, sae):
     expected = np.abs(pixels(sweep[6][30.0]).astype(float) - pixels(originals)).mean()
     assert effect.loc[6, 30.0] == pytest.approx(expected) and expected > 0
 
-    fig = st.steering_grid(originals, sweep[6], prompts, column_format="λ = {:g}", title="f6")
+    fig = study.steering_grid(originals, sweep[6], prompts, column_format="λ = {:g}", title="f6")
     assert len(fig.axes) == 2 * 3
     assert [ax.get_title() for ax in fig.axes[:3]] == ["original", "λ = 0", "λ = 30"]
     shown = fig.axes[5].get_images()[0].get_array()
     assert np.array_equal(np.asarray(shown), np.asarray(sweep[6][30.0][1]))
     plt.close(fig)
     with pytest.raises(ValueError, match="one steered image per prompt"):
-        st.steering_grid(originals, {"bad": originals[:1]})
+        study.steering_grid(originals, {"bad": originals[:1]})
 
 
 def test_mini_models_build_once_and_redo_an_interrupted_build(tmp_path, monkeypatch):

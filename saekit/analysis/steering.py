@@ -9,7 +9,7 @@ The stages, left to right:
 3. `steer_embeddings` / `generate`: move the prompt's token embeddings along one SAE feature and
    hand them to the denoiser through diffusers' `prompt_embeds`; with classifier-free guidance
    the negative embedding is moved the other way. `steer_sweep` runs features x strengths,
-   `steering_grid` draws paper 003 Fig. 5 and `steering_effect` measures the pixel change.
+   and `steering_effect` measures the pixel change (chapter 06 draws Fig. 5 from them).
 
 Naming the features and checking the names with CLIP (§4.2, Table 3) is `saekit.analysis.attributes`.
 
@@ -26,11 +26,10 @@ CLIP+T5 sequence and the pooled CLIP vector is left unsteered.
 from __future__ import annotations
 
 import string
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -39,7 +38,9 @@ from PIL.Image import Image
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    from diffusers import DiffusionPipeline
+    from sae_lens import SAE
+    from transformers import CLIPModel, CLIPProcessor
 
 PAPER_PIPELINE = "CompVis/stable-diffusion-v1-4"
 PAPER_CLIP = "openai/clip-vit-base-patch32"
@@ -67,7 +68,7 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
-):
+) -> DiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x or 3.x pipeline (no safety checker) from a hub id or folder.
 
     `CompVis/stable-diffusion-v1-4` (the paper's model) and a folder from
@@ -101,7 +102,7 @@ def load_pipeline(
 
 def load_clip(
     id_or_path: str | Path, *, device: str | torch.device = "cpu", local_files_only: bool = False
-):
+) -> tuple[CLIPModel, CLIPProcessor]:
     """Load a `CLIPModel` and its `CLIPProcessor` (validation and the zero-shot describer)."""
     from transformers import CLIPModel, CLIPProcessor
 
@@ -142,11 +143,11 @@ class PromptEmbeds:
     """SD 3's pooled CLIP vector (`pooled_prompt_embeds`); None for SD 1.x/2.x."""
 
 
-def _is_sd3(pipe) -> bool:
+def _is_sd3(pipe: DiffusionPipeline) -> bool:
     return type(pipe).__name__.startswith("StableDiffusion3")
 
 
-def _hidden_index(pipe, layer: int) -> int:
+def _hidden_index(pipe: DiffusionPipeline, layer: int) -> int:
     """Validate `layer` (-1 last, -2 penultimate, 0 embeddings) and return it as a non-negative index."""
     n_layers = pipe.text_encoder.config.num_hidden_layers
     index = layer if layer >= 0 else n_layers + 1 + layer
@@ -162,7 +163,7 @@ def _hidden_index(pipe, layer: int) -> int:
 
 @torch.inference_mode()
 def encode_prompts(
-    pipe, prompts: Sequence[str], layer: int = -2, max_sequence_length: int = 256
+    pipe: DiffusionPipeline, prompts: Sequence[str], layer: int = -2, max_sequence_length: int = 256
 ) -> PromptEmbeds:
     """Text-encoder output at `layer` for `prompts`, in the form the pipeline's denoiser reads.
 
@@ -209,7 +210,7 @@ def encode_prompts(
     return PromptEmbeds(tokens.to(encoder.dtype))
 
 
-def _token_segments(pipe, max_sequence_length: int) -> list[tuple[object, int]]:
+def _token_segments(pipe: DiffusionPipeline, max_sequence_length: int) -> list[tuple[object, int]]:
     """(tokenizer, length) for each run of positions in the embedding sequence, in order."""
     segments = [(pipe.tokenizer, pipe.tokenizer.model_max_length)]
     if _is_sd3(pipe):
@@ -218,7 +219,7 @@ def _token_segments(pipe, max_sequence_length: int) -> list[tuple[object, int]]:
 
 
 def text_token_activations(
-    pipe,
+    pipe: DiffusionPipeline,
     prompts: Sequence[str],
     layer: int = -2,
     batch_size: int = 32,
@@ -272,13 +273,10 @@ def text_token_activations(
     return torch.cat(acts_ND), pd.DataFrame(info, columns=columns)
 
 
-# --------------------------------------------------------------------------- the SAE
-
-
 # --------------------------------------------------------------------------- steering
 
 
-def feature_direction(sae, feature: int) -> torch.Tensor:
+def feature_direction(sae: SAE, feature: int) -> torch.Tensor:
     """Unit-norm decoder direction of SAE feature `feature` ([D])."""
     if not 0 <= feature < sae.cfg.d_sae:
         raise IndexError(
@@ -291,7 +289,7 @@ def feature_direction(sae, feature: int) -> torch.Tensor:
 @torch.inference_mode()
 def steer_embeddings(
     prompt_embeds_BTD: torch.Tensor,
-    sae,
+    sae: SAE,
     feature: int,
     strength: float,
     mode: SteerMode = "add",
@@ -344,9 +342,9 @@ class GenerationConfig:
 
 
 def generate(
-    pipe,
+    pipe: DiffusionPipeline,
     prompts: str | Sequence[str],
-    sae=None,
+    sae: SAE | None = None,
     feature: int = 0,
     strength: float = 0.0,
     seed: int = 0,
@@ -395,9 +393,9 @@ def generate(
 
 
 def steer_sweep(
-    pipe,
+    pipe: DiffusionPipeline,
     prompts: Sequence[str],
-    sae,
+    sae: SAE,
     features: Sequence[int],
     strengths: Sequence[float],
     seed: int = 0,
@@ -428,52 +426,3 @@ def steering_effect(
             rows.append((feature, strength, change))
     table = pd.DataFrame(rows, columns=["feature", "strength", "pixel_change"])
     return table.pivot(index="feature", columns="strength", values="pixel_change")
-
-
-def steering_grid(
-    originals: Sequence[Image],
-    columns: Mapping[Any, Sequence[Image]],
-    prompts: Sequence[str] | None = None,
-    *,
-    column_format: str = "{}",
-    title: str | None = None,
-    image_inches: float = 1.4,
-) -> Figure:
-    """Paper 003 Fig. 5's layout: one row per prompt, the unsteered image first, then one
-    column per entry of `columns` (e.g. a feature's attribute, or a strength), its key shown
-    through `column_format` (e.g. `"λ = {:.3g}"` for strengths)."""
-    import matplotlib.pyplot as plt
-
-    n_rows = len(originals)
-    if n_rows == 0:
-        raise ValueError("no images to show; pass at least one original image.")
-    for label, images in columns.items():
-        if len(images) != n_rows:
-            raise ValueError(
-                f"column {label!r} has {len(images)} images but there are {n_rows} originals; "
-                "each column needs one steered image per prompt."
-            )
-    labels = ["original", *(column_format.format(key) for key in columns)]
-    fig, axes = plt.subplots(
-        n_rows,
-        len(labels),
-        figsize=(image_inches * len(labels), image_inches * n_rows + 0.4),
-        squeeze=False,
-    )
-    for r in range(n_rows):
-        images = [originals[r], *(column[r] for column in columns.values())]
-        for c, image in enumerate(images):
-            ax = axes[r, c]
-            ax.imshow(image)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(labels[c], fontsize=9)
-        if prompts is not None:
-            axes[r, 0].set_ylabel(
-                textwrap.fill(prompts[r], 22), fontsize=6, rotation=0, ha="right", va="center"
-            )
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
