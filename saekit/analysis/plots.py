@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,6 +23,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from scipy import stats
+
+if TYPE_CHECKING:  # SAELens, which the metrics module imports, is slow to import
+    from saekit.sae.metrics import SAEMetrics
 
 #: Column name -> axis/legend label of the SAE metrics a layer-sweep table holds.
 METRIC_LABELS = {
@@ -38,7 +41,7 @@ ACCURACY = "probe_accuracy"
 
 
 def layer_sweep_table(
-    sae_metrics: Mapping[int, Any], probe_accuracy: Mapping[int, float]
+    sae_metrics: Mapping[int, SAEMetrics], probe_accuracy: Mapping[int, float]
 ) -> pd.DataFrame:
     """One row per layer: probe accuracy and the SAE's held-out metrics.
 

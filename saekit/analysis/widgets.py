@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TypeVar
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+
+Choice = TypeVar("Choice")
+"""Whatever a `render_each` choice is (a layer, a feature, a threshold)."""
+View = Figure | bytes | str | widgets.Widget
+"""What a control can show: a figure, PNG bytes, HTML or a widget."""
 
 
 def figure_png(figure: Figure, dpi: int = 110) -> bytes:
@@ -25,7 +30,7 @@ def figure_png(figure: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def _view(content: Figure | bytes | str | widgets.Widget) -> widgets.Widget:
+def _view(content: View) -> widgets.Widget:
     if isinstance(content, widgets.Widget):
         return content
     if isinstance(content, Figure):
@@ -36,7 +41,7 @@ def _view(content: Figure | bytes | str | widgets.Widget) -> widgets.Widget:
 
 
 def switcher(
-    views: Mapping[Any, Figure | bytes | str | widgets.Widget],
+    views: Mapping[object, View],
     description: str = "show",
     control: str = "dropdown",
 ) -> widgets.VBox:
@@ -64,8 +69,8 @@ def switcher(
 
 
 def render_each(
-    choices: Sequence[Any],
-    render: Callable[[Any], Figure | bytes | str | widgets.Widget],
+    choices: Sequence[Choice],
+    render: Callable[[Choice], View],
     description: str = "show",
     control: str = "dropdown",
 ) -> widgets.VBox:
