@@ -484,11 +484,34 @@ def test_table2_counts_planted_features(imagenet):
         {"Random vectors": {0: rand}, "SAE features": {0: sae[:2], 1: sae[2:]}}, imagenet
     )
     assert table.index.tolist() == ["Random vectors", "SAE features"]
-    assert table.columns.tolist()[:3] == ["> 0.99", "> 0.75", "# Features"]
-    assert table.loc["SAE features"].tolist() == [1, 2, 4, 1]
-    assert table.loc["Random vectors"].tolist() == [0, 0, 4, 3]
+    assert table.columns.tolist() == [
+        "> 0.99",
+        "> 0.75",
+        "# Fire on every class",
+        "> 0.99 incl. every class",
+        "> 0.75 incl. every class",
+        "# Features",
+        "# Fire on no class",
+    ]
+    assert table.loc["SAE features"].tolist() == [1, 2, 0, 1, 2, 4, 1]
+    assert table.loc["Random vectors"].tolist() == [0, 0, 0, 0, 0, 4, 3]
     with_singles = table2({"SAE features": sae}, imagenet, min_classes=1)
     assert with_singles.loc["SAE features", "> 0.99"] == 2
+
+
+def test_table2_counts_features_on_every_class_apart(imagenet):
+    # Two features fire on all 1000 classes (coverage 1 at the root for free), one is the
+    # elasmobranchs, one fires on 999 classes (coverage 0.999: superordinate, not everything).
+    sets = _imagenet_sets(imagenet, 5, {2: ELASMOBRANCHS})
+    sets[[0, 1]] = True
+    sets[3] = True
+    sets[3, imagenet.leaf_index["n01440764"]] = False
+    table = table2({"SAE features": sets}, imagenet)
+    row = table.loc["SAE features"]
+    assert row["# Fire on every class"] == 2
+    assert (row["> 0.99"], row["> 0.75"]) == (2, 2)  # elasmobranchs and the 999-class feature
+    assert (row["> 0.99 incl. every class"], row["> 0.75 incl. every class"]) == (4, 4)
+    assert row["# Fire on no class"] == 1
 
 
 def test_feature_table_and_labels(imagenet):

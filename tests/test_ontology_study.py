@@ -1,7 +1,9 @@
-"""The ontology chapter's study steps: planted synsets recovered exactly (and matched on leaves,
-not wnids), per-layer counts that add up to Table 2, the most-hierarchical ordering, streaming
-top images equal to a brute-force ranking on a real multi-shard store, the image grid showing
-exactly those images, SAEs trained once and reloaded, and bad input."""
+"""The ontology chapter's study steps: settings per profile, planted synsets recovered exactly
+(and matched on leaves, not wnids), paper synsets absent from the data skipped with a note,
+per-layer counts that add up to Table 2 with every-class features apart, the most-hierarchical
+ordering, streaming top images equal to a brute-force ranking on a real multi-shard store, the
+image grid showing exactly those images, SAEs trained once and reloaded, the λ comparison, a
+store of a few classes through the whole chapter, and bad input."""
 
 from __future__ import annotations
 
@@ -15,9 +17,17 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
-from saekit.analysis.ontology import feature_table, table2
+from saekit.analysis.ontology import (  # noqa: E402
+    ClassSetRule,
+    class_sets_from_store,
+    class_sets_with_baselines,
+    feature_table,
+    table2,
+)
 from saekit.mini.toyworld import taxonomy as planted  # noqa: E402
+from saekit.sae import evaluate  # noqa: E402
 from saekit.studies import ontology as study  # noqa: E402
+from saekit.studies import ontology_figures as figures  # noqa: E402
 from saekit.taxonomy import Taxonomy  # noqa: E402
 
 HOUND, TERRIER, DOG, BIRD = "n02087551", "n02092468", "n02084071", "n01503061"
@@ -82,6 +92,48 @@ def test_planted_synsets_have_the_planted_leaves_in_wordnet(toy_taxonomy):
     assert toy_taxonomy.leaf_set(HUNTING_DOG) == toy_taxonomy.leaf_set(DOG)
 
 
+def test_settings_per_profile():
+    mini = study.OntologySettings.for_profile("mini")
+    assert (mini.encoder, mini.lam, mini.epochs, mini.compare_lambdas) == (
+        "toyvit",
+        3.0,
+        100,
+        (0.3, 10.0),
+    )
+    assert mini.layers_to_draw([0, 1, 2]) == [0, 1, 2]
+    paper = study.OntologySettings.for_profile("paper", imagenet_val="/data/val")
+    assert (paper.encoder, paper.lam, paper.epochs, paper.compare_lambdas) == (
+        "dinov2",
+        10.0,
+        3,
+        (),
+    )
+    assert paper.layers_to_draw(range(40)) == [24, 28, 32, 36]
+    assert study.OntologySettings.for_profile("mini", figure_layers=[5]).layers_to_draw([0, 5]) == [
+        5
+    ]
+
+
+def test_paper_synsets_absent_from_the_data_are_skipped_with_a_note(toy_taxonomy, capsys):
+    # The toy world's 30 ImageNet classes include sharks, dogs and birds, but no whale,
+    # woodwind or warship.
+    synsets = study.chapter_synsets("paper", toy_taxonomy)
+    assert synsets == {"n01482071": "paper 000", "n02084071": "broad", "n01503061": "broad"}
+    note = capsys.readouterr().out
+    assert note.startswith("Skipped 3 of 6 synsets that are above none of this data's 30 classes")
+    assert "whale (n02062744)" in note and "warship" in note and "woodwind" in note
+    assert study.chapter_synsets("mini", toy_taxonomy) == study.toyworld_synsets()
+    assert capsys.readouterr().out == ""
+    # none present at all: the chapter's recovery steps still run, and say so
+    only_tench = Taxonomy.from_wnids(["n01440764", "n01443537"])
+    assert study.chapter_synsets("paper", only_tench) == {}
+    recovery = {"SAE features": study.synset_recovery({0: np.ones((2, 2), bool)}, only_tench, {})}
+    assert recovery["SAE features"].empty
+    assert study.recovery_summary(recovery).empty
+    assert "no synset" in figures.plot_synset_recovery(recovery["SAE features"]).texts[0].get_text()
+    assert study.recovery_text(recovery, {}).startswith("No listed synset")
+
+
 def test_synset_recovery_counts_exact_covers(toy_taxonomy, planted_sets):
     synsets = {DOG: "group", HOUND: "mid", TERRIER: "mid", BIRD: "group"}
     rec = study.synset_recovery(planted_sets, toy_taxonomy, synsets).set_index(["layer", "synset"])
@@ -126,6 +178,11 @@ def test_recovery_summary_lists_layers_and_counts(toy_taxonomy, planted_sets):
     # Features that overlap no synset name no best feature (not feature 0).
     assert (recovery["nothing"]["best_feature"] == -1).all()
     assert (recovery["nothing"]["best_jaccard"] == 0).all()
+    assert study.recovery_text(recovery, synsets) == (
+        "At some layer, SAE features cover exactly 1 of 2 group synsets; 2 of 2 mid synsets.\n"
+        "Features that cover one of these synsets exactly, summed over layers: "
+        "SAE features 5, nothing 0."
+    )
 
 
 def test_synset_recovery_rejects_bad_input(toy_taxonomy, planted_sets):
@@ -138,7 +195,7 @@ def test_synset_recovery_rejects_bad_input(toy_taxonomy, planted_sets):
 def test_plot_synset_recovery_annotates_exact_counts(toy_taxonomy, planted_sets):
     synsets = study.toyworld_synsets()
     rec = study.synset_recovery(planted_sets, toy_taxonomy, synsets)
-    fig = study.plot_synset_recovery(rec)
+    fig = figures.plot_synset_recovery(rec)
     ax = fig.axes[0]
     texts = [int(t.get_text()) for t in ax.texts]
     assert len(texts) == 15 * 2  # 15 planted synsets x 2 layers
@@ -162,7 +219,9 @@ def test_hierarchy_by_layer_counts(toy_taxonomy, planted_sets):
     everything = {2: np.ones((1, planted.N_CLASSES), bool)}
     table = feature_table({**planted_sets, **everything}, toy_taxonomy, progress=False)
     counts = study.hierarchy_by_layer(table, planted.N_CLASSES)
-    assert counts.loc[2, "every class"] == 1 and counts.loc[2, "multi, coverage > 0.99"] == 1
+    # a feature on every class is counted apart, not as a superordinate concept
+    assert counts.loc[2, "every class"] == 1 and counts.loc[2, "multi, coverage > 0.99"] == 0
+    assert counts.loc[2, "multi-class"] == 1
     # layer 0: hounds (height 1) and hounds + a terrier (LCH hunting dog, height 2)
     assert counts.loc[0, "mean height (multi)"] == pytest.approx(1.5)
 
@@ -178,7 +237,7 @@ def test_table2_by_layer_adds_up_to_table2(toy_taxonomy, planted_sets):
     assert list(per_layer.columns) == ["SAE features", "Random vectors"]
     assert per_layer.loc[1, "SAE features"] == 4
     np.testing.assert_array_equal(per_layer.sum().to_numpy(), total["> 0.99"].to_numpy())
-    fig = study.plot_table2_by_layer(per_layer)
+    fig = figures.plot_table2_by_layer(per_layer)
     assert len(fig.axes[0].patches) >= 4
 
 
@@ -202,12 +261,12 @@ def test_most_hierarchical_orders_and_deduplicates(toy_taxonomy, planted_sets):
 
 def test_layer_view_is_self_contained_html(toy_taxonomy, planted_sets):
     table = feature_table(planted_sets, toy_taxonomy, progress=False)
-    html = study.layer_view(table, 1)
+    html = figures.layer_view(table, 1)
     assert "data:image/png;base64," in html and "<table" in html and "hunting dog" in html
     # one row per LCH: the two dog features (layer 1, f0 and f2) share a row that counts both
     rows = html.split("<tbody>")[1].split("<tr>")[1:]
     assert len(rows) == 3 and "hunting dog" in rows[0] and "<td>2</td>" in rows[0]
-    assert "no multi-class feature" in study.layer_view(table[table["n_classes"] < 2], 0)
+    assert "no multi-class feature" in figures.layer_view(table[table["n_classes"] < 2], 0)
 
 
 # --------------------------------------------------------------------------- a real store
@@ -275,7 +334,7 @@ def test_plot_top_images_draws_exactly_the_top_images(store_and_data):
     store, dataset = store_and_data
     sae = _random_sae(store, 0, seed=1)
     top = study.top_images(store, sae, 0, [1, 5], k=4, progress=False)
-    fig = study.plot_top_images([top], store, dataset, ["feature 1", "feature 5"])
+    fig = figures.plot_top_images([top], store, dataset, ["feature 1", "feature 5"])
     drawn = [ax for ax in fig.axes if ax.images]
     assert 0 < int((top.values_FK > 0).sum()) == len(drawn)
     first = drawn[0].images[0].get_array()
@@ -284,7 +343,7 @@ def test_plot_top_images_draws_exactly_the_top_images(store_and_data):
     label = store.class_names[int(store.labels[top.rows_FK[0, 0]])]
     assert drawn[0].get_title().startswith(label[:17])
     with pytest.raises(ValueError, match="titles"):
-        study.plot_top_images([top], store, dataset, ["only one"])
+        figures.plot_top_images([top], store, dataset, ["only one"])
 
 
 def test_plot_top_images_refuses_another_dataset(store_and_data, tmp_path):
@@ -297,7 +356,7 @@ def test_plot_top_images_refuses_another_dataset(store_and_data, tmp_path):
         Image.new("RGB", (8, 8)).save(other / f"x{i}.png")
     top = study.top_images(store, _random_sae(store, 0), 0, [0], k=2, progress=False)
     with pytest.raises(ValueError, match="dataset the store was made from"):
-        study.plot_top_images([top], store, ImageFolder(other.parent), ["f0"])
+        figures.plot_top_images([top], store, ImageFolder(other.parent), ["f0"])
 
 
 def test_layer_saes_train_once_then_reload(store_and_data, tmp_path, monkeypatch):
@@ -330,3 +389,64 @@ def test_layer_saes_train_once_then_reload(store_and_data, tmp_path, monkeypatch
         settings = {"lam": 5.0, "epochs": 2, **changed}
         with pytest.raises(AssertionError, match="should have been loaded"):
             study.layer_saes(store, out, progress=False, **settings)
+
+
+def test_lambda_comparison_measures_the_chosen_and_other_lambdas(store_and_data, tmp_path):
+    store, _ = store_and_data
+    settings = study.OntologySettings.for_profile(
+        "mini", lam=5.0, epochs=2, compare_lambdas=[0.05, 5.0], device="cpu"
+    )
+    saes = study.layer_saes(store, tmp_path, lam=5.0, epochs=2, progress=False)
+    taxonomy = Taxonomy.from_store(store)
+    comparison = study.lambda_comparison(
+        store, store, saes, settings, tmp_path, taxonomy, progress=False
+    )
+    assert list(comparison.index) == [0.05, 5.0]
+    share = np.mean([evaluate(sae, store.cls(ly)).l0 / sae.cfg.d_sae for ly, sae in saes.items()])
+    assert comparison.loc[5.0, "active latents per image"] == pytest.approx(share)
+    rule = ClassSetRule(min_fire_frac=settings.min_fire_frac)
+    sets = {
+        ly: class_sets_from_store(store, sae, ly, rule, progress=False) for ly, sae in saes.items()
+    }
+    expected = table2({"SAE": sets}, taxonomy, thresholds=(0.99,)).loc["SAE", "> 0.99"]
+    assert comparison.loc[5.0, "superordinate, coverage > 0.99"] == expected
+    n_classes = np.concatenate([s.sum(1) for s in sets.values()])
+    assert comparison.loc[5.0, "classes per feature"] == pytest.approx(
+        n_classes[n_classes > 0].mean() if (n_classes > 0).any() else 0.0
+    )
+    # the weak penalty keeps more latents active
+    assert comparison.loc[0.05, "active latents per image"] > share
+    text = study.lambda_text(comparison, 5.0)
+    assert text.splitlines()[1].startswith(
+        f"- **λ = 5**: {share:.0%} of the {8 * store.d_model} latents active per image"
+    )
+
+
+def test_a_store_of_a_few_classes_runs_through_the_chapter(store_and_data, tmp_path, capsys):
+    # Four ImageNet classes (three hounds, a terrier): the paper synsets mostly have no leaf
+    # here, Table 2 and the counts still come out, and nothing raises.
+    store, dataset = store_and_data
+    taxonomy = Taxonomy.from_store(store)
+    saes = study.layer_saes(store, tmp_path, lam=0.5, epochs=2, progress=False)
+    class_sets = class_sets_with_baselines(store, saes, n_fit=100, progress=False)
+    table = feature_table(class_sets["SAE features"], taxonomy, progress=False)
+    counts = study.hierarchy_by_layer(table, len(store.class_names))
+    assert list(counts.index) == [0, 2]
+    total = table2(class_sets, taxonomy)
+    per_layer = study.table2_by_layer(class_sets, taxonomy)
+    np.testing.assert_array_equal(per_layer.sum().to_numpy(), total["> 0.99"].to_numpy())
+    every = total["# Fire on every class"]
+    assert (total["> 0.99 incl. every class"] == total["> 0.99"] + every).all()
+    synsets = study.chapter_synsets("paper", taxonomy)
+    assert synsets == {"n02084071": "broad"}  # only "dog" is above these classes
+    assert "Skipped 5 of 6 synsets" in capsys.readouterr().out
+    recovery = {
+        row: study.synset_recovery(sets, taxonomy, synsets) for row, sets in class_sets.items()
+    }
+    assert set(recovery["SAE features"]["n_leaves"]) == {4}
+    assert study.recovery_text(recovery, synsets).startswith("At some layer, SAE features cover")
+    top = study.most_hierarchical(table, 2, max_classes=len(store.class_names) - 1)
+    tops = [
+        study.top_images(store, saes[r.layer], r.layer, [r.feature], 2) for r in top.itertuples()
+    ]
+    figures.plot_top_images(tops, store, dataset, list(top["label"]))

@@ -18,10 +18,14 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
+from saekit.sae.codes import iter_codes
 from saekit.taxonomy import Taxonomy, _as_float_tensor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from sae_lens import SAE
+
+    from saekit.activations import Store
 
 # --------------------------------------------------------------------------- class sets C_k
 
@@ -137,16 +141,9 @@ def class_sets(
     return rule.apply(class_stats(codes, labels, n_classes, fire_threshold=rule.fire_threshold))
 
 
-def _device_dtype(encoder: Any) -> tuple[torch.device, torch.dtype]:
-    weight = getattr(encoder, "W_enc", None)
-    if torch.is_tensor(weight):
-        return weight.device, weight.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def class_stats_from_store(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: SAE | Baseline,
     layer: int,
     *,
     fire_threshold: float = 0.0,
@@ -154,32 +151,20 @@ def class_stats_from_store(
     progress: bool = True,
 ) -> ClassStats:
     """Per-class statistics of ``sae.encode`` over a store's CLS tokens at ``layer``. Reads
-    ``store.cls(layer)`` in order, chunk by chunk, beside ``store.labels`` (``store.batches``
-    shuffles and drops labels). Anything with ``encode(acts_BD) -> codes_BS`` works as ``sae``,
-    e.g. the baselines below."""
-    acts_ND = store.cls(layer)
+    ``store.cls(layer)`` in order, chunk by chunk (`saekit.sae.codes.iter_codes`), beside
+    ``store.labels`` (``store.batches`` shuffles and drops labels). The baselines below encode
+    like an SAE and work as ``sae`` too."""
     labels_N = np.asarray(store.labels)
-    n_classes = len(store.class_names)
-    device, dtype = _device_dtype(sae)
-
-    def batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        with torch.no_grad():
-            for start in tqdm(
-                range(0, len(labels_N), batch_size),
-                desc=f"layer {layer} codes",
-                disable=not progress,
-            ):
-                acts_BD = torch.from_numpy(
-                    np.asarray(acts_ND[start : start + batch_size], np.float32)
-                )
-                yield sae.encode(acts_BD.to(device, dtype)), labels_N[start : start + batch_size]
-
-    return class_stats(batches(), None, n_classes, fire_threshold=fire_threshold)
+    codes = iter_codes(
+        sae, store.cls(layer), batch_size, progress=progress, desc=f"layer {layer} codes"
+    )
+    batches = ((codes_BS, labels_N[start : start + len(codes_BS)]) for start, codes_BS in codes)
+    return class_stats(batches, None, len(store.class_names), fire_threshold=fire_threshold)
 
 
 def class_sets_from_store(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: SAE | Baseline,
     layer: int,
     rule: ClassSetRule | None = None,
     *,
@@ -202,6 +187,16 @@ def class_sets_from_store(
 # --------------------------------------------------------------------------- baselines
 
 
+@dataclass(frozen=True)
+class BaselineCfg:
+    """The two widths a baseline shares with an SAE's ``cfg``, so it reads stores like one."""
+
+    d_in: int
+    """Width of the activations it encodes."""
+    d_sae: int
+    """Number of features."""
+
+
 class NeuronBaseline:
     """The encoder's own neurons as features: code_d = ReLU(x_d - mean_d). Centring is the
     normalisation that matters for firing (an SAE subtracts b_dec, near the data mean); any
@@ -209,6 +204,7 @@ class NeuronBaseline:
 
     def __init__(self, mean_D: torch.Tensor) -> None:
         self.mean_D = mean_D.float()
+        self.cfg = BaselineCfg(d_in=len(self.mean_D), d_sae=len(self.mean_D))
 
     @classmethod
     def fit(cls, acts_ND: Any) -> NeuronBaseline:
@@ -224,6 +220,7 @@ class RandomDirections:
 
     def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, mean_D: torch.Tensor) -> None:
         self.W_enc, self.b_enc, self.mean_D = W_enc.float(), b_enc.float(), mean_D.float()
+        self.cfg = BaselineCfg(d_in=self.W_enc.shape[0], d_sae=self.W_enc.shape[1])
 
     @classmethod
     def fit(
@@ -268,6 +265,10 @@ class RandomDirections:
         return torch.relu(x @ self.W_enc.to(x.device) + self.b_enc.to(x.device))
 
 
+#: What `class_stats_from_store` can encode with besides an SAE.
+Baseline = NeuronBaseline | RandomDirections
+
+
 def neuron_codes(acts_ND: Any, mean_D: torch.Tensor | None = None) -> torch.Tensor:
     """The neuron baseline's codes_ND = ReLU(acts - mean), mean over ``acts`` unless given."""
     baseline = NeuronBaseline.fit(acts_ND) if mean_D is None else NeuronBaseline(mean_D)
@@ -287,8 +288,8 @@ TABLE2_ROWS = ("Original encoder", "Random vectors", "SAE features")
 
 
 def class_sets_with_baselines(
-    store: Any,
-    saes: Mapping[int, Any],
+    store: Store,
+    saes: Mapping[int, SAE],
     rule: ClassSetRule | None = None,
     *,
     n_fit: int = 8192,
@@ -336,17 +337,28 @@ def table2(
     progress: bool = False,
 ) -> pd.DataFrame:
     """Paper 003 Table 2: per row (e.g. `class_sets_with_baselines`'s output), the number of
-    features with coverage above each threshold and the number of features (all of them,
-    those firing on no class included; that count is the extra last column).
+    superordinate features with coverage above each threshold, in two readings, since the paper
+    does not say which it used:
 
-    Only features on at least ``min_classes`` classes are counted as high-coverage: a
-    single-class set always has coverage 1 (paper 000 §3.2), and the paper's counts (479 of
-    491,520) only make sense for multi-class features."""
+    - ``> t``: features on at least ``min_classes`` classes but not on every class;
+    - ``> t incl. every class``: the same plus the features that fire on every class, whose LCH
+      holds all the classes, so their coverage is 1 by construction (``# Fire on every class``
+      counts them apart: they are no concept, and on real data they can outnumber the rest).
+
+    A single-class set always has coverage 1 (paper 000 §3.2), so those never count; the last
+    columns give the number of features and of those firing on no class."""
+    n_all = len(taxonomy.leaves)
     records = {}
     for row, sets in class_sets.items():
         m = taxonomy.metrics(sparse.vstack(_blocks(sets)).tocsr(), progress=progress)
-        multi_F = m.n_classes_F >= min_classes
+        every_F = m.n_classes_F == n_all
+        multi_F = (m.n_classes_F >= min_classes) & ~every_F
         record = {f"> {t:g}": int(np.sum(multi_F & (m.coverage_F > t))) for t in thresholds}
+        record["# Fire on every class"] = int(np.sum(every_F))
+        for t in thresholds:
+            record[f"> {t:g} incl. every class"] = int(
+                np.sum((multi_F | every_F) & (m.coverage_F > t))
+            )
         record["# Features"] = len(m.n_classes_F)
         record["# Fire on no class"] = int(np.sum(m.n_classes_F == 0))
         records[row] = record

@@ -1,43 +1,46 @@
-"""The ontology chapter's study steps: per-layer SAEs, hierarchy counts, the most hierarchical
+"""Chapter 03, the ontology study: per-layer SAEs, hierarchy counts, the most hierarchical
 features with their top images, and the planted ground truth (paper 000 Fig. 2, paper 003 Fig. 3
 and Table 2).
 
 `saekit.analysis.ontology` scores class sets (LCH, height, coverage, baselines, Table 2); this module
-strings those scores into the study a chapter tells, in reading order:
+strings those scores into the study a chapter tells, in reading order (figures and views are in
+`saekit.studies.ontology_figures`):
 
-1. `layer_saes`: one ReLU SAE per layer's CLS token (recipe ``olson2025``, λ given), trained in
-   one sweep and cached on disk, so the layer-sweep chapter's SAE specs are reused as they are.
-2. `hierarchy_by_layer` and `table2_by_layer`: how many features per layer are multi-class with
-   high coverage, for the SAE and for the baselines.
-3. `most_hierarchical`, `top_images` and `plot_top_images`: the multi-class, coverage-1 features
-   with the largest class sets, their automatic labels and the images they fire on most.
-4. `synset_recovery` and `plot_synset_recovery`: for chosen synsets (the toy world's planted
-   groups and mids, or a few ImageNet synsets in the paper profile), whether some feature of a
-   layer covers exactly their leaves. A feature "covers synset h fully" when its class set C_k
-   equals L(h): then coverage(C_k) = 1 and LCH(C_k) has the leaves of h. The LCH may be another
-   synset with the same leaves (with the toy world's 30 classes, the 6 dogs' LCH is *hunting
-   dog*, which sits below *dog* and holds the same leaves), so the match is on leaves, not wnids.
+1. `OntologySettings`: the chapter's parameters with their profile defaults.
+2. `layer_saes`: one ReLU SAE per layer's CLS token (recipe ``olson2025``, λ given), the layer
+   sweep's request (`saekit.studies.layer_sweep.train_layer_saes`), so the book trains them once;
+   `lambda_comparison` sets the chosen λ beside others, measured.
+3. `hierarchy_by_layer` and `table2_by_layer`: how many features per layer are superordinate
+   (several classes, not all) with high coverage, for the SAE and for the baselines.
+4. `most_hierarchical` and `top_images`: the multi-class, coverage-1 features with the largest
+   class sets, their automatic labels and the images they fire on most.
+5. `chapter_synsets`, `synset_recovery` and `recovery_summary`: for chosen synsets (the toy
+   world's planted groups and mids, or a few ImageNet synsets in the paper profile, those absent
+   from the data skipped with a note), whether some feature of a layer covers exactly their
+   leaves. A feature "covers synset h fully" when its class set C_k equals L(h): then
+   coverage(C_k) = 1 and LCH(C_k) has the leaves of h. The LCH may be another synset with the
+   same leaves (with the toy world's 30 classes, the 6 dogs' LCH is *hunting dog*, which sits
+   below *dog* and holds the same leaves), so the match is on leaves, not wnids.
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from sae_lens import SAE
-from tqdm.auto import tqdm
 
 from saekit.activations import Store
-from saekit.analysis.ontology import TABLE2_ROWS, plot_height_vs_coverage, table2
-from saekit.sae import SAESpec, get_recipe
+from saekit.analysis.ontology import ClassSetRule, class_sets_from_store, table2
+from saekit.sae import SAESpec, evaluate, get_recipe
+from saekit.sae.codes import iter_codes, merge_top_k
 from saekit.studies import layer_sweep
+from saekit.studies.settings import StudySettings
 from saekit.taxonomy import Taxonomy
 
 #: A few ImageNet synsets paper 000 names among layer 36's coverage-1 features, plus two broad
@@ -50,6 +53,61 @@ PAPER_SYNSETS = {
     "n02084071": "broad",  # dog
     "n01503061": "broad",  # bird
 }
+#: Their names, for the note that lists those absent from the data at hand.
+PAPER_SYNSET_NAMES = {
+    "n01482071": "elasmobranch",
+    "n02062744": "whale",
+    "n04598582": "woodwind",
+    "n04552696": "warship",
+    "n02084071": "dog",
+    "n01503061": "bird",
+}
+
+
+@dataclass(frozen=True)
+class OntologySettings(StudySettings):
+    """Chapter 03's parameters (mini defaults; `PAPER` holds the paper profile's). The SAE
+    request (encoder, λ, epochs, seed; ReLU, olson2025, expansion 8, every layer's CLS token of
+    the training store) is the one chapters 01 and 05 make by default, so the book trains them
+    once."""
+
+    encoder: str = "toyvit"
+    """Encoder family: "toyvit" (mini) or "dinov2" (paper: facebook/dinov2-giant)."""
+    lam: float = 3.0
+    """λ of the ReLU SAEs (recipe olson2025; paper 10)."""
+    epochs: int = 100
+    """Passes over the training store (the mini store has 1,800 images; paper 3)."""
+    seed: int = 0
+    """Seeds the SAEs' initialisation and the batch order."""
+    min_fire_frac: float = 0.5
+    """A class joins C_k when the feature fires on at least this share of its images."""
+    figure_layers: tuple[int, ...] | None = None
+    """Layers of the static histogram figure; None: every layer (paper: 24, 28, 32, 36)."""
+    n_features: int = 6
+    """Most hierarchical features shown with their top images."""
+    n_images: int = 6
+    """Top images per feature."""
+    compare_lambdas: tuple[float, ...] = (0.3, 10.0)
+    """Other λ whose SAEs the page compares with ``lam`` (cached like any layer SAE); empty:
+    none (paper)."""
+    device: str | None = None
+    """Where the SAEs train; None: "cuda" when available, else "cpu"."""
+    imagenet_train: str | None = None
+    """Paper profile: ImageNet-1k train folder (one sub-folder per wnid)."""
+    imagenet_val: str | None = None
+    """Paper profile: ImageNet-1k validation folder, same layout."""
+
+    PAPER: ClassVar[dict[str, Any]] = {
+        "encoder": "dinov2",
+        "lam": 10.0,
+        "epochs": 3,
+        "figure_layers": (24, 28, 32, 36),
+        "compare_lambdas": (),
+    }
+
+    def layers_to_draw(self, layers: Sequence[int]) -> list[int]:
+        """``figure_layers``, or every layer of ``layers`` where it is None."""
+        return list(layers if self.figure_layers is None else self.figure_layers)
 
 
 # --------------------------------------------------------------------------- SAEs
@@ -100,8 +158,8 @@ def hierarchy_by_layer(
 ) -> pd.DataFrame:
     """Per layer of a `saekit.analysis.ontology.feature_table`: features that fire on no class, on one,
     on several and on all ``n_classes`` (coverage 1 at the root, but no concept: counted apart);
-    how many multi-class ones have coverage above each threshold (those on every class
-    included, as in Table 2); and the mean LCH height of the multi-class ones. One row per
+    how many superordinate ones (several classes, not all) have coverage above each threshold
+    (Table 2's first reading); and the mean LCH height of the multi-class ones. One row per
     layer, in the table's layer order."""
     n_no_class = table.attrs.get("n_no_class", {})
     layers = list(dict.fromkeys(list(n_no_class) + list(pd.unique(table["layer"]))))
@@ -109,6 +167,7 @@ def hierarchy_by_layer(
     for layer in layers:
         part = table[table["layer"] == layer]
         multi = part[part["n_classes"] >= 2]
+        superordinate = multi[multi["n_classes"] < n_classes]
         row = {
             "no class": int(n_no_class.get(layer, 0)),
             "1 class": int((part["n_classes"] == 1).sum()),
@@ -116,7 +175,7 @@ def hierarchy_by_layer(
             "every class": int((part["n_classes"] == n_classes).sum()),
         }
         for t in thresholds:
-            row[f"multi, coverage > {t:g}"] = int((multi["coverage"] > t).sum())
+            row[f"multi, coverage > {t:g}"] = int((superordinate["coverage"] > t).sum())
         row["mean height (multi)"] = float(multi["height"].mean()) if len(multi) else np.nan
         rows[layer] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
@@ -146,20 +205,63 @@ def table2_by_layer(
     return pd.DataFrame(counts).T.rename_axis("layer")[rows]
 
 
-def plot_table2_by_layer(counts: pd.DataFrame, threshold: float = 0.99) -> Figure:
-    """Bars per layer of `table2_by_layer`: SAE features against neurons and random vectors."""
-    import seaborn as sns
+def lambda_comparison(
+    train: Store,
+    val: Store,
+    saes: Mapping[int, SAE],
+    settings: OntologySettings,
+    root: str | Path,
+    taxonomy: Taxonomy,
+    *,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The chapter's SAEs (``saes``, at ``settings.lam``) beside the same SAEs at every λ of
+    ``settings.compare_lambdas`` (from the SAE cache, where chapter 01's λ comparison put them),
+    one row per λ over all layers: the mean share of latents active per image, the mean number of
+    classes a feature that fires on some class fires on, and Table 2's superordinate count (more
+    than one class, not all, coverage > 0.99) by the chapter's class-set rule."""
+    by_lam = {settings.lam: dict(saes)}
+    for lam in settings.compare_lambdas:
+        if not np.isclose(lam, settings.lam):
+            by_lam[lam] = layer_saes(
+                train, root, lam=lam, epochs=settings.epochs, seed=settings.seed,
+                device=settings.device, progress=progress,
+            )  # fmt: skip
+    rule = ClassSetRule(min_fire_frac=settings.min_fire_frac)
+    rows = {}
+    for lam, layer_sae in sorted(by_lam.items()):
+        shares, sets = [], {}
+        for layer, sae in layer_sae.items():
+            shares.append(evaluate(sae, val.cls(layer)).l0 / sae.cfg.d_sae)
+            sets[layer] = class_sets_from_store(val, sae, layer, rule, progress=False)
+        n_classes_F = np.concatenate([block.sum(1) for block in sets.values()])
+        fired = n_classes_F[n_classes_F > 0]
+        rows[lam] = {
+            "active latents per image": float(np.mean(shares)),
+            "classes per feature": float(fired.mean()) if len(fired) else 0.0,
+            "superordinate, coverage > 0.99": int(
+                table2({"SAE": sets}, taxonomy, thresholds=(0.99,)).loc["SAE", "> 0.99"]
+            ),
+        }
+    comparison = pd.DataFrame.from_dict(rows, orient="index").rename_axis("λ")
+    comparison.attrs["d_sae"] = int(next(iter(saes.values())).cfg.d_sae)
+    return comparison
 
-    long = counts.reset_index().melt(id_vars="layer", var_name="features", value_name="count")
-    fig = Figure(figsize=(max(5.0, 0.5 * len(counts) + 3), 3.2), layout="constrained")
-    ax = fig.subplots()
-    order = [row for row in TABLE2_ROWS if row in counts.columns] + [
-        row for row in counts.columns if row not in TABLE2_ROWS
-    ]
-    sns.barplot(long, x="layer", y="count", hue="features", hue_order=order, ax=ax, palette="mako")
-    ax.set_ylabel(f"multi-class features\nwith coverage > {threshold:g}")
-    ax.set_title("Ontological coverage per layer (Table 2, layer by layer)")
-    return fig
+
+def lambda_text(comparison: pd.DataFrame, lam: float) -> str:
+    """One line per λ of `lambda_comparison`, the chosen one in bold."""
+    d_sae = comparison.attrs["d_sae"]
+    lines = []
+    for value, row in comparison.iterrows():
+        mark = "**" if np.isclose(value, lam) else ""
+        lines.append(
+            f"- {mark}λ = {value:g}{mark}: {row['active latents per image']:.0%} of the {d_sae} "
+            f"latents active per image on average; a feature fires on "
+            f"{row['classes per feature']:.1f} classes on average; "
+            f"{int(row['superordinate, coverage > 0.99'])} superordinate features with coverage "
+            "> 0.99 over all layers"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- hierarchical features
@@ -209,10 +311,9 @@ class TopImages:
     """The features' activations on those rows (0 where a feature fires on fewer than k)."""
 
 
-@torch.no_grad()
 def top_images(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: SAE,
     layer: int,
     features: Sequence[int],
     k: int = 6,
@@ -221,8 +322,8 @@ def top_images(
     progress: bool = True,
 ) -> TopImages:
     """Top-``k`` store rows per feature by the SAE's code on the CLS token, in one streaming
-    pass (chunks of ``store.cls(layer)``, a running [k, F] top list), so any store size works.
-    Equal activations keep the earlier row. (`saekit.analysis.exemplars.scan_store` ranks patch tokens for
+    pass (`saekit.sae.codes.iter_codes` chunks folded into a running top-k with `merge_top_k`),
+    so any store size works. Equal activations keep the earlier row. (`saekit.analysis.exemplars.scan_store` ranks patch tokens for
     every feature; here only a handful of features and the CLS token are needed.)"""
     features = [int(f) for f in features]
     if k < 1:
@@ -231,79 +332,17 @@ def top_images(
     bad = [f for f in features if not 0 <= f < d_sae]
     if bad:
         raise IndexError(f"features {bad} are out of range for an SAE of width {d_sae}")
-    acts_ND = store.cls(layer)
-    n_rows = len(acts_ND)
-    device, dtype = sae.W_dec.device, sae.W_dec.dtype
     index = torch.tensor(features, dtype=torch.long)
-    best_KF = torch.full((0, len(features)), -torch.inf)
-    rows_KF = torch.zeros((0, len(features)), dtype=torch.long)
-    for start in tqdm(
-        range(0, n_rows, batch_size), desc=f"layer {layer} top images", disable=not progress
-    ):
-        chunk_BD = torch.from_numpy(np.asarray(acts_ND[start : start + batch_size], np.float32))
-        codes_BF = sae.encode(chunk_BD.to(device, dtype))[:, index.to(device)].float().cpu()
-        rows_B = torch.arange(start, start + len(chunk_BD))
-        values = torch.cat([best_KF, codes_BF])
-        rows = torch.cat([rows_KF, rows_B[:, None].expand(-1, len(features))])
-        # A stable sort keeps earlier rows ahead of later ones with the same activation.
-        order = torch.sort(values, dim=0, descending=True, stable=True).indices[:k]
-        best_KF, rows_KF = values.gather(0, order), rows.gather(0, order)
-    return TopImages(layer, features, rows_KF.T.numpy(), best_KF.T.clamp(min=0).numpy())
-
-
-def _check_dataset(store: Any, dataset: Any) -> None:
-    ids = dataset.image_ids
-    expected = store.manifest.get("n_images")
-    if expected is not None and len(ids) != expected:
-        raise ValueError(
-            f"the dataset has {len(ids)} images but the store was extracted from {expected}; "
-            "pass the dataset the store was made from"
-        )
-    for row in (0, len(store.rows) - 1):
-        if ids[store.rows[row]] != store.image_ids[row]:
-            raise ValueError(
-                f"store row {row} is image {store.image_ids[row]!r} but the dataset has "
-                f"{ids[store.rows[row]]!r} there; pass the dataset the store was made from"
-            )
-
-
-def plot_top_images(
-    tops: Sequence[TopImages],
-    store: Any,
-    dataset: Any,
-    titles: Sequence[str],
-    *,
-    image_size: float = 1.3,
-) -> Figure:
-    """A grid: one row per feature (all features of ``tops`` in order, titled by ``titles``),
-    its top images left to right, each captioned with its class and activation. Images are
-    read from ``dataset`` (the one the store was extracted from) via ``store.rows``; cells where
-    the feature does not fire stay empty."""
-    _check_dataset(store, dataset)
-    rows = [(top, i) for top in tops for i in range(len(top.features))]
-    if len(titles) != len(rows):
-        raise ValueError(f"{len(rows)} features but {len(titles)} titles")
-    if not rows:
-        fig = Figure(figsize=(6, 0.8))
-        fig.text(0.5, 0.5, "no feature to show", ha="center", va="center")
-        return fig
-    k = max(top.rows_FK.shape[1] for top in tops)
-    fig = Figure(figsize=(image_size * k, (image_size + 0.45) * len(rows)), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(len(rows), 1))
-    class_names = store.class_names
-    for subfig, (top, i), title in zip(subfigs, rows, titles, strict=True):
-        subfig.suptitle(title, fontsize=9, ha="left", x=0.01)
-        axes = np.atleast_1d(subfig.subplots(1, k))
-        for j, ax in enumerate(axes):
-            ax.set_axis_off()
-            if j >= top.rows_FK.shape[1] or top.values_FK[i, j] <= 0:
-                continue
-            row = int(top.rows_FK[i, j])
-            ax.imshow(dataset.load(int(store.rows[row])).convert("RGB"))
-            name = class_names[int(store.labels[row])]
-            name = name if len(name) <= 18 else name[:17] + "…"
-            ax.set_title(f"{name}\n{top.values_FK[i, j]:.2g}", fontsize=7)
-    return fig
+    values_FK = torch.empty(len(features), 0)
+    rows_FK = torch.empty(len(features), 0, dtype=torch.long)
+    codes = iter_codes(
+        sae, store.cls(layer), batch_size, progress=progress, desc=f"layer {layer} top images"
+    )
+    for start, codes_BS in codes:
+        scores_FB = codes_BS[:, index.to(codes_BS.device)].T.cpu()
+        rows_B = torch.arange(start, start + len(codes_BS))
+        values_FK, rows_FK = merge_top_k(values_FK, rows_FK, scores_FB, rows_B, k)
+    return TopImages(layer, features, rows_FK.numpy(), values_FK.clamp(min=0).numpy())
 
 
 # --------------------------------------------------------------------------- planted synsets
@@ -320,6 +359,23 @@ def toyworld_synsets() -> dict[str, str]:
         for mid, _ in mids:
             out[mid.wnid] = "mid"
     return out
+
+
+def chapter_synsets(profile: str, taxonomy: Taxonomy) -> dict[str, str]:
+    """The synsets the recovery heat map lists: the toy world's planted groups and mids (mini)
+    or `PAPER_SYNSETS` (paper), keeping those above at least one class of ``taxonomy`` (the data
+    at hand); the others are skipped with a printed note, since a folder with some of ImageNet's
+    classes has no leaves under, say, *whale*."""
+    wanted = toyworld_synsets() if profile == "mini" else PAPER_SYNSETS
+    present = {wnid: level for wnid, level in wanted.items() if wnid in taxonomy}
+    absent = [wnid for wnid in wanted if wnid not in present]
+    if absent:
+        names = ", ".join(f"{PAPER_SYNSET_NAMES.get(w, w)} ({w})" for w in absent)
+        print(
+            f"Skipped {len(absent)} of {len(wanted)} synsets that are above none of this data's "
+            f"{len(taxonomy.leaves)} classes: {names}."
+        )
+    return present
 
 
 def synset_recovery(
@@ -367,7 +423,8 @@ def synset_recovery(
                     "best_feature": best,
                 }
             )
-    return pd.DataFrame.from_records(records)
+    columns = ["layer", "synset", "name", "level", "n_leaves", "n_exact", "best_jaccard"]
+    return pd.DataFrame.from_records(records, columns=[*columns, "best_feature"])
 
 
 def recovery_summary(recovery: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -377,6 +434,10 @@ def recovery_summary(recovery: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     ('2, 3, 5'; '' where no feature of any layer does). ``attrs['found']`` counts, per name and
     level, the synsets covered at some layer."""
     first = next(iter(recovery.values()))
+    if first.empty:
+        summary = pd.DataFrame(columns=list(recovery), index=pd.Index([], name="synset (level)"))
+        summary.attrs["found"] = pd.DataFrame(columns=list(recovery)).rename_axis("level")
+        return summary
     synsets = list(dict.fromkeys(first["synset"]))
     labels = first.drop_duplicates("synset").set_index("synset")
     index = [f"{labels.loc[h, 'name']} ({labels.loc[h, 'level']})" for h in synsets]
@@ -394,56 +455,20 @@ def recovery_summary(recovery: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return summary
 
 
-def plot_synset_recovery(recovery: pd.DataFrame) -> Figure:
-    """Heat map synset × layer of `synset_recovery`: colour = best Jaccard overlap of any
-    feature's class set with the synset's leaves, number = features that cover it exactly."""
-    import seaborn as sns
-
-    labels = (
-        recovery["name"] + " (" + recovery["level"] + ", " + recovery["n_leaves"].astype(str) + ")"
+def recovery_text(recovery: Mapping[str, pd.DataFrame], synsets: Mapping[str, str]) -> str:
+    """The recovery in two sentences: per level, how many of the listed synsets SAE features
+    cover exactly at some layer, and per kind of feature how many features cover one."""
+    if not synsets:
+        return "No listed synset is above this data's classes: nothing to recover."
+    found = recovery_summary(recovery).attrs["found"]
+    sae = found["SAE features"] if "SAE features" in found else pd.Series(dtype=int)
+    of = pd.Series(list(synsets.values())).value_counts()
+    levels = "; ".join(
+        f"{int(sae.get(level, 0))} of {of[level]} {level} synsets"
+        for level in dict.fromkeys(synsets.values())
     )
-    frame = recovery.assign(row=labels)
-    order = list(dict.fromkeys(frame["row"]))
-    jaccard = frame.pivot(index="row", columns="layer", values="best_jaccard").loc[order]
-    exact = frame.pivot(index="row", columns="layer", values="n_exact").loc[order]
-    n_rows, n_cols = jaccard.shape
-    fig = Figure(figsize=(1.6 + 0.6 * n_cols + 2.2, 0.9 + 0.38 * n_rows), layout="constrained")
-    ax = fig.subplots()
-    sns.heatmap(
-        jaccard, vmin=0, vmax=1, cmap="mako_r", annot=exact.to_numpy(), fmt="d", linewidths=0.5,
-        cbar_kws={"label": "best Jaccard overlap"}, ax=ax,
-    )  # fmt: skip
-    ax.set_xlabel("layer")
-    ax.set_ylabel("")
-    ax.set_title("features whose class set is exactly the synset's leaves", fontsize=10)
-    return fig
-
-
-# --------------------------------------------------------------------------- widget view
-
-
-def layer_view(table: pd.DataFrame, layer: Any, n: int = 5, max_classes: int | None = None) -> str:
-    """One layer's page for a `saekit.analysis.widgets.switcher`: its height-vs-coverage histogram and
-    its ``n`` most hierarchical features (`most_hierarchical`, one per LCH, with the number of
-    the layer's features that share it), as one HTML string (an inline PNG and a table), so the
-    static site shows it without a kernel."""
-    from saekit.analysis.widgets import figure_png
-
-    png = figure_png(plot_height_vs_coverage(table, [layer], ncols=1))
-    part = table[table["layer"] == layer]
-    every = most_hierarchical(part, len(part), max_classes=max_classes, one_per_lch=False)
-    top = most_hierarchical(part, n, max_classes=max_classes)
-    shown = top[["feature", "n_classes", "lch_name", "height", "coverage"]].assign(
-        features_with_this_lch=top["lch"].map(every["lch"].value_counts())
-    )
-    listing = (
-        shown.to_html(index=False, float_format="{:.2f}".format, border=0)
-        if len(shown)
-        else "<p>no multi-class feature with coverage ≥ 0.99 at this layer</p>"
-    )
-    image = base64.b64encode(png).decode()
+    exact = ", ".join(f"{row} {int(rec['n_exact'].sum())}" for row, rec in recovery.items())
     return (
-        "<div style='display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap'>"
-        f"<img style='max-width:420px' src='data:image/png;base64,{image}'/>"
-        f"<div><b>most hierarchical features of layer {layer}</b>{listing}</div></div>"
+        f"At some layer, SAE features cover exactly {levels}.\n"
+        f"Features that cover one of these synsets exactly, summed over layers: {exact}."
     )
