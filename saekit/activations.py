@@ -2,18 +2,23 @@
 
 Layout of a store folder::
 
-    manifest.json          what produced it (model id + config hash, layers, tokens, dtype,
-                           dataset fingerprint), classes, completed shards, skipped images
+    manifest.json          what produced it (model identity: config, image processor and
+                           weights fingerprints; layers, tokens, dtype, dataset fingerprint),
+                           classes, completed shards, skipped images
     image_ids.json         one id per dataset image (rows point into it)
     shard_00000/           one folder per block of images, renamed into place when complete
         rows.npy           dataset index of each row (images that could not be read are absent)
         labels.npy         class index of each row
         L3_cls.npy         [rows, D]      one file per layer and token kind,
         L3_patch.npy       [rows, P, D]   memory-mapped when read
+        shard.json         the shard's record (rows, grids, skipped images), written last
 
-A shard is written to ``shard_XXXXX.tmp`` and renamed only once every file in it is on disk, and
-the manifest is replaced atomically after each shard, so an interrupted extraction resumes at the
-first unfinished shard and never rewrites a finished one.
+The commit protocol (`saekit.storage`): a shard is written to ``shard_XXXXX.tmp``, every file
+fsync'd, ``shard.json`` last; the folder is renamed into place (the commit) and then entered in
+the manifest, which is replaced atomically. A run killed at any step resumes: unfinished
+``.tmp`` folders are dropped, a committed shard the manifest missed is entered from its
+``shard.json``, and a finished shard is never rewritten. One extraction at a time may write a
+folder (a lock file; the second gets `FolderLockedError`).
 """
 
 from __future__ import annotations
@@ -21,88 +26,68 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator, Sequence
+import re
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from saekit.activation_store import (
+    TOKEN_KINDS,
+    ActivationStore,
+    ShardedArray,
+    Store,
+    StoreMismatchError,
+    _token_kinds,
+)
 from saekit.data import ImageDataset, UnreadableImageError
+from saekit.durable import (
+    LOCK_FILE,
+    FolderLockedError,
+    check_writable,
+    commit_dir,
+    folder_lock,
+    make_dir,
+    remove_tree,
+    save_array,
+    write_json_atomic,
+    write_text_durably,
+)
 from saekit.models import Encoder, load_encoder
 
-FORMAT_VERSION = 1
-TOKEN_KINDS = ("cls", "patch")
+__all__ = [
+    "TOKEN_KINDS",
+    "ActivationStore",
+    "FolderLockedError",
+    "OutputNotEmptyError",
+    "ShardedArray",
+    "Store",
+    "StoreMismatchError",
+    "StoreWriteError",
+    "extract",
+]
+
+FORMAT_VERSION = 2
 
 
-@runtime_checkable
-class Store(Protocol):
-    """What an analysis needs of an activation store (`ActivationStore` is the real one; tests
-    may pass any object with these members).
-
-    Rows are images in store order; ``labels`` and ``image_ids`` are aligned with them.
-    """
-
-    root: Path
-    """Folder the store lives in (named in error messages)."""
-    manifest: dict
-    """What produced the store: ``identity``, ``model``, ``layers``, ``tokens``, ``widths``,
-    ``class_names``, ``wnids``, ..."""
-    labels: np.ndarray
-    """Class index of each row, ``[N]``."""
-    rows: np.ndarray
-    """Dataset index of each row, ``[N]`` (unreadable images are skipped)."""
-
-    @property
-    def layers(self) -> list[int]: ...
-
-    @property
-    def d_model(self) -> int: ...
-
-    @property
-    def class_names(self) -> list[str]: ...
-
-    @property
-    def image_ids(self) -> list[str]: ...
-
-    def __len__(self) -> int: ...
-
-    def cls(self, layer: int) -> Any:
-        """CLS activations of ``layer``, ``[N, D]`` (array-like, possibly memory-mapped)."""
-        ...
-
-    def patches(self, layer: int) -> Any:
-        """Patch activations of ``layer``, ``[N, P, D]`` (array-like, possibly memory-mapped)."""
-        ...
-
-    def batches(
-        self, layer: int | Sequence[int], batch_size: int, *, tokens: str = "cls",
-        seed: int = 0, epoch: int = 0,
-    ) -> Iterator[Any]:  # fmt: skip
-        """Shuffled training batches: every row once per epoch."""
-        ...
+class StoreWriteError(OSError):
+    """Writing a shard or the manifest failed (disk full, folder gone, ...); finished shards
+    are kept and rerunning the same extraction resumes."""
 
 
-class StoreMismatchError(ValueError):
-    """A store exists but was made for another model, layer set, token kind or dataset."""
+class OutputNotEmptyError(FileExistsError):
+    """The output folder holds files that are not an activation store."""
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
-def _token_kinds(tokens: str) -> tuple[str, ...]:
-    if tokens == "both":
-        return TOKEN_KINDS
-    if tokens not in TOKEN_KINDS:
-        raise ValueError(f"tokens must be 'cls', 'patch' or 'both', not {tokens!r}.")
-    return (tokens,)
+#: Names an output folder may hold before its manifest exists (a run killed while starting).
+_STARTING_NAMES = {"image_ids.json", "image_ids.json.tmp", "manifest.json.tmp", LOCK_FILE}
+_SHARD_NAME = re.compile(r"^shard_(\d{5,})$")
+SHARD_RECORD = "shard.json"
 
 
 def _dataset_fingerprint(dataset: ImageDataset) -> str:
@@ -133,6 +118,46 @@ def _default_shard_images(
     return int(images // batch_size * batch_size)
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse a folder that holds something other than a (possibly unfinished) store, then
+    prove it is writable, before any model runs."""
+    if out.is_dir() and not (out / "manifest.json").exists():
+        foreign = sorted(
+            p.name
+            for p in out.iterdir()
+            if p.name not in _STARTING_NAMES and not p.name.startswith(".saekit-probe-")
+        )
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise OutputNotEmptyError(
+                f"{out} is not empty ({shown}) and holds no activation store (no "
+                "manifest.json). Choose a new or empty --out folder."
+            )
+    check_writable(out, "activation store")
+
+
+def _mismatch_message(out: Path, stored: dict, identity: dict) -> str:
+    changed = sorted(k for k in identity if stored.get(k) != identity[k])
+    if changed == ["shard_images"]:
+        hint = (
+            " (shard_images follows --batch-size unless given: resume with the first run's "
+            "batch size)"
+        )
+    elif "model" in changed and not isinstance(stored.get("model"), dict):
+        hint = " (the store was made by an older saekit, which named models by their path)"
+    elif "model" in changed:
+        parts = sorted(
+            k for k in identity["model"] if stored["model"].get(k) != identity["model"][k]
+        )
+        hint = f" (the model's {', '.join(parts)} differ)"
+    else:
+        hint = ""
+    return (
+        f"{out} already holds a store made with different {', '.join(changed)}{hint}. "
+        "Choose another --out folder, or delete this one to start over."
+    )
+
+
 def extract(
     encoder: Encoder | str,
     dataset: ImageDataset,
@@ -148,7 +173,11 @@ def extract(
     """Run `encoder` over `dataset` once and store each requested layer's tokens under `out`.
 
     Re-running with identical arguments returns the existing store (resuming it first if an
-    earlier run was interrupted); a store made with different arguments is never overwritten.
+    earlier run was interrupted, whatever step it was killed at); a store made with different
+    arguments is never overwritten. The model is identified by its config, image processor and
+    weights, not by how its path was spelled. Images that cannot be read are skipped and listed
+    in the manifest (``store.skipped``). A second extraction into the same folder while one runs
+    gets `FolderLockedError`.
     """
     if isinstance(encoder, str | os.PathLike):
         encoder = load_encoder(encoder)
@@ -156,17 +185,40 @@ def extract(
         raise ValueError(f"dtype must be 'float16' or 'float32', not {dtype!r}.")
     if len(dataset) == 0:
         raise ValueError("The dataset is empty: nothing to extract.")
+    if batch_size < 1 or (shard_images is not None and shard_images < 1):
+        raise ValueError(
+            f"batch_size ({batch_size}) and shard_images ({shard_images}) must be positive."
+        )
     kinds = _token_kinds(tokens)
     layer_ids = encoder.resolve_layers(layers)
+    out = Path(out).expanduser()
+    check_output_folder(out)
+    with folder_lock(out, "saekit extract"):
+        return _extract_locked(
+            encoder, dataset, layer_ids, kinds, out, dtype, batch_size, shard_images,
+            num_workers, progress,
+        )  # fmt: skip
+
+
+def _extract_locked(
+    encoder: Encoder,
+    dataset: ImageDataset,
+    layer_ids: list[int],
+    kinds: tuple[str, ...],
+    out: Path,
+    dtype: str,
+    batch_size: int,
+    shard_images: int | None,
+    num_workers: int,
+    progress: bool,
+) -> ActivationStore:
     np_dtype = np.dtype(dtype)
     if shard_images is None:
         shard_images = _default_shard_images(
             encoder, layer_ids, kinds, np_dtype.itemsize, batch_size
         )
-    out = Path(out)
     identity = {
-        "model": encoder.model_id,
-        "config_hash": encoder.config_hash,
+        "model": encoder.identity,
         "layers": layer_ids,
         "tokens": list(kinds),
         "dtype": dtype,
@@ -178,26 +230,17 @@ def extract(
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest["identity"] != identity:
-            changed = sorted(k for k in identity if manifest["identity"].get(k) != identity[k])
-            hint = (
-                " (shard_images follows --batch-size unless given: resume with the first "
-                "run's batch size)"
-                if changed == ["shard_images"]
-                else ""
-            )
-            raise StoreMismatchError(
-                f"{out} already holds a store made with different {', '.join(changed)}{hint}. "
-                "Choose another --out folder, or delete this one to start over."
-            )
+            raise StoreMismatchError(_mismatch_message(out, manifest["identity"], identity))
         if manifest["complete"]:
             return ActivationStore.open(out)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / "image_ids.json", list(dataset.image_ids))
+        write_json_atomic(out / "image_ids.json", list(dataset.image_ids))
+        model_path = Path(encoder.model_id).expanduser()
         manifest = {
             "format": FORMAT_VERSION,
             "identity": identity,
             "model": encoder.model_id,
+            "model_path": str(model_path.resolve()) if model_path.is_dir() else None,
             "family": encoder.family,
             "layers": layer_ids,
             "tokens": list(kinds),
@@ -209,14 +252,14 @@ def extract(
             "n_images": len(dataset),
             "shards": [],
             "skipped": [],
+            "grids": {},
             "complete": False,
         }
-        _write_json_atomic(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
 
+    _recover_shards(out, manifest, shard_images)
     n_shards = -(-len(dataset) // shard_images)
     done = {shard["index"] for shard in manifest["shards"]}
-    for leftover in out.glob("shard_*.tmp"):
-        shutil.rmtree(leftover)  # a shard an interrupted run was still writing
     images_done = sum(min(shard_images, len(dataset) - i * shard_images) for i in done)
     bar = tqdm(
         total=len(dataset),
@@ -225,37 +268,91 @@ def extract(
         unit="img",
         disable=not progress,
     )
+    writer = _ShardWriter(encoder, dataset, layer_ids, kinds, np_dtype, batch_size, out, bar)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for index in range(n_shards):
             if index in done:
                 continue
             start, stop = index * shard_images, min((index + 1) * shard_images, len(dataset))
-            record, skipped = _extract_shard(
-                encoder,
-                dataset,
-                layer_ids,
-                kinds,
-                np_dtype,
-                range(start, stop),
-                batch_size,
-                pool,
-                out,
-                index,
-                bar,
-            )
-            manifest["shards"].append(record)
-            manifest["skipped"].extend(skipped)
-            manifest.setdefault("grids", {}).update(record.pop("grids"))
-            _write_json_atomic(manifest_path, manifest)
+            record = writer.write(index, range(start, stop), pool)
+            _add_shard(manifest, record)
+            _save_manifest(out, manifest)
     bar.close()
-    manifest["shards"].sort(key=lambda shard: shard["index"])
     manifest["n_rows"] = sum(shard["rows"] for shard in manifest["shards"])
     if manifest["n_rows"] == 0:
         first = "; ".join(f"{s['id']}: {s['error']}" for s in manifest["skipped"][:3])
         raise ValueError(f"None of the {len(dataset)} images could be read ({first} ...).")
     manifest["complete"] = True
-    _write_json_atomic(manifest_path, manifest)
+    _save_manifest(out, manifest)
     return ActivationStore.open(out)
+
+
+def _add_shard(manifest: dict, record: dict) -> None:
+    """Enter a finished shard in the manifest (kept in index order, however it arrived)."""
+    manifest["shards"].append({k: record[k] for k in ("index", "rows", "grids")})
+    manifest["skipped"].extend(record["skipped"])
+    manifest["grids"].update(record["grids"])
+    manifest["shards"].sort(key=lambda shard: shard["index"])
+    manifest["skipped"].sort(key=lambda entry: entry["index"])
+
+
+def _save_manifest(out: Path, manifest: dict) -> None:
+    try:
+        write_json_atomic(out / "manifest.json", manifest)
+    except OSError as err:
+        raise StoreWriteError(
+            err.errno,
+            f"Updating {out / 'manifest.json'} failed ({err.strerror or err}). Free space or fix "
+            "the folder, then rerun the same extraction: finished shards are kept.",
+        ) from err
+
+
+def _read_shard_record(folder: Path, index: int) -> dict | None:
+    """A committed shard's record, or None when the folder is not a whole shard."""
+    try:
+        record = json.loads((folder / SHARD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("index") != index or not all((folder / f).is_file() for f in record["files"]):
+        return None
+    return record
+
+
+def _recover_shards(out: Path, manifest: dict, shard_images: int) -> None:
+    """Bring the folder and the manifest into agreement after an interrupted run.
+
+    A shard is committed by renaming its finished folder into place, then entered in the
+    manifest; a run can be killed anywhere in between. Unfinished ``shard_*.tmp`` folders are
+    removed, a committed shard the manifest missed is entered from its ``shard.json``, and a
+    listed shard whose folder has gone is extracted again.
+    """
+    for leftover in out.glob("shard_*.tmp"):
+        remove_tree(leftover)
+    listed = {shard["index"] for shard in manifest["shards"]}
+    changed = False
+    for shard in list(manifest["shards"]):
+        if not (out / f"shard_{shard['index']:05d}").is_dir():
+            warnings.warn(
+                f"{out}: shard {shard['index']} is listed in the manifest but its folder is "
+                "missing; extracting it again.",
+                stacklevel=3,
+            )
+            lo, hi = shard["index"] * shard_images, (shard["index"] + 1) * shard_images
+            manifest["shards"].remove(shard)
+            manifest["skipped"] = [s for s in manifest["skipped"] if not lo <= s["index"] < hi]
+            changed = True
+    for folder in sorted(out.iterdir()):
+        match = _SHARD_NAME.match(folder.name)
+        if not match or int(match.group(1)) in listed:
+            continue
+        record = _read_shard_record(folder, int(match.group(1)))
+        if record is None:
+            remove_tree(folder)
+        else:
+            _add_shard(manifest, record)
+            changed = True
+    if changed:
+        _save_manifest(out, manifest)
 
 
 def _load_or_skip(dataset: ImageDataset, index: int) -> tuple[int, Any]:
@@ -265,309 +362,78 @@ def _load_or_skip(dataset: ImageDataset, index: int) -> tuple[int, Any]:
         return index, err
 
 
-def _extract_shard(
-    encoder,
-    dataset,
-    layer_ids,
-    kinds,
-    np_dtype,
-    image_range,
-    batch_size,
-    pool,
-    out: Path,
-    index: int,
-    bar,
-) -> tuple[dict, list[dict]]:
-    chunks: dict[str, list[np.ndarray]] = {
-        f"L{layer}_{kind}": [] for layer in layer_ids for kind in kinds
-    }
-    rows: list[int] = []
-    skipped: list[dict] = []
-    grids: dict[str, list[int]] = {}
-    indices = list(image_range)
-    for batch_start in range(0, len(indices), batch_size):
-        loaded = list(
-            pool.map(
-                lambda i: _load_or_skip(dataset, i), indices[batch_start : batch_start + batch_size]
-            )
-        )
-        images, kept = [], []
-        for image_index, image in loaded:
-            if isinstance(image, Exception):
-                skipped.append(
-                    {
-                        "index": image_index,
-                        "id": dataset.image_ids[image_index],
-                        "error": str(image),
-                    }
-                )
-            else:
-                images.append(image)
-                kept.append(image_index)
-        bar.update(len(loaded))
-        if not images:
-            continue
-        result = encoder(images, layers=layer_ids)
-        rows.extend(kept)
-        for layer in layer_ids:
-            if "cls" in kinds:
-                chunks[f"L{layer}_cls"].append(
-                    result.cls[layer].float().cpu().numpy().astype(np_dtype)
-                )
-            if "patch" in kinds:
-                chunks[f"L{layer}_patch"].append(
-                    result.patches[layer].float().cpu().numpy().astype(np_dtype)
-                )
-                grids[str(layer)] = list(result.grids[layer])
-    tmp = out / f"shard_{index:05d}.tmp"
-    tmp.mkdir()
-    np.save(tmp / "rows.npy", np.asarray(rows, dtype=np.int64))
-    np.save(tmp / "labels.npy", np.asarray([dataset.labels[i] for i in rows], dtype=np.int64))
-    for name, parts in chunks.items():
-        if parts:
-            np.save(tmp / f"{name}.npy", np.concatenate(parts))
-    os.replace(tmp, out / f"shard_{index:05d}")
-    return {"index": index, "rows": len(rows), "grids": grids}, skipped
+class _ShardWriter:
+    """Encodes a block of images and commits it as one shard folder."""
 
+    def __init__(self, encoder, dataset, layer_ids, kinds, np_dtype, batch_size, out, bar):
+        self.encoder, self.dataset, self.layer_ids, self.kinds = encoder, dataset, layer_ids, kinds
+        self.np_dtype, self.batch_size, self.out, self.bar = np_dtype, batch_size, out, bar
 
-class ShardedArray:
-    """Rows of several memory-mapped shard arrays, indexed as one array without loading it."""
+    def write(self, index: int, image_range: range, pool: ThreadPoolExecutor) -> dict:
+        """Encode the images of shard `index` and commit the shard; returns its record."""
+        chunks, rows, skipped, grids = self._encode(image_range, pool)
+        try:
+            return self._commit(index, chunks, rows, skipped, grids)
+        except OSError as err:
+            raise StoreWriteError(
+                err.errno,
+                f"Writing shard {index} of {self.out} failed ({err.strerror or err}). Free space "
+                "or fix the folder, then rerun the same extraction: finished shards are kept.",
+            ) from err
 
-    def __init__(self, parts: list[np.ndarray]) -> None:
-        self.parts = parts
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-        self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
-        self.dtype = parts[0].dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if isinstance(key, tuple):
-            rows = self[key[0]]
-            if isinstance(key[0], int | np.integer):
-                return rows[key[1:]]
-            return rows[(slice(None), *key[1:])]
-        if isinstance(key, int | np.integer):
-            key = int(key) + len(self) if key < 0 else int(key)
-            if not 0 <= key < len(self):
-                raise IndexError(f"row {key} out of range for {len(self)} rows")
-            shard = int(np.searchsorted(self.offsets, key, side="right") - 1)
-            return self.parts[shard][key - self.offsets[shard]]
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step == 1:
-                pieces = []
-                for shard, part in enumerate(self.parts):
-                    lo, hi = max(start, self.offsets[shard]), min(stop, self.offsets[shard + 1])
-                    if lo < hi:
-                        pieces.append(part[lo - self.offsets[shard] : hi - self.offsets[shard]])
-                if not pieces:
-                    return np.empty((0, *self.shape[1:]), self.dtype)
-                return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            key = np.arange(start, stop, step)
-        index = np.asarray(key)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        index = np.where(index < 0, index + len(self), index)
-        result = np.empty((len(index), *self.shape[1:]), self.dtype)
-        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
-        for shard in np.unique(shard_of):
-            picked = shard_of == shard
-            result[picked] = self.parts[shard][index[picked] - self.offsets[shard]]
-        return result
-
-    def __array__(self, dtype=None, copy=None):
-        whole = self[:]
-        return whole.astype(dtype) if dtype is not None else np.asarray(whole)
-
-
-class ActivationStore:
-    """A finished store, opened read-only and memory-mapped."""
-
-    def __init__(self, root: Path, manifest: dict) -> None:
-        self.root = root
-        self.manifest = manifest
-        self.shard_dirs = [
-            root / f"shard_{s['index']:05d}" for s in manifest["shards"] if s["rows"]
-        ]
-        self._image_ids: list[str] | None = None
-        self.labels = np.concatenate([np.load(d / "labels.npy") for d in self.shard_dirs])
-        self.rows = np.concatenate([np.load(d / "rows.npy") for d in self.shard_dirs])
-
-    @classmethod
-    def open(
-        cls,
-        root: str | os.PathLike,
-        model: str | None = None,
-        layers: Sequence[int] | None = None,
-        tokens: str | None = None,
-    ) -> ActivationStore:
-        """Open a finished store; refuse it if it was made for another model, layers or tokens."""
-        root = Path(root)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(
-                f"No activation store at {root} (no manifest.json). Create one with "
-                "`saekit extract --model ... --data ... --out DIR` or saekit.activations.extract."
-            )
-        manifest = json.loads(manifest_path.read_text())
-        if not manifest["complete"]:
-            raise RuntimeError(
-                f"The store at {root} is incomplete ({len(manifest['shards'])} shards done); rerun "
-                "the same extraction to resume it."
-            )
-        if model is not None and model != manifest["model"]:
-            raise StoreMismatchError(
-                f"{root} holds activations of {manifest['model']!r}, not {model!r}."
-            )
-        if layers is not None and not set(layers) <= set(manifest["layers"]):
-            raise StoreMismatchError(
-                f"{root} holds layers {manifest['layers']}; asked for {sorted(layers)}."
-            )
-        if tokens is not None and not set(_token_kinds(tokens)) <= set(manifest["tokens"]):
-            raise StoreMismatchError(
-                f"{root} holds {manifest['tokens']} tokens; asked for {tokens!r}."
-            )
-        return cls(root, manifest)
-
-    # -- what the store holds -------------------------------------------------------------
-    @property
-    def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
-
-    @property
-    def d_model(self) -> int:
-        return int(self.manifest["d_model"])
-
-    def width(self, layer: int) -> int:
-        return int(self.manifest["widths"][str(layer)])
-
-    def grid(self, layer: int) -> tuple[int, int]:
-        return tuple(self.manifest["grids"][str(layer)])
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.manifest["n_rows"])
-
-    def __len__(self) -> int:
-        return self.n_rows
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
-
-    @property
-    def wnids(self) -> list[str] | None:
-        return self.manifest["wnids"]
-
-    @property
-    def skipped(self) -> list[dict]:
-        """Images that could not be read: dataset index, id and the error."""
-        return list(self.manifest["skipped"])
-
-    @property
-    def image_ids(self) -> list[str]:
-        """Dataset id of each row."""
-        if self._image_ids is None:
-            all_ids = json.loads((self.root / "image_ids.json").read_text())
-            self._image_ids = [all_ids[i] for i in self.rows]
-        return self._image_ids
-
-    def _array(self, layer: int, kind: str) -> ShardedArray:
-        if layer not in self.manifest["layers"]:
-            raise KeyError(
-                f"Layer {layer} is not in this store; it holds {self.manifest['layers']}."
-            )
-        if kind not in self.manifest["tokens"]:
-            raise KeyError(f"This store holds {self.manifest['tokens']} tokens, not {kind!r}.")
-        return ShardedArray(
-            [np.load(d / f"L{layer}_{kind}.npy", mmap_mode="r") for d in self.shard_dirs]
-        )
-
-    def cls(self, layer: int) -> ShardedArray:
-        """CLS activations of `layer`, ``[N, D]``, memory-mapped."""
-        return self._array(layer, "cls")
-
-    def patches(self, layer: int) -> ShardedArray:
-        """Patch activations of `layer`, ``[N, P, D]``, memory-mapped."""
-        return self._array(layer, "patch")
-
-    # -- reading for training -------------------------------------------------------------
-    def batches(
-        self,
-        layer: int | Sequence[int],
-        batch_size: int,
-        *,
-        tokens: str = "cls",
-        seed: int = 0,
-        epoch: int = 0,
-        shuffle: bool = True,
-        buffer_rows: int = 1 << 20,
-        drop_last: bool = False,
-    ) -> Iterator[torch.Tensor] | Iterator[dict[int, torch.Tensor]]:
-        """Shuffled float32 batches ``[B, D]`` (or ``{layer: [B, D]}`` for several layers).
-
-        Every row appears exactly once per epoch. Shuffling is block-wise so reads stay
-        sequential: shards are visited in a random order and pooled into a buffer of up to
-        `buffer_rows` rows, which is permuted; the store is never loaded into RAM whole. Patch
-        tokens are flattened, one row per (image, patch).
-        """
-        if tokens not in TOKEN_KINDS:
-            raise ValueError(f"tokens must be 'cls' or 'patch', not {tokens!r}.")
-        layers = [layer] if isinstance(layer, int | np.integer) else list(layer)
-        arrays = {ly: self._array(ly, tokens) for ly in layers}
-        rows_per_image = {ly: int(np.prod(arrays[ly].shape[1:-1])) for ly in layers}
-        if len(set(rows_per_image.values())) > 1:
-            raise ValueError(
-                f"Layers {layers} have different numbers of {tokens} tokens per image "
-                f"({rows_per_image}), so their rows cannot be batched together; ask for one "
-                "layer at a time."
-            )
-        rng = np.random.default_rng([seed, epoch])
-        order = (
-            rng.permutation(len(self.shard_dirs)) if shuffle else np.arange(len(self.shard_dirs))
-        )
-
-        def shard_rows(ly: int, shard: int) -> np.ndarray:
-            part = arrays[ly].parts[shard]
-            return part.reshape(-1, part.shape[-1])
-
-        pending: dict[int, np.ndarray] | None = None
-        group: list[int] = []
-        group_rows = 0
-        for position, shard in enumerate(order):
-            group.append(shard)
-            group_rows += len(shard_rows(layers[0], shard))
-            if group_rows < buffer_rows and position + 1 < len(order):
+    def _encode(self, image_range: range, pool: ThreadPoolExecutor):
+        chunks: dict[str, list[np.ndarray]] = {
+            f"L{layer}_{kind}": [] for layer in self.layer_ids for kind in self.kinds
+        }
+        rows: list[int] = []
+        skipped: list[dict] = []
+        grids: dict[str, list[int]] = {}
+        indices = list(image_range)
+        for batch_start in range(0, len(indices), self.batch_size):
+            batch = indices[batch_start : batch_start + self.batch_size]
+            images, kept = [], []
+            for image_index, image in pool.map(lambda i: _load_or_skip(self.dataset, i), batch):
+                if isinstance(image, Exception):
+                    entry = {"index": image_index, "id": self.dataset.image_ids[image_index]}
+                    skipped.append({**entry, "error": str(image)})
+                else:
+                    images.append(image)
+                    kept.append(image_index)
+            self.bar.update(len(batch))
+            if not images:
                 continue
-            buffer = {ly: np.concatenate([shard_rows(ly, s) for s in group]) for ly in layers}
-            if pending is not None:  # rows left over from the previous buffer come first
-                buffer = {ly: np.concatenate([pending[ly], buffer[ly]]) for ly in layers}
-            perm = (
-                rng.permutation(len(buffer[layers[0]]))
-                if shuffle
-                else np.arange(len(buffer[layers[0]]))
-            )
-            last = position + 1 == len(order)
-            n_full = len(perm) // batch_size * batch_size
-            for start in range(0, n_full, batch_size):
-                yield self._as_batch(buffer, layers, perm[start : start + batch_size], layer)
-            rest = perm[n_full:]
-            if last:
-                if len(rest) and not drop_last:
-                    yield self._as_batch(buffer, layers, rest, layer)
-            else:
-                pending = {ly: buffer[ly][rest] for ly in layers}
-            group, group_rows = [], 0
+            result = self.encoder(images, layers=self.layer_ids)
+            rows.extend(kept)
+            for layer in self.layer_ids:
+                if "cls" in self.kinds:
+                    chunks[f"L{layer}_cls"].append(
+                        result.cls[layer].float().cpu().numpy().astype(self.np_dtype)
+                    )
+                if "patch" in self.kinds:
+                    chunks[f"L{layer}_patch"].append(
+                        result.patches[layer].float().cpu().numpy().astype(self.np_dtype)
+                    )
+                    grids[str(layer)] = list(result.grids[layer])
+        return chunks, rows, skipped, grids
 
-    @staticmethod
-    def _as_batch(buffer, layers, picked, layer):
-        tensors = {ly: torch.from_numpy(buffer[ly][picked].astype(np.float32)) for ly in layers}
-        return tensors[layers[0]] if isinstance(layer, int | np.integer) else tensors
-
-    def __repr__(self) -> str:
-        return (
-            f"ActivationStore({str(self.root)!r}, model={self.manifest['model']!r}, "
-            f"layers={self.layers}, tokens={self.manifest['tokens']}, rows={self.n_rows})"
-        )
+    def _commit(self, index, chunks, rows, skipped, grids) -> dict:
+        staging = self.out / f"shard_{index:05d}.tmp"
+        make_dir(staging)
+        arrays = {
+            "rows.npy": np.asarray(rows, dtype=np.int64),
+            "labels.npy": np.asarray([self.dataset.labels[i] for i in rows], dtype=np.int64),
+        }
+        arrays.update({f"{name}.npy": np.concatenate(p) for name, p in chunks.items() if p})
+        for name, array in arrays.items():
+            save_array(staging / name, array)
+        record = {
+            "index": index,
+            "rows": len(rows),
+            "grids": grids,
+            "skipped": skipped,
+            "files": sorted(arrays),
+        }
+        # Written last: a shard folder with a shard.json is whole.
+        write_text_durably(staging / SHARD_RECORD, json.dumps(record, indent=1))
+        commit_dir(staging, self.out / f"shard_{index:05d}")
+        return record

@@ -1,8 +1,13 @@
 """The `saekit` command: long runs outside notebooks.
 
-saekit extract --model ID_OR_PATH --data DIR --layers all|0,5,11 --tokens cls|patch|both --out DIR
-saekit train ...   /   saekit sweep SWEEP.toml      (see `saekit train -h`)
-saekit book [--profile mini|paper] [--only CHAPTER]  (execute chapters, build the site)
+saekit extract --model ID_OR_PATH --data DIR --layers all|0,5,11|3-5 --tokens cls|patch|both --out DIR
+saekit train --store DIR --layer L --arch relu|topk|... --out DIR   (one SAE)
+saekit sweep SWEEP.toml                                              (many SAEs, one pass)
+saekit book [--profile mini|paper] [--only CHAPTER]                  (execute chapters, build the site)
+
+Every command resumes when rerun after an interruption, refuses to overwrite results made with
+other settings, and prints errors without a traceback (add --debug to see one). Run
+`saekit COMMAND -h` for a command's options.
 """
 
 from __future__ import annotations
@@ -10,18 +15,76 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from saekit import runner
-from saekit.sae import commands as sae_commands
+# The parser is built without importing torch, transformers or SAELens (seconds), so
+# `saekit -h` answers at once; each handler imports what its command needs. A test checks these
+# names against the registries they mirror.
+#: SAE architectures (saekit.sae.architectures.ARCHITECTURES and ARCH_ALIASES).
+ARCH_NAMES = ("batchtopk", "gated", "jumprelu", "relu", "topk", "l1", "standard")
+#: Architectures whose sparsity is k rather than λ (saekit.sae.architectures.K_ARCHS).
+K_ARCH_NAMES = ("topk", "batchtopk")
+#: Training recipes (saekit.sae.recipes.RECIPES).
+RECIPE_NAMES = ("olson2025", "olson2025_ood", "stevens2025")
+
+SWEEP_FORMAT = """\
+The sweep file (TOML)::
+
+    store = "runs/acts/dinov2"        # activation store folder
+    out = "runs/saes/dinov2-sweep"    # one folder per SAE, plus sweep.json
+    recipe = "olson2025"              # recipe of every SAE unless an entry names another
+    tokens = "cls"                    # "cls" or "patch"
+    # optional: batch_size = 64, epochs = 3, data_seed = 0, checkpoint_every = 1000,
+    #           device = "cpu"
+
+    [recipe_overrides]                # optional: change fields of the recipe(s)
+    lr = 3e-4
+
+    [grid]                            # every combination becomes one SAE
+    layer = [3, 7, 11]
+    arch = ["relu", "gated", "topk"]
+    expansion = [8, 16]
+    l1 = [0.5, 10.0]                  # λ values, for relu / gated / jumprelu
+    k = [16, 32]                      # k values, for topk / batchtopk
+
+    [[sae]]                           # extra SAEs; any SAESpec field
+    layer = 11
+    arch = "batchtopk"
+    k = 64
+
+The grid above is 3 layers × (2 λ for relu + 2 λ for gated + 2 k for topk) × 2 expansions = 36
+SAEs, plus the one listed under [[sae]]. An interrupted sweep resumes when run again; rerunning a
+finished one loads it; an `out` folder holding a sweep with other settings is refused unless
+--overwrite.
+"""
+
+
+class CommandLineError(ValueError):
+    """Options that do not fit together; the message names the flags."""
+
+
+def _layers_arg(text: str) -> str:
+    """Check ``--layers`` while parsing, before any folder or model is touched."""
+    from saekit.models import parse_layers
+
+    try:
+        parse_layers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from saekit.activations import extract
+    from pathlib import Path
+
+    from saekit.activations import check_output_folder, extract
     from saekit.data import load_dataset
     from saekit.models import load_encoder
 
-    encoder = load_encoder(args.model, device=args.device)
+    # Cheap checks first: a bad data or output folder is reported before the model loads.
     dataset = load_dataset(args.data)
+    check_output_folder(Path(args.out).expanduser())
+    encoder = load_encoder(args.model, device=args.device)
     store = extract(
         encoder,
         dataset,
@@ -40,35 +103,230 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="saekit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+def _check_sparsity_flags(args: argparse.Namespace) -> None:
+    arch = {"standard": "relu", "l1": "relu"}.get(args.arch, args.arch)
+    if args.k is not None and arch not in K_ARCH_NAMES:
+        raise CommandLineError(
+            f"--k applies to topk and batchtopk SAEs; a {arch} SAE's sparsity is --l1 (λ). Drop "
+            "--k, or choose --arch topk / batchtopk."
+        )
+    if args.l1 is not None and arch in K_ARCH_NAMES:
+        raise CommandLineError(
+            f"--l1 applies to relu, gated and jumprelu SAEs; a {arch} SAE's sparsity is --k. "
+            "Drop --l1, or choose --arch relu / gated / jumprelu."
+        )
+
+
+def _train(args: argparse.Namespace) -> int:
+    _check_sparsity_flags(args)
+    from saekit.sae.commands import run_train
+
+    return run_train(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from saekit.sae.commands import run_sweep
+
+    return run_sweep(args)
+
+
+def _add_extract(commands: Any) -> None:
     extract = commands.add_parser(
-        "extract", help="store a model's activations over an image folder"
+        "extract",
+        help="store a model's activations over an image folder",
+        description=(
+            "Run a vision model over an ImageNet-style image folder once and store each "
+            "requested layer's CLS and/or patch tokens in a sharded, memory-mapped activation "
+            "store. Rerunning the same command resumes an interrupted extraction (or returns "
+            "the finished store); unreadable images are skipped and listed in the manifest."
+        ),
     )
     extract.add_argument("--model", required=True, help="hub id or local folder (save_pretrained)")
     extract.add_argument("--data", required=True, help="ImageNet-style folder root/<class>/*.png")
     extract.add_argument(
-        "--layers", default="all", help="'all' or comma-separated indices, e.g. 0,5,11"
+        "--layers",
+        default="all",
+        type=_layers_arg,
+        help="'all', indices such as 0,5,11 (negative count from the end) or ranges such as 3-5",
     )
-    extract.add_argument("--tokens", default="cls", choices=["cls", "patch", "both"])
+    extract.add_argument(
+        "--tokens",
+        default="cls",
+        choices=["cls", "patch", "both"],
+        help="store the CLS token, the patch tokens, or both (default: cls)",
+    )
     extract.add_argument("--out", required=True, help="store folder (resumes if interrupted)")
-    extract.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    extract.add_argument("--batch-size", type=int, default=64)
-    extract.add_argument("--workers", type=int, default=4, help="image-decoding threads")
-    extract.add_argument("--device", default=None, help="e.g. cuda; default: CPU")
+    extract.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="precision the activations are stored in (default: float16, half the disk)",
+    )
+    extract.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per forward pass (default: 64); also sets the shard size, so resume with "
+        "the same value",
+    )
+    extract.add_argument(
+        "--workers", type=int, default=4, help="image-decoding threads (default: 4)"
+    )
+    extract.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     extract.set_defaults(handler=_extract)
-    # Stages that own more commands register them: train and sweep (SAE engine), book.
-    sae_commands.register(commands)
-    runner.register(commands)
+
+
+def _add_train(commands: Any) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one SAE on one layer of an activation store",
+        description=(
+            "Train one SAE on one layer of an activation store and save it SAELens style "
+            "(cfg.json + sae_weights.safetensors) in --out. Rerunning resumes from the last "
+            "checkpoint, or loads the finished SAE; an --out folder holding an SAE trained "
+            "with other settings is refused unless --overwrite."
+        ),
+    )
+    train.add_argument("--store", required=True, help="activation store folder (saekit extract)")
+    train.add_argument("--layer", required=True, type=int, help="layer of the store to train on")
+    train.add_argument(
+        "--arch", default="relu", choices=ARCH_NAMES, help="SAE architecture (default: relu)"
+    )
+    train.add_argument("--k", type=float, help="active latents (topk, batchtopk only)")
+    train.add_argument(
+        "--l1", type=float, help="sparsity coefficient λ (relu, gated, jumprelu only)"
+    )
+    train.add_argument("--expansion", type=int, help="d_sae / d_in (default: the recipe's)")
+    train.add_argument(
+        "--recipe",
+        default="olson2025",
+        choices=RECIPE_NAMES,
+        help="training recipe (default: olson2025)",
+    )
+    train.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    train.add_argument("--out", required=True, help="folder to save the SAE in")
+    train.add_argument(
+        "--tokens",
+        default="cls",
+        choices=["cls", "patch"],
+        help="train on CLS tokens or on patch tokens (default: cls)",
+    )
+    train.add_argument("--batch-size", type=int, help="minibatch size (default: the recipe's)")
+    train.add_argument("--epochs", type=int, help="passes over the store (default: the recipe's)")
+    train.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
+    train.add_argument("--data-seed", type=int, default=0, help="seed of the store's shuffling")
+    train.add_argument(
+        "--checkpoint-every", type=int, default=1000, help="steps between checkpoints"
+    )
+    train.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an SAE in --out that was trained with other settings",
+    )
+    train.set_defaults(handler=_train)
+
+
+def _add_sweep(commands: Any) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="train many SAEs in one pass over an activation store",
+        description="Train every SAE a sweep TOML file lists in one pass over a store.",
+        epilog=SWEEP_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("config", help="sweep TOML file (format below)")
+    sweep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the SAEs of a sweep with other settings in the file's `out` folder",
+    )
+    sweep.set_defaults(handler=_sweep)
+
+
+BOOK_DESCRIPTION = (
+    "Execute the book's chapters (notebooks/NN_*.py) with papermill under a profile (mini: toy "
+    "models, minutes on a CPU; paper: the papers' models and data) and build the site with "
+    "Jupyter Book."
+)
+
+
+def _book_stub(commands: Any) -> None:
+    """``book`` as `saekit -h` lists it, without importing the runner (which imports the book's
+    kernel side and, through it, torch); `main` registers the real one when it is the command."""
+    commands.add_parser(
+        "book", help="execute the chapters and build the site", description=BOOK_DESCRIPTION
+    )
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``saekit`` argument parser. Building it imports nothing heavy, except the book
+    runner's own registration, made only when ``command`` is ``"book"`` or None (everything)."""
+    parser = argparse.ArgumentParser(
+        prog="saekit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback when a command fails"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_extract(commands)
+    _add_train(commands)
+    _add_sweep(commands)
+    if command in (None, "book"):
+        from saekit import runner  # the book's host side registers `saekit book` itself
+
+        runner.register(commands)
+        book = commands.choices.get("book")
+        if book is not None and not book.description:
+            book.description = BOOK_DESCRIPTION
+    else:
+        _book_stub(commands)
+    for sub in commands.choices.values():
+        # SUPPRESS: `saekit --debug train ...` must not be reset by the subcommand's default.
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback when the command fails",
+        )
     return parser
 
 
+def _message(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return str(text) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    """Run one ``saekit`` command; errors print as one message (``--debug``: a traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Without a command (`saekit -h`) the book stub suffices: nothing heavy is imported.
+    command = _command_in(argv) or "help"
+    args = build_parser(command).parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            "\nsaekit: interrupted. Run the same command again to resume: finished work is kept.",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure reaches the user as a message
+        if args.debug:
+            raise
+        print(
+            f"saekit {args.command}: error: {_message(err)}\n"
+            "(run again with --debug to see the traceback)",
+            file=sys.stderr,
+        )
+        return 2 if isinstance(err, CommandLineError) else 1
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -41,14 +44,139 @@ class ImageDataset(Protocol):
     def load(self, index: int) -> Image.Image: ...
 
 
+#: 16-bit integer modes PIL opens (grayscale PNG and TIFF).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Modes with an alpha channel (``PA``/``La``/``RGBa`` are palette or premultiplied variants).
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image that looks like ``image``, or `UnreadableImageError` with the reason.
+
+    * 16-bit grayscale (``I;16*``) is rescaled to 8 bits (65535 -> 255); PIL's own conversion
+      clips everything above 255 to white.
+    * Transparency (alpha channels, palette transparency) is composited over white, as a
+      viewer shows the image; dropping alpha would expose whatever colour hides under it.
+    * ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGB`` convert with PIL.
+    * 32-bit integer (``I``) and float (``F``) pixels have no fixed range: refused, since any
+      scaling would be a guess.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT:
+        wide = np.asarray(image).astype(np.uint32)
+        eight = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(eight, "L").convert("RGB")
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise UnreadableImageError(
+            f"{kind} pixels (PIL mode {mode}) have no fixed range to map to 0-255; save the "
+            "image as 8- or 16-bit"
+        )
+    if mode == "La":
+        image = image.convert("LA")
+        mode = "LA"
+    if mode in _ALPHA or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise UnreadableImageError(f"PIL cannot convert mode {mode} to RGB ({err})") from err
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully (so truncation shows up here, not mid-batch) as RGB."""
+    """Decode an image fully (so truncation shows up here, not mid-batch) as RGB (`to_rgb`).
+
+    Anything that cannot be read raises `UnreadableImageError` with the reason: corrupt or
+    truncated files, unsupported modes, and images over PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``; raise it for files you trust).
+    """
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(
+            f"Cannot read image {path}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+        ) from err
+    except UnreadableImageError as err:
+        raise UnreadableImageError(f"Cannot read image {path}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UnreadableImageError(f"Cannot read image {path}: {err}") from err
+
+
+_ACCEPTED_IMAGES = (
+    "a PIL image or a list of them, a file path or a list of paths, or a uint8 (0-255) or "
+    "float ([0, 1]) tensor [B, 3, H, W] / [3, H, W] (numpy: [B, H, W, 3] / [H, W, 3])"
+)
+
+
+def _array_to_pils(array: np.ndarray, channels_last: bool) -> list[Image.Image]:
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise TypeError(
+            f"Cannot read an image array of shape {array.shape}: pass {_ACCEPTED_IMAGES}."
+        )
+    if not channels_last:
+        array = array.transpose(0, 2, 3, 1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.shape[-1] != 3:
+        layout = "[B, H, W, 3]" if channels_last else "[B, 3, H, W]"
+        raise TypeError(
+            f"Image arrays need 3 (or 1) channels in layout {layout}; got shape {array.shape}."
+        )
+    if array.dtype == np.uint8:
+        pixels = array
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and not (np.isfinite(array).all() and 0 <= array.min() and array.max() <= 1):
+            raise ValueError(
+                "Float images must hold pixel values in [0, 1] (got values in "
+                f"[{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]); pass uint8 for 0-255 values."
+            )
+        # A float image is a saved image seen through ToTensor: quantise it back to 8 bits, so
+        # every input kind reaches the processor on the same path.
+        pixels = np.round(array * 255).astype(np.uint8)
+    else:
+        raise TypeError(f"Image arrays must be uint8 or float, not {array.dtype}.")
+    return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+
+def as_pil_images(images: Any) -> list[Image.Image]:
+    """A batch of RGB PIL images from any input an encoder accepts (`Encoder.__call__`).
+
+    Non-RGB modes are converted faithfully (`saekit.data.to_rgb`: 16-bit rescaled, alpha over
+    white); anything else raises one TypeError listing what is accepted.
+    """
+    # torch is not imported here: an object can only be a tensor once torch is loaded.
+    torch = sys.modules.get("torch")
+    tensor = torch.Tensor if torch is not None else ()
+    if isinstance(images, Image.Image | str | os.PathLike):
+        images = [images]
+    if isinstance(images, tensor):
+        return _array_to_pils(images.detach().cpu().numpy(), channels_last=False)
+    if isinstance(images, np.ndarray):
+        return _array_to_pils(images, channels_last=True)
+    if not isinstance(images, Sequence) or not images:
+        raise TypeError(f"Cannot read {type(images).__name__} as images: pass {_ACCEPTED_IMAGES}.")
+    out = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            out.append(to_rgb(image))
+        elif isinstance(image, str | os.PathLike):
+            out.append(open_image(image))
+        elif isinstance(image, tensor) or isinstance(image, np.ndarray):
+            array = image if isinstance(image, np.ndarray) else image.detach().cpu().numpy()
+            out.extend(_array_to_pils(array, channels_last=isinstance(image, np.ndarray)))
+        else:
+            raise TypeError(
+                f"Cannot read a {type(image).__name__} as an image: pass {_ACCEPTED_IMAGES}."
+            )
+    return out
 
 
 def _class_names_for(wnids: Sequence[str]) -> list[str]:
@@ -120,8 +248,24 @@ class ImageFolder(ImageList):
             )
             pairs.extend((path, label) for path in files)
         if not pairs:
+            loose = [p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            found = (
+                f" It holds {len(loose)} images directly ({', '.join(sorted(loose)[:3])} ...): "
+                "move them into one sub-folder per class."
+                if loose
+                else ""
+            )
             raise FileNotFoundError(
-                f"Data folder {self.root} holds no images.\n{IMAGEFOLDER_LAYOUT}"
+                f"Data folder {self.root} holds no images in class folders.{found}\n"
+                f"{IMAGEFOLDER_LAYOUT}"
+            )
+        used = {label for _, label in pairs}
+        empty = [d.name for label, d in enumerate(class_dirs) if label not in used]
+        if empty:
+            warnings.warn(
+                f"{self.root}: class folder(s) {empty[:5]} hold no images (suffixes "
+                f"{sorted(IMAGE_SUFFIXES)}); they keep their class index but have no rows.",
+                stacklevel=2,
             )
         folder_names = [p.name for p in class_dirs]
         is_wordnet = all(WNID_PATTERN.match(name) for name in folder_names)
@@ -181,7 +325,9 @@ class HFImageDataset:
 
     def load(self, index: int) -> Image.Image:
         try:
-            return self.dataset[index][self.image_key].convert("RGB")
+            return to_rgb(self.dataset[index][self.image_key])
+        except Image.DecompressionBombError as err:
+            raise UnreadableImageError(f"Cannot read image {index}: {err}") from err
         except (OSError, ValueError, SyntaxError) as err:
             raise UnreadableImageError(f"Cannot read image {index}: {err}") from err
 

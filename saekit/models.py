@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import transformers
-from PIL import Image
+
+from saekit.data import as_pil_images
 
 #: transformers ``model_type`` values load_encoder understands, mapped to saekit's family name.
 SUPPORTED_MODEL_TYPES = {
@@ -36,15 +41,98 @@ SUPPORTED_MODEL_TYPES = {
     "resnet": "resnet",
 }
 
+#: Config keys that name or tune a checkpoint without changing what its layers compute.
+_CONFIG_NOISE = {
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "use_return_dict",
+    "use_cache",
+    "torchscript",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "finetuning_task",
+}
+#: Values per tensor that the weights fingerprint reads (tensors up to this size are read whole).
+WEIGHT_SAMPLE = 1 << 16
+
+_LAYERS_HELP = (
+    "'all', comma-separated indices such as 0,5,11 (negative count from the end, -1 = last) "
+    "or ranges such as 3-5"
+)
 
 
 class EncoderLoadError(ValueError):
     """The model id or folder could not be loaded; the message says what was tried."""
 
 
+def parse_layers(text: str) -> str | list[int]:
+    """``"all"``, or the indices a layer string names: ``"0,5,11"``, ``"-1"``, ``"3-5"`` (an
+    inclusive range), or a mix (``"0,3-5,-1"``). Raises ValueError saying what is accepted."""
+    text = text.strip()
+    if text == "all":
+        return "all"
+    layers: list[int] = []
+    items = [item.strip() for item in text.split(",")]
+    if not text or not all(items):
+        raise ValueError(f"layers {text!r} names no layer: give {_LAYERS_HELP}.")
+    for item in items:
+        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", item)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if lo > hi:
+                raise ValueError(f"layer range {item!r} runs backwards; write {hi}-{lo}.")
+            layers.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"-?\d+", item):
+            layers.append(int(item))
+        else:
+            raise ValueError(f"cannot read layer {item!r} in {text!r}: give {_LAYERS_HELP}.")
+    return layers
+
+
+class LayerDict(dict):
+    """``{layer: tensor}`` keyed by non-negative layer index that also answers to the negative
+    index naming the same layer (``out.cls[-1]`` is ``out.cls[n_layers - 1]``).
+
+    Keys are always the resolved, non-negative indices (what a store's manifest lists).
+    """
+
+    def __init__(self, n_layers: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_layers = n_layers
+
+    def _resolve(self, key: Any) -> Any:
+        if isinstance(key, int | np.integer) and key < 0 and self.n_layers is not None:
+            return int(key) + self.n_layers
+        return key
+
+    def __missing__(self, key: Any) -> Any:
+        resolved = self._resolve(key)
+        if resolved != key and dict.__contains__(self, resolved):
+            return dict.__getitem__(self, resolved)
+        raise KeyError(f"layer {key} was not computed; this output holds layers {sorted(self)}")
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, self._resolve(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
 @dataclass
 class EncoderOutput:
-    """What one forward pass returns, keyed by layer index."""
+    """What one forward pass returns, keyed by layer index.
+
+    Layers are keyed by their non-negative index; a negative index the caller asked for (``-1``)
+    looks up the same entry, so ``out.cls[-1]`` works and ``list(out.cls)`` shows the index it
+    resolved to.
+    """
 
     cls: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per layer: the CLS token (or a CNN stage's pooled vector), ``[B, D]``."""
@@ -126,9 +214,21 @@ class Encoder:
 
     @property
     def config_hash(self) -> str:
-        """A short hash of the model config: tells stores made by different models apart."""
-        text = self.model.config.to_json_string(use_diff=False)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """A short hash of what in the model config determines its activations (not where it
+        was loaded from: ``_name_or_path``, versions and label names are left out)."""
+        return config_fingerprint(self.model.config)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What determines this encoder's activations: family, config, image processor and a
+        fingerprint of the weights' content (`weights_fingerprint`). Two loads of one
+        checkpoint agree however its path was spelled; cheap (no forward pass)."""
+        return {
+            "family": self.family,
+            "config": self.config_hash,
+            "processor": processor_fingerprint(self.processor),
+            "weights": weights_fingerprint(self.model),
+        }
 
     @property
     def device(self) -> torch.device:
@@ -146,15 +246,25 @@ class Encoder:
         return size[0] // factor, size[1] // factor
 
     def resolve_layers(self, layers: str | int | Sequence[int] | None) -> list[int]:
-        """Turn "all", an int, "0,5,11" or a list (negatives count from the end) into indices."""
-        if layers is None or layers == "all":
+        """Turn "all", an int, a string (`parse_layers`: "0,5,11", "-1", "3-5") or a list into
+        sorted, distinct, non-negative indices (negatives count from the end; a layer named
+        twice, e.g. as 2 and -1 of three, is computed once)."""
+        if layers is None:
             return list(range(self.n_layers))
         if isinstance(layers, str):
-            layers = [int(part) for part in layers.split(",") if part.strip()]
-        if isinstance(layers, int):
-            layers = [layers]
+            layers = parse_layers(layers)
+            if layers == "all":
+                return list(range(self.n_layers))
+        if isinstance(layers, int | np.integer) and not isinstance(layers, bool):
+            layers = [int(layers)]
+        layers = list(layers)
+        if not layers:
+            raise ValueError(f"No layers asked for: give {_LAYERS_HELP}.")
         resolved = []
         for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+                raise TypeError(f"Layer indices are integers, not {layer!r}.")
+            layer = int(layer)
             index = layer + self.n_layers if layer < 0 else layer
             if not 0 <= index < self.n_layers:
                 raise IndexError(
@@ -165,9 +275,12 @@ class Encoder:
             resolved.append(index)
         return sorted(set(resolved))
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images -> ``pixel_values [B, 3, H, W]`` with the model's own processor."""
-        rgb = [image.convert("RGB") for image in images]
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Images -> ``pixel_values [B, 3, H, W]`` with the model's own processor.
+
+        ``images`` is anything `as_pil_images` accepts (PIL images, paths, uint8 or [0, 1] float
+        tensors and arrays, one or a batch)."""
+        rgb = as_pil_images(images)
         pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
         # Transformers cast inputs themselves; a CNN's first conv does not, so match its dtype.
         return pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
@@ -195,7 +308,13 @@ class Encoder:
         finally:
             if self.model.config._attn_implementation != previous:
                 self.model.set_attn_implementation(previous)
-        result = EncoderOutput(attentions={} if attentions else None)
+        n = self.n_layers
+        result = EncoderOutput(
+            cls=LayerDict(n),
+            patches=LayerDict(n),
+            attentions=LayerDict(n) if attentions else None,
+            grids=LayerDict(n),
+        )
         if self.family == "resnet":
             # hidden_states[0] is the stem; stage i is hidden_states[i + 1], shaped [B, C, H, W].
             for layer in layer_ids:
@@ -218,11 +337,17 @@ class Encoder:
 
     def __call__(
         self,
-        images: Sequence[Image.Image],
+        images: Any,
         layers: str | int | Sequence[int] | None = "all",
         attentions: bool = False,
     ) -> EncoderOutput:
-        """Every requested layer's CLS and patch tokens for a batch of PIL images."""
+        """Every requested layer's CLS and patch tokens for a batch of images.
+
+        ``images``: a PIL image or a list of them, a file path or a list of paths, or a uint8
+        (0-255) / float ([0, 1]) tensor ``[B, 3, H, W]`` / ``[3, H, W]`` (numpy arrays in image
+        layout ``[B, H, W, 3]`` / ``[H, W, 3]``). ``layers``: see `resolve_layers`; the output is
+        keyed by the resolved index and also answers to the negative one asked for.
+        """
         with torch.inference_mode():
             return self.forward_pixels(self.preprocess(images), layers, attentions)
 
@@ -231,6 +356,50 @@ class Encoder:
             f"Encoder({self.model_id!r}, family={self.family}, layers={self.n_layers}, "
             f"d_model={self.d_model}, grid={self.grid})"
         )
+
+
+def _strip_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _strip_config(v)
+            for k, v in sorted(value.items())
+            if not k.startswith("_") and k not in _CONFIG_NOISE
+        }
+    if isinstance(value, list | tuple):
+        return [_strip_config(v) for v in value]
+    return value
+
+
+def config_fingerprint(config: transformers.PretrainedConfig) -> str:
+    """A short hash of what in a model config determines its activations: every field except
+    where it was loaded from (``_name_or_path``), versions, dtype and classification labels."""
+    text = json.dumps(_strip_config(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """A short hash of an image processor's settings (resize, crop, normalisation)."""
+    text = json.dumps(_strip_config(processor.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module, sample: int = WEIGHT_SAMPLE) -> str:
+    """A short hash of a model's weights: every tensor's name, shape and dtype, and its values
+    (whole up to `sample` values, else `sample` values spread evenly over it).
+
+    Two checkpoints that differ anywhere in training differ in every sampled slice, and the
+    fingerprint costs milliseconds where hashing gigabytes of weights would take seconds.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > sample:
+            picks = torch.linspace(0, flat.numel() - 1, sample, dtype=torch.float64).long()
+            flat = flat[picks.to(flat.device)]
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _processed_size(processor: transformers.BaseImageProcessor) -> tuple[int, int]:

@@ -25,9 +25,10 @@ D = 16
 
 def _members(arch):
     """Two SAEs of one architecture with different λ / k and perturbed (non-trivial) weights."""
+    k_arch = arch in ("topk", "batchtopk")
     specs = [
-        SAESpec(arch=arch, d_in=D, expansion=4, l1=0.3, k=5, seed=1),
-        SAESpec(arch=arch, d_in=D, expansion=4, l1=0.7, k=3, seed=2),
+        SAESpec(arch=arch, d_in=D, expansion=4, seed=seed, **({"k": k} if k_arch else {"l1": l1}))
+        for seed, l1, k in ((1, 0.3, 5), (2, 0.7, 3))
     ]
     saes = [build_training_sae(s) for s in specs]
     gen = torch.Generator().manual_seed(0)
@@ -149,6 +150,15 @@ def test_bad_specs_are_reported():
     assert SAESpec(arch="standard", d_in=4).resolved().arch == "relu"
     with pytest.raises(ValueError, match="d_sae=8"):
         build_training_sae(SAESpec(arch="topk", d_in=4, expansion=2, k=9))
+    # A sparsity setting of the other kind would be ignored: it is refused instead.
+    with pytest.raises(ValueError, match="k = 8 does not apply to a relu SAE"):
+        SAESpec(arch="relu", d_in=4, k=8).resolved()
+    with pytest.raises(ValueError, match="does not apply to a topk SAE"):
+        SAESpec(arch="topk", d_in=4, l1=3.0).resolved()
+    with pytest.raises(ValueError, match="does not apply to a batchtopk SAE"):
+        _ = SAESpec(arch="batchtopk", d_in=4, l1=3.0).label
+    resolved = SAESpec(arch="topk", d_in=4, k=2).resolved()
+    assert resolved.resolved() == resolved  # resolving twice is harmless
 
 
 def test_unsupported_saelens_options_are_refused():

@@ -19,6 +19,7 @@ from saekit.sae import (
     train_on_tensor,
     train_sae,
 )
+from saekit.sae.checkpoint import CheckpointMismatchError
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
 from saekit.sae.train import CHECKPOINT_FILE
 
@@ -193,8 +194,25 @@ def test_a_checkpoint_of_another_sweep_is_not_resumed(tmp_path):
         checkpoint_every=5,
         progress=False,
     )
-    with pytest.raises(ValueError, match="different sweep"):
+    with pytest.raises(CheckpointMismatchError, match="other settings .the list of SAEs"):
         sweep(SWEEP_SPECS[1:2], _layer_batches(data), 16, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_a_checkpoint_is_resumed_only_under_the_run_settings_it_recorded(tmp_path):
+    data = _two_layer_data()
+    kwargs = dict(checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    first = sweep(SWEEP_SPECS[:1], _layer_batches(data), 16, run={"data_seed": 0}, **kwargs)
+    with pytest.raises(CheckpointMismatchError, match="data_seed: checkpoint 0, this run 1"):
+        sweep(SWEEP_SPECS[:1], _layer_batches(data), 16, run={"data_seed": 1}, **kwargs)
+    with pytest.raises(CheckpointMismatchError, match="epochs: checkpoint 2, this run 3"):
+        sweep(SWEEP_SPECS[:1], _layer_batches(data), 16, epochs=3, run={"data_seed": 0}, **kwargs)
+    # The same run resumes from the finished state (no step is retrained) to the same weights.
+    steps = []
+    again = sweep(
+        SWEEP_SPECS[:1], _layer_batches(data), 16, run={"data_seed": 0},
+        on_step=lambda record: steps.append(record["step"]), **kwargs,
+    )  # fmt: skip
+    assert steps == [] and torch.equal(again[0].W_dec, first[0].W_dec)
 
 
 # --- bad input -------------------------------------------------------------------------------------

@@ -106,6 +106,17 @@ class SAESpec:
         """The spec with the recipe looked up and every default filled in."""
         recipe = get_recipe(self.recipe)
         arch = canonical_arch(self.arch)
+        # A sparsity setting of the other kind would be silently ignored: refuse it.
+        if arch in K_ARCHS and self.l1 is not None:
+            raise ValueError(
+                f"l1 (λ = {self.l1}) does not apply to a {arch} SAE, whose sparsity is k active "
+                "latents: drop l1 (--l1) and set k, or choose relu, gated or jumprelu"
+            )
+        if arch not in K_ARCHS and self.k is not None:
+            raise ValueError(
+                f"k = {self.k} does not apply to a {arch} SAE, whose sparsity is the coefficient "
+                "λ: drop k (--k) and set l1, or choose topk or batchtopk"
+            )
         expansion = self.expansion if self.expansion is not None else recipe.expansion
         if arch in K_ARCHS:
             k = self.k if self.k is not None else recipe.k

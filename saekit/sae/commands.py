@@ -1,35 +1,13 @@
-"""The ``saekit train`` and ``saekit sweep`` subcommands (``saekit.cli`` calls :func:`register`).
+"""The bodies of ``saekit train`` and ``saekit sweep``, and the sweep file parser.
+
+The argument parsers live in `saekit.cli` (built without importing torch, so ``saekit -h`` is
+instant); their handlers call :func:`run_train` and :func:`run_sweep` here.
 
 ``saekit train --store DIR --layer L --arch topk --k 32 --expansion 8 --recipe stevens2025 --out DIR``
-trains one SAE and saves it, SAELens style, into ``--out``.
+trains one SAE and saves it, SAELens style, into ``--out`` (`saekit.sae.train.train_to_folder`).
 
-``saekit sweep SWEEP.toml`` trains every SAE the file lists in one pass over the store. The file
-(read with tomllib, Python >= 3.11)::
-
-    store = "runs/acts/dinov2"        # activation store folder
-    out = "runs/saes/dinov2-sweep"    # one folder per SAE, plus sweep.json
-    recipe = "olson2025"              # recipe of every SAE unless an entry names another
-    tokens = "cls"                    # "cls" or "patch"
-    # optional: batch_size = 64, epochs = 3, data_seed = 0, checkpoint_every = 1000,
-    #           device = "cpu"
-
-    [recipe_overrides]                # optional: change fields of the recipe(s)
-    lr = 3e-4
-
-    [grid]                            # every combination becomes one SAE
-    layer = [3, 7, 11]
-    arch = ["relu", "gated", "topk"]
-    expansion = [8, 16]
-    l1 = [0.5, 10.0]                  # λ values, for relu / gated / jumprelu
-    k = [16, 32]                      # k values, for topk / batchtopk
-
-    [[sae]]                           # extra SAEs; any SAESpec field
-    layer = 11
-    arch = "batchtopk"
-    k = 64
-
-The grid above is 3 layers × (2 λ for relu + 2 λ for gated + 2 k for topk) × 2 expansions = 36
-SAEs, plus the one listed under ``[[sae]]``. An interrupted sweep resumes when run again.
+``saekit sweep SWEEP.toml`` trains every SAE the file lists in one pass over the store (read
+with tomllib; the format is `saekit.cli.SWEEP_FORMAT`, shown by ``saekit sweep -h``).
 """
 
 from __future__ import annotations
@@ -41,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saekit.sae.architectures import ARCH_ALIASES, ARCHITECTURES, K_ARCHS, SAESpec, canonical_arch
-from saekit.sae.recipes import RECIPES, get_recipe
+from saekit.sae.architectures import K_ARCHS, SAESpec, canonical_arch
+from saekit.sae.recipes import get_recipe
 
 #: Keys allowed in a sweep file's ``[grid]`` table.
 GRID_KEYS = ("layer", "arch", "expansion", "l1", "k", "seed", "recipe")
@@ -85,7 +63,7 @@ class SweepConfig:
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
-    """Parse a sweep TOML file (format in this module's docstring) into a :class:`SweepConfig`."""
+    """Parse a sweep TOML file (format: `saekit.cli.SWEEP_FORMAT`) into a :class:`SweepConfig`."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -149,52 +127,7 @@ def _spec(fields: dict[str, Any], recipe_of: Any, base: str) -> SAESpec:
     return SAESpec(**{k: v for k, v in fields.items() if v is not None})
 
 
-# --- argparse ---------------------------------------------------------------------------------
-
-
-def register(subparsers: Any) -> None:
-    """Add ``train`` and ``sweep`` to an ``argparse`` subparsers object."""
-    arch_names = sorted(ARCHITECTURES) + sorted(ARCH_ALIASES)
-    train = subparsers.add_parser(
-        "train",
-        help="train one SAE on one layer of an activation store",
-        description="Train one SAE on one layer of an activation store and save it SAELens style.",
-    )
-    train.add_argument("--store", required=True, help="activation store folder")
-    train.add_argument("--layer", required=True, type=_layer, help="layer of the store")
-    train.add_argument("--arch", default="relu", choices=arch_names, help="SAE architecture")
-    train.add_argument("--k", type=float, help="active latents (topk, batchtopk)")
-    train.add_argument("--l1", type=float, help="sparsity coefficient λ (relu, gated, jumprelu)")
-    train.add_argument("--expansion", type=int, help="d_sae / d_in (default: the recipe's)")
-    train.add_argument(
-        "--recipe", default="olson2025", choices=sorted(RECIPES), help="training recipe"
-    )
-    train.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    train.add_argument("--out", required=True, help="folder to save the SAE in")
-    train.add_argument("--tokens", default="cls", choices=["cls", "patch"], help="which tokens")
-    train.add_argument("--batch-size", type=int, help="minibatch size (default: the recipe's)")
-    train.add_argument("--epochs", type=int, help="passes over the store (default: the recipe's)")
-    train.add_argument("--seed", type=int, default=0, help="weight-init seed")
-    train.add_argument("--data-seed", type=int, default=0, help="store shuffling seed")
-    train.add_argument(
-        "--checkpoint-every", type=int, default=1000, help="steps between checkpoints"
-    )
-    train.add_argument("--device", default="cpu", help="torch device")
-    train.set_defaults(handler=run_train)
-
-    sweep = subparsers.add_parser(
-        "sweep",
-        help="train many SAEs in one pass over an activation store",
-        description="Train every SAE a sweep TOML file lists in one pass over a store.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sweep.add_argument("config", help="sweep TOML file (see `saekit.sae.commands`)")
-    sweep.set_defaults(handler=run_sweep)
-
-
-def _layer(text: str) -> int | str:
-    return int(text) if text.lstrip("-").isdigit() else text
+# --- command bodies ---------------------------------------------------------------------------
 
 
 def _open_store(path: str) -> Any:
@@ -205,8 +138,7 @@ def _open_store(path: str) -> Any:
 
 def run_train(args: argparse.Namespace) -> int:
     """Body of ``saekit train``."""
-    from saekit.sae.architectures import save_sae
-    from saekit.sae.train import CHECKPOINT_FILE, train_from_store
+    from saekit.sae.train import train_to_folder
 
     recipe = get_recipe(args.recipe, **({"lr": args.lr} if args.lr is not None else {}))
     spec = SAESpec(
@@ -218,30 +150,34 @@ def run_train(args: argparse.Namespace) -> int:
         recipe=recipe,
         seed=args.seed,
     )
-    out = Path(args.out)
-    checkpoint_dir = out / ".checkpoint"
-    sae = train_from_store(
+    spec.resolved()  # a spec that cannot be trained fails before the store is opened
+    sae, trained = train_to_folder(
         _open_store(args.store),
         spec,
+        args.out,
+        overwrite=args.overwrite,
         tokens=args.tokens,
         batch_size=args.batch_size,
         epochs=args.epochs,
         seed=args.data_seed,
-        checkpoint_dir=checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
     )
-    save_sae(sae, out)
-    (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    print(f"saved {sae.cfg.metadata.saekit['name']} to {out}")
+    name = sae.cfg.metadata.saekit["name"]
+    if trained:
+        print(f"saved {name} to {args.out}")
+    else:
+        print(f"{args.out} already holds {name} trained with these settings; nothing to do")
     return 0
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     """Body of ``saekit sweep``."""
-    from saekit.sae.train import sweep_from_store
+    from saekit.sae.train import SWEEP_MANIFEST, sweep_from_store
 
     cfg = load_sweep_config(args.config)
+    manifest = Path(cfg.out) / SWEEP_MANIFEST
+    before = manifest.read_bytes() if manifest.exists() else None
     sweep_from_store(
         _open_store(cfg.store),
         cfg.specs,
@@ -252,6 +188,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         out_dir=cfg.out,
         checkpoint_every=cfg.checkpoint_every,
         device=cfg.device,
+        overwrite=getattr(args, "overwrite", False),
     )
-    print(f"saved {len(cfg.specs)} SAEs to {cfg.out} (listed in {Path(cfg.out) / 'sweep.json'})")
+    # A finished sweep with the same settings is loaded, not retrained: its manifest is untouched.
+    if before is not None and manifest.read_bytes() == before:
+        print(f"{cfg.out} already holds these {len(cfg.specs)} SAEs; nothing to do")
+    else:
+        print(f"saved {len(cfg.specs)} SAEs to {cfg.out} (listed in {manifest})")
     return 0

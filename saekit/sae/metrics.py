@@ -9,6 +9,11 @@ Definitions (papers 000 §3.4, 003 §3.2, 002 Table 1):
   inputs (paper 002's "Dense" column);
 * the activation-frequency histogram is over log10 of each latent's firing frequency.
 
+Rows holding NaN/Inf would turn every number into ``nan``: `evaluate` refuses them by default
+(naming the rows) or, with ``on_nonfinite="skip"``, leaves them out and counts them
+(``SAEMetrics.n_skipped``). A store's array is checked against the SAE's metadata first (model,
+layer, token kind; `saekit.sae.codes.check_sae_matches_acts`).
+
 By default errors are measured on the raw activations the SAE encodes. SAEs trained with input
 normalisation (stevens2025) can also be scored in the normalised space they were trained in
 (``normalized=True``), which is the space paper 002's MSE column refers to.
@@ -25,7 +30,12 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from saekit.sae.codes import check_width, read_rows
+from saekit.sae.codes import (
+    NonFiniteActivationsError,
+    check_sae_matches_acts,
+    nonfinite_rows,
+    read_rows,
+)
 
 
 @dataclass
@@ -47,7 +57,9 @@ class SAEMetrics:
     frequencies: np.ndarray
     """Per-latent firing frequency on the evaluation set, [S]."""
     n_rows: int
-    """Number of evaluation inputs."""
+    """Number of evaluation inputs scored."""
+    n_skipped: int = 0
+    """Inputs left out because they held NaN/Inf (``on_nonfinite="skip"``)."""
 
     def row(self) -> dict[str, float]:
         """The paper 002 table row: MSE | L0 | Dead | Dense."""
@@ -63,11 +75,17 @@ def evaluate(
     dense_threshold: float = 0.01,
     normalized: bool = False,
     progress: bool = False,
+    on_nonfinite: str = "raise",
 ) -> SAEMetrics:
-    """Score ``sae`` on raw activations ``[N, D]`` (a tensor or a memmap, read in chunks)."""
-    check_width(sae, acts_ND.shape[-1])
-    n = len(acts_ND)
-    if n == 0:
+    """Score ``sae`` on raw activations ``[N, D]`` (a tensor or a memmap, read in chunks).
+
+    Rows holding NaN/Inf raise `NonFiniteActivationsError` (``on_nonfinite="raise"``) or are
+    left out and counted in ``n_skipped`` (``"skip"``).
+    """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
+    check_sae_matches_acts(sae, acts_ND)
+    if len(acts_ND) == 0:
         raise ValueError("no evaluation activations")
     scale = _normalization_scale(sae) if normalized else 1.0
     device = sae.W_dec.device
@@ -75,8 +93,24 @@ def evaluate(
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     x_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     x_sq = 0.0
-    for start in tqdm(range(0, n, batch_size), desc="evaluating", disable=not progress):
+    n = 0
+    skipped: list[int] = []
+    for start in tqdm(range(0, len(acts_ND), batch_size), desc="evaluating", disable=not progress):
         x = read_rows(acts_ND, start, start + batch_size)
+        bad = nonfinite_rows(x)
+        if len(bad):
+            rows = (bad + start).tolist()
+            if on_nonfinite == "raise":
+                raise NonFiniteActivationsError(
+                    f"{len(rows)} evaluation row(s) hold NaN/Inf (rows {rows[:10]}); drop them "
+                    "or pass on_nonfinite='skip' to leave them out."
+                )
+            skipped.extend(rows)
+            keep = torch.ones(len(x), dtype=torch.bool)
+            keep[bad] = False
+            x = x[keep]
+        if not len(x):
+            continue
         x = x.to(device, torch.float32)
         codes = sae.encode(x)
         err = (sae.decode(codes) - x).double() * scale
@@ -88,6 +122,11 @@ def evaluate(
         xs = x.double() * scale
         x_sum += xs.sum(0).cpu()
         x_sq += xs.pow(2).sum().item()
+        n += len(x)
+    if n == 0:
+        raise NonFiniteActivationsError(
+            f"all {len(acts_ND)} evaluation rows hold NaN/Inf: nothing to score"
+        )
     total_var = x_sq - x_sum.pow(2).sum().item() / n
     freqs = (counts / n).numpy()
     return SAEMetrics(
@@ -99,6 +138,7 @@ def evaluate(
         n_dense=int((freqs > dense_threshold).sum()),
         frequencies=freqs,
         n_rows=n,
+        n_skipped=len(skipped),
     )
 
 

@@ -1,0 +1,461 @@
+"""The SAE training loop: one SAE or a sweep of many in a single pass over the data.
+
+The trainer never touches an activation store: it consumes a callable ``batches(epoch)`` that
+returns the epoch's minibatches, each either a tensor ``[B, D]`` (every SAE reads it) or a dict
+``{layer: tensor [B, D]}`` with the same rows in every layer (each SAE reads its ``layer``).
+Calling it again with the same epoch must give the same batches in the same order; that is what
+makes a resumed run equal an uninterrupted one. `saekit.sae.train.train_from_store` and
+`saekit.sae.train.sweep_from_store` build that callable from an activation store.
+
+Each batch is read once and fed to every SAE. SAEs that share architecture, shape and recipe are
+trained as one stacked module (:mod:`saekit.sae.stacked`: one ``bmm`` forward and backward and
+one fused Adam update for all of them), so the per-step overheads are paid once per group rather
+than once per SAE. With the same seed and batch order, every SAE of a sweep ends where it would
+have ended trained alone (``benchmarks/train.py`` measures the speed against SAELens).
+
+With a checkpoint folder, the run is resumable (`saekit.sae.checkpoint`): the folder is checked
+for writability and locked before any work, a checkpoint is written every ``checkpoint_every``
+steps and once more at the end, and a checkpoint is resumed only by the run that wrote it (same
+SAEs, schedule and ``run`` settings such as the data seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sae_lens import SAE
+from tqdm.auto import tqdm
+
+import saekit
+from saekit.durable import check_writable, folder_lock
+from saekit.sae.architectures import SAESpec, build_training_sae, to_inference
+from saekit.sae.checkpoint import CHECKPOINT_FILE, load_state, read_checkpoint, write_checkpoint
+from saekit.sae.codes import NonFiniteActivationsError
+from saekit.sae.recipes import (
+    InputNormalizer,
+    Recipe,
+    remove_parallel_grad_,
+    renormalize_decoder_,
+)
+from saekit.sae.stacked import StackedSAEs
+
+#: ``batches(epoch)`` -> that epoch's minibatches: tensors [B, D] or dicts {layer: [B, D]}.
+BatchSource = Callable[[int], Iterable[Any]]
+
+
+@dataclass
+class _Group:
+    """SAEs trained as one stacked module: same architecture, shape and recipe."""
+
+    recipe: Recipe
+    """The recipe every member follows."""
+    members: list[int]
+    """Indices of the members in the sweep's spec list, in stacking order."""
+    model: StackedSAEs
+    """The members' weights, stacked."""
+    optimizer: torch.optim.Adam
+    """One Adam over the stacked weights (element-wise, so per member)."""
+    since_fired_nS: torch.Tensor
+    """Steps since each latent last fired, per member [n, S]."""
+
+
+def tensor_batches(acts_ND: torch.Tensor, batch_size: int, seed: int = 0) -> BatchSource:
+    """``batches(epoch)`` over rows held in memory: every row once per epoch, in an order fixed
+    by (seed, epoch) alone, so a resumed or repeated run sees the same batches."""
+
+    def batches(epoch: int) -> Iterable[torch.Tensor]:
+        # SeedSequence mixes the pair, so (seed 0, epoch 1) and (seed 1, epoch 0) differ.
+        mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        order = torch.randperm(len(acts_ND), generator=torch.Generator().manual_seed(mixed))
+        for start in range(0, len(acts_ND), batch_size):
+            yield acts_ND[order[start : start + batch_size]]
+
+    return batches
+
+
+def train_on_tensor(
+    spec: SAESpec,
+    acts_ND: torch.Tensor | np.ndarray,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> SAE:
+    """Train one SAE on an in-memory ``[N, D]`` matrix (text tokens, LLaVA responses, ...)
+    rather than an activation store; batch size defaults to the spec's recipe. Keyword
+    arguments as for :func:`sweep`."""
+    acts_ND = torch.as_tensor(acts_ND, dtype=torch.float32)
+    if acts_ND.ndim != 2 or len(acts_ND) < 2:
+        raise ValueError(
+            f"Expected activations [N, D] with N >= 2, got shape {tuple(acts_ND.shape)}."
+        )
+    spec = dataclasses.replace(spec, d_in=acts_ND.shape[1]).resolved()
+    batch_size = batch_size or spec.recipe.batch_size
+    steps = math.ceil(len(acts_ND) / batch_size)
+    return train_sae(spec, tensor_batches(acts_ND, batch_size, seed), steps, **kwargs)
+
+
+def train_sae(spec: SAESpec, batches: BatchSource, steps_per_epoch: int, **kwargs: Any) -> SAE:
+    """Train one SAE; keyword arguments as for :func:`sweep`."""
+    return sweep([spec], batches, steps_per_epoch, **kwargs)[0]
+
+
+def sweep(
+    specs: Sequence[SAESpec],
+    batches: BatchSource,
+    steps_per_epoch: int,
+    *,
+    epochs: int | None = None,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = True,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    run: Mapping[str, Any] | None = None,
+) -> list[SAE]:
+    """Train every spec in one pass over ``batches``; returns SAELens SAEs in spec order.
+
+    ``steps_per_epoch`` is the number of batches each epoch yields (it fixes the schedules);
+    ``epochs`` defaults to the recipes' (which must then agree). With ``checkpoint_dir`` a
+    checkpoint is written every ``checkpoint_every`` steps and, when ``resume`` is true, an
+    existing checkpoint of the same sweep is picked up where it stopped. ``metadata`` is stored
+    with each SAE (under ``cfg.metadata.saekit``). ``on_step``, if given, is called after every
+    step with ``{"step", "epoch", "lr", "sparsity", "mse"}`` (``lr``/``sparsity``: the values
+    each SAE's update used; ``mse``: its reconstruction error), e.g. to plot loss curves.
+    ``run`` names what else determines the result (the data's identity, the data-order seed,
+    ...): it is recorded in checkpoints, and a checkpoint written under other ``run`` values is
+    refused rather than resumed. The checkpoint folder is checked for writability and locked
+    against a second trainer before any work starts.
+    """
+    specs = [_resolve(spec) for spec in specs]
+    labels = [spec.label for spec in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two SAEs in one sweep share a name: {labels}; set SAESpec.name")
+    epochs = _common(specs, "epochs") if epochs is None else epochs
+    total = steps_per_epoch * epochs
+    if total <= 0:
+        raise ValueError(f"nothing to train: steps_per_epoch={steps_per_epoch}, epochs={epochs}")
+    device = torch.device(device)
+    ckpt = None
+    lock: Any = contextlib.nullcontext()
+    if checkpoint_dir is not None:
+        checkpoint_dir = check_writable(checkpoint_dir, "checkpoint")
+        ckpt = checkpoint_dir / CHECKPOINT_FILE
+        lock = folder_lock(checkpoint_dir, f"training {len(specs)} SAE(s)")
+    with lock:
+        saved = None
+        if ckpt is not None and resume and ckpt.exists():
+            saved = read_checkpoint(ckpt, specs, steps_per_epoch, epochs, run)
+            normalizers = saved["normalizers"]
+            b_dec_init: dict[int, torch.Tensor] = {}
+        else:
+            normalizers, b_dec_init = _fit_inputs(specs, batches)
+        groups = _build_groups(specs, b_dec_init, device)
+        step = 0
+        if saved is not None:
+            load_state(groups, saved["tensors"], device)
+            step = saved["step"]
+
+        pbar = tqdm(
+            total=total, initial=step, desc=f"training {len(specs)} SAE(s)", disable=not progress
+        )
+        for epoch in range(step // steps_per_epoch, epochs):
+            stream = iter(batches(epoch))
+            position = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch: skip those
+            for batch in itertools.islice(stream, position, steps_per_epoch):
+                inputs = _inputs(batch, specs, normalizers, device, epoch, position)
+                mse = [_train_step(g, _stack(inputs, g.members), step, total) for g in groups]
+                if on_step is not None:
+                    on_step(_step_record(step, epoch, total, groups, mse, labels, specs))
+                step += 1
+                position += 1
+                pbar.update(1)
+                if progress and step % 50 == 0:
+                    pbar.set_postfix(mse=f"{torch.cat(mse).mean().item():.4g}")
+                if ckpt is not None and step % checkpoint_every == 0 and step < total:
+                    write_checkpoint(
+                        ckpt, step, specs, steps_per_epoch, epochs, groups, normalizers, run
+                    )
+            _check_epoch_length(stream, position, steps_per_epoch, epoch)
+        pbar.close()
+        if ckpt is not None and (saved is None or saved["step"] < total):
+            # The finished state too: a crash while the caller saves the SAEs costs no retraining.
+            write_checkpoint(ckpt, total, specs, steps_per_epoch, epochs, groups, normalizers, run)
+
+        info = {"epochs": epochs, "steps": total, **(metadata or {})}
+        return [_export(groups, i, spec, normalizers, info) for i, spec in enumerate(specs)]
+
+
+def _step_record(
+    step: int,
+    epoch: int,
+    total: int,
+    groups: list[_Group],
+    mse: list[torch.Tensor],
+    labels: list[str],
+    specs: Sequence[SAESpec],
+) -> dict[str, Any]:
+    """What ``on_step`` receives: the lr and λ each SAE's update used, and its MSE."""
+    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": {}, "sparsity": {}, "mse": {}}
+    for group, mse_n in zip(groups, mse, strict=True):
+        lr = group.optimizer.param_groups[0]["lr"]
+        for j, i in enumerate(group.members):
+            coef = specs[i].l1 if specs[i].l1 is not None else 0.0
+            record["lr"][labels[i]] = lr
+            record["sparsity"][labels[i]] = coef * group.recipe.sparsity_at(step, total)
+            record["mse"][labels[i]] = mse_n[j].item()
+    return record
+
+
+def _check_epoch_length(stream: Any, seen: int, steps_per_epoch: int, epoch: int) -> None:
+    """The schedules assume ``steps_per_epoch`` batches per epoch; say so when that is wrong."""
+    if seen == steps_per_epoch and next(stream, None) is None:
+        return
+    amount = f"more than {steps_per_epoch}" if seen == steps_per_epoch else str(seen)
+    raise ValueError(
+        f"batches({epoch}) yielded {amount} batches but steps_per_epoch is {steps_per_epoch}; "
+        "pass the number of batches one epoch really has"
+    )
+
+
+# --- set-up ---------------------------------------------------------------------------------
+
+
+def _resolve(spec: SAESpec) -> SAESpec:
+    spec = spec.resolved()
+    if spec.d_in is None:
+        raise ValueError(
+            f"SAESpec {spec.label!r} has no d_in; set it to the activations' width "
+            "(or use train_from_store / sweep_from_store, which read it from the store)"
+        )
+    return spec
+
+
+def _common(specs: Sequence[SAESpec], field: str) -> Any:
+    values = {getattr(spec.recipe, field) for spec in specs}
+    if len(values) != 1:
+        raise ValueError(
+            f"the SAEs' recipes disagree on {field} ({sorted(values)}); one data pass needs one "
+            f"value: pass {field}= explicitly"
+        )
+    return values.pop()
+
+
+def _norm_key(spec: SAESpec) -> tuple[Any, float] | None:
+    recipe: Recipe = spec.recipe  # type: ignore[assignment]
+    return (spec.layer, recipe.input_norm) if recipe.normalize_inputs else None
+
+
+def _fit_inputs(
+    specs: Sequence[SAESpec], batches: BatchSource
+) -> tuple[dict[Any, InputNormalizer], dict[int, torch.Tensor]]:
+    """Estimate input normalisations and b_dec inits from the first rows of epoch 0."""
+    needs = [
+        i
+        for i, spec in enumerate(specs)
+        if spec.recipe.normalize_inputs or spec.recipe.init_b_dec_to_mean  # type: ignore[union-attr]
+    ]
+    if not needs:
+        return {}, {}
+    n_rows = max(specs[i].recipe.norm_sample_rows for i in needs)  # type: ignore[union-attr]
+    sources = {specs[i].layer for i in needs}
+    parts: dict[Any, list[torch.Tensor]] = {s: [] for s in sources}
+    seen = 0
+    for b, batch in enumerate(batches(0)):
+        split = _split(batch, specs)
+        for source in sources:
+            x = split[source].float()
+            _check_finite(x, source, 0, b)
+            parts[source].append(x)
+        seen += len(next(iter(split.values())))
+        if seen >= n_rows:
+            break
+    samples = {s: torch.cat(p)[:n_rows] for s, p in parts.items()}
+    normalizers: dict[Any, InputNormalizer] = {}
+    b_dec_init: dict[int, torch.Tensor] = {}
+    for i in needs:
+        spec = specs[i]
+        key = _norm_key(spec)
+        if key is not None and key not in normalizers:
+            normalizers[key] = InputNormalizer.fit(samples[spec.layer], key[1])
+        if spec.recipe.init_b_dec_to_mean:  # type: ignore[union-attr]
+            norm = normalizers.get(key, InputNormalizer.identity(spec.d_in))  # type: ignore[arg-type]
+            b_dec_init[i] = norm(samples[spec.layer]).double().mean(0).float()
+    return normalizers, b_dec_init
+
+
+def _build_groups(
+    specs: Sequence[SAESpec], b_dec_init: Mapping[int, torch.Tensor], device: torch.device
+) -> list[_Group]:
+    by_key: dict[Any, list[int]] = {}
+    for i, spec in enumerate(specs):
+        by_key.setdefault((spec.arch, spec.d_in, spec.d_sae, spec.recipe), []).append(i)
+    groups = []
+    for (_, _, d_sae, recipe), members in by_key.items():
+        saes = []
+        for i in members:
+            sae = build_training_sae(specs[i])
+            if i in b_dec_init:
+                with torch.no_grad():
+                    sae.b_dec.copy_(b_dec_init[i])
+            saes.append(sae)
+        model = StackedSAEs(saes).to(device)
+        optimizer = _adam(model, recipe)
+        since_fired = torch.zeros(len(members), d_sae, device=device)
+        groups.append(_Group(recipe, members, model, optimizer, since_fired))
+    return groups
+
+
+def _adam(model: StackedSAEs, recipe: Recipe) -> torch.optim.Adam:
+    """Adam with PyTorch's fused kernel where the device has one (on CPU it is ~10x faster than
+    the per-tensor loop SAELens's trainer runs); the update rule is the same."""
+    try:
+        return torch.optim.Adam(
+            model.parameters(), lr=recipe.lr, betas=recipe.adam_betas, fused=True
+        )
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.adam_betas)
+
+
+# --- one step ---------------------------------------------------------------------------------
+
+
+def _split(batch: Any, specs: Sequence[SAESpec]) -> dict[Any, torch.Tensor]:
+    """A batch as {source: tensor}; a bare tensor feeds every SAE."""
+    if isinstance(batch, Mapping):
+        missing = {spec.layer for spec in specs} - set(batch)
+        if missing:
+            raise KeyError(
+                f"SAEs want layers {sorted(map(str, missing))} but the batches carry only "
+                f"{sorted(map(str, batch))}"
+            )
+        return {spec.layer: torch.as_tensor(batch[spec.layer]) for spec in specs}
+    tensor = torch.as_tensor(batch)
+    return {spec.layer: tensor for spec in specs}
+
+
+def _check_finite(x: torch.Tensor, source: Any, epoch: int, batch_index: int) -> None:
+    if not torch.isfinite(x).all():
+        rows = (~torch.isfinite(x)).any(-1).nonzero().flatten().tolist()
+        where = "" if source is None else f" of layer {source}"
+        raise NonFiniteActivationsError(
+            f"NaN/Inf in activations{where}: epoch {epoch}, batch {batch_index}, rows {rows[:10]} "
+            "of that batch. Fix or drop those rows in the store (sweep_from_store's "
+            "check_data=True names the store rows) before training."
+        )
+
+
+def _inputs(
+    batch: Any,
+    specs: Sequence[SAESpec],
+    normalizers: Mapping[Any, InputNormalizer],
+    device: torch.device,
+    epoch: int,
+    batch_index: int,
+) -> list[torch.Tensor]:
+    """Each SAE's (normalised) input for this batch; SAEs with the same source share a tensor."""
+    split = _split(batch, specs)
+    raw: dict[Any, torch.Tensor] = {}
+    for source, x in split.items():
+        x = x.to(device=device, dtype=torch.float32)
+        _check_finite(x, source, epoch, batch_index)
+        raw[source] = x
+    prepared: dict[Any, torch.Tensor] = {}
+    out = []
+    for spec in specs:
+        x = raw[spec.layer]
+        if x.shape[-1] != spec.d_in:
+            raise ValueError(
+                f"SAE {spec.label!r} expects d_in={spec.d_in} but the activations"
+                f"{'' if spec.layer is None else f' of layer {spec.layer}'} are {x.shape[-1]} wide; "
+                "set d_in to the store's width (d_model) or pick the matching layer"
+            )
+        key = _norm_key(spec)
+        if key is None:
+            out.append(x)
+            continue
+        if key not in prepared:
+            prepared[key] = normalizers[key](x)
+        out.append(prepared[key])
+    return out
+
+
+def _stack(inputs: list[torch.Tensor], members: list[int]) -> torch.Tensor:
+    first = inputs[members[0]]
+    if all(inputs[i] is first for i in members):
+        return first.unsqueeze(0).expand(len(members), *first.shape)
+    return torch.stack([inputs[i] for i in members])
+
+
+def _train_step(group: _Group, x_nBD: torch.Tensor, step: int, total: int) -> torch.Tensor:
+    """One update of every SAE in the group; returns the per-SAE reconstruction error."""
+    recipe, model = group.recipe, group.model
+    dead_nS = group.since_fired_nS > recipe.dead_feature_window
+    out = model.forward_loss(x_nBD, recipe.sparsity_at(step, total), dead_nS)
+    out.loss_n.sum().backward()
+    with torch.no_grad():
+        group.since_fired_nS += 1
+        # codes are never negative, so "fired on some row" is a max > 0 (10x cheaper than any())
+        group.since_fired_nS[out.codes_nBS.amax(dim=1) > 0] = 0
+    if recipe.remove_parallel_grads:
+        remove_parallel_grad_(model.W_dec)
+    if recipe.max_grad_norm is not None:
+        _clip_per_member_(list(model.parameters()), recipe.max_grad_norm)
+    for param_group in group.optimizer.param_groups:
+        param_group["lr"] = recipe.lr_at(step, total)
+    group.optimizer.step()
+    group.optimizer.zero_grad(set_to_none=True)
+    if recipe.unit_norm_decoder:
+        renormalize_decoder_(model.W_dec)
+    return out.mse_n.detach()
+
+
+@torch.no_grad()
+def _clip_per_member_(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_`` applied to each member's parameters separately."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads]
+    norm_n = torch.linalg.vector_norm(torch.stack(norms), dim=0)
+    factor_n = (max_norm / (norm_n + 1e-6)).clamp(max=1.0)
+    if (factor_n < 1).any():  # multiplying by exactly 1 would change nothing
+        for g in grads:
+            g.mul_(factor_n.view(-1, *[1] * (g.dim() - 1)))
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _export(
+    groups: list[_Group],
+    index: int,
+    spec: SAESpec,
+    normalizers: Mapping[Any, InputNormalizer],
+    info: Mapping[str, Any],
+) -> SAE:
+    group = next(g for g in groups if index in g.members)
+    sae = to_inference(group.model.export(group.members.index(index)))
+    normalization: dict[str, Any] = {"folded": False}
+    key = _norm_key(spec)
+    if key is not None:
+        norm = normalizers[key]
+        norm.fold_into(sae)
+        normalization = {"folded": True, "scale": norm.scale, "input_norm": key[1]}
+    sae.cfg.metadata.saekit = {
+        "version": saekit.__version__,
+        "name": spec.label,
+        "spec": spec.to_dict(),
+        "input_normalization": normalization,
+        **info,
+    }
+    return sae
