@@ -13,8 +13,8 @@
 # SAE features would be noise. So the **mini** profile runs every chapter on a small world whose
 # truth is known.
 #
-# * **Classes** are 30 real ImageNet-1k synsets (their WordNet ids are the folder names), under
-#   10 mid-level and 5 top-level WordNet hypernyms: a few dogs, birds, fish, vehicles and
+# * **Classes** are real ImageNet-1k synsets (their WordNet ids are the folder names), under
+#   mid-level and top-level WordNet hypernyms: a few dogs, birds, fish, vehicles and
 #   instruments.
 # * **Each level of the hierarchy owns a visual factor**: the top-level group sets the shape
 #   family, the mid level a palette and texture family, the leaf the pattern frequency; position,
@@ -27,13 +27,16 @@
 #   through `from_pretrained` like any hub checkpoint.
 #
 # The ontology chapter can then check its metrics against the planted hierarchy, which no
-# ImageNet study can do. This chapter shows the world and how the ViT's layers separate it.
+# ImageNet study can do. This chapter shows the world and how the ViT's layers separate it. It is
+# the same under every profile: with `-p profile paper` it still shows the toy world, since the
+# papers' models and ImageNet take over from chapter 01 on.
 
 # %% tags=["parameters"]
 profile = "mini"
-seed = 0
-images_per_class = 20
-encoder = "toyvit"
+seed = 0  # seed of the toy world drawn for the sample figure
+images_per_class = 20  # validation images per class for the figures and probes
+encoder = "toyvit"  # encoder whose layers are shown: the toy ViT trained on the toy world
+device: str | None = None  # where the probes train; None: cuda when available, else cpu
 
 # %%
 import saekit.book
@@ -41,16 +44,21 @@ import saekit.book
 chapter = saekit.book.setup(globals())
 
 # %%
-import json
+import dataclasses
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
+from IPython.display import Markdown, display
 
-from saekit.analysis.probes import train_probe
 from saekit.analysis.widgets import switcher
-from saekit.mini.toyworld import GROUPS, LEAVES, MIDS, ToyWorld, toyvit_path
+from saekit.mini.toyworld import ToyWorld
 from saekit.mini.toyworld.figures import classes_per_group, group_separation, sample_grid
+from saekit.studies import toy_world as study
+
+settings = study.ToyWorldSettings.for_profile(**chapter.params)
+# The toy world under any profile: its images and stores are those of the mini profile.
+toy = dataclasses.replace(chapter, profile="mini")
+display(Markdown(study.world_summary()))
 
 # %% [markdown]
 # ## The planted hierarchy
@@ -58,9 +66,7 @@ from saekit.mini.toyworld.figures import classes_per_group, group_separation, sa
 # WordNet by the test suite).
 
 # %%
-pd.DataFrame([{"group": GROUPS[leaf.group].name, "mid": MIDS[leaf.mid].name,
-               "class": leaf.name, "wnid": leaf.wnid} for leaf in LEAVES]).pivot_table(
-    index=["group", "mid"], values="class", aggfunc=", ".join)
+study.hierarchy_table()
 
 # %% [markdown]
 # ## Samples, masks and shifts
@@ -68,8 +74,7 @@ pd.DataFrame([{"group": GROUPS[leaf.group].name, "mid": MIDS[leaf.mid].name,
 # the patch-features chapter), and the same scene under each shift.
 
 # %%
-world = ToyWorld(seed=seed)
-sample_grid(world, classes_per_group(1))
+sample_grid(ToyWorld(seed=settings.seed), classes_per_group(1))
 plt.show()
 
 # %% [markdown]
@@ -78,8 +83,7 @@ plt.show()
 # of this):
 
 # %%
-record = json.loads((toyvit_path() / "training.json").read_text())
-pd.DataFrame(record["results"]).T.rename(columns=lambda c: c.replace("_", " ")).round(3)
+study.training_record().round(3)
 
 # %% [markdown]
 # ## How the layers separate the planted groups
@@ -90,27 +94,24 @@ pd.DataFrame(record["results"]).T.rename(columns=lambda c: c.replace("_", " ")).
 # probes below (`saekit.analysis.probes`, trained on the train split, scored on val) are the honest number.
 
 # %%
-store = chapter.store(encoder, "val", n_per_class=images_per_class)
-train_store = chapter.store(encoder, "train")
-layers = store.layers
-cls_by_layer = {layer: np.asarray(store.cls(layer)) for layer in layers}
-group_of = np.array([leaf.group for leaf in LEAVES])
+store = toy.store(settings.encoder, "val", n_per_class=settings.images_per_class)
+train_store = toy.store(settings.encoder, "train")
+cls_by_layer = {layer: np.asarray(store.cls(layer)) for layer in store.layers}
 figure = group_separation(cls_by_layer, store.labels)
 plt.show()
 
 # %%
-rows = []
-for layer in layers:
-    for target, name in ((lambda y: y, "class"), (lambda y: group_of[y], "group")):
-        probe = train_probe(np.asarray(train_store.cls(layer)), target(train_store.labels))
-        rows.append({"layer": layer, "target": name,
-                     "accuracy": probe.accuracy(cls_by_layer[layer], target(store.labels))})
-accuracy = pd.DataFrame(rows).pivot(index="layer", columns="target", values="accuracy")
-accuracy.round(3)
+study.layer_probes(train_store, store, settings.device).round(3)
 
 # %% [markdown]
 # Explore the projection layer by layer (the widget works on the static site too):
 
 # %%
-switcher({f"layer {layer}": group_separation({layer: cls_by_layer[layer]}, store.labels)
-          for layer in layers}, "layer", control="slider")
+switcher(
+    {
+        f"layer {layer}": group_separation({layer: cls_by_layer[layer]}, store.labels)
+        for layer in store.layers
+    },
+    "layer",
+    control="slider",
+)
