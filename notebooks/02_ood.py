@@ -34,28 +34,29 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-encoders = []  # encoder families; empty: ["toyvit"] (mini) or ["dinov2", "clip"] (paper)
+encoders: list[str] | None = None  # encoder families; None: mini toyvit, paper dinov2, clip, resnet
 layer = -1  # whose CLS token the SAEs read; -1 is the last layer, as in the paper
 archs = ["relu", "topk", "gated"]  # SAE architectures
-lambdas = []  # λ of the ReLU and Gated SAEs; empty: profile default (see below)
-ks = []  # k of the TopK SAEs; empty: profile default
-expansions = []  # SAE width ÷ model width; empty: profile default
-epochs = 0  # passes over the training images; 0: profile default (mini 30, paper 3)
-lr = 0.0  # SAE learning rate; 0: profile default (mini 1e-3, paper 1e-4)
-probe_per_class = 0  # training images per class for the probes; 0: all (mini), 100 (paper)
+lambdas: list[float] | None = None  # λ of the ReLU and Gated SAEs; None: profile default
+ks: list[int] | None = None  # k of the TopK SAEs; None: profile default
+expansions: list[int] | None = None  # SAE width ÷ model width; None: profile default
+epochs: int | None = None  # passes over the training images; None: mini 30, paper 3
+lr: float | None = None  # SAE learning rate; None: mini 1e-3, paper 1e-4
+probe_per_class: int | None = None  # probes' training images per class; None: mini all, paper 100
 pre_activation = True  # also probe the pre-activation codes (paper Fig. 12)
 table1_arch = "relu"  # the SAE Table 1 reports: architecture,
 table1_sparsity = 0.5  # its λ (or k for TopK),
 table1_expansion = 8  # and its expansion
+detail_encoder: str | None = None  # the encoder Fig. 11 details; None: mini toyvit, paper resnet
 seed = 0  # seeds the SAEs' initialisation, the batch order and the probes' subsample
-device = ""  # where SAEs and probes train; empty: "cuda" when available, else "cpu"
-imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
-imagenet_val = ""  # paper profile: ImageNet-1k val folder
-imagenet_v2 = ""  # paper profile: ImageNet-V2 (matched frequency), folders named by wnid
-imagenet_sketch = ""  # paper profile: ImageNet-Sketch
-imagenet_rendition = ""  # paper profile: ImageNet-R (200 classes)
-imagenet_hard = ""  # paper profile: ImageNet-A (200 classes)
-imagenet_far_ood = ""  # paper profile: far-OOD images (e.g. OpenOOD's iNaturalist/Textures)
+device: str | None = None  # where SAEs and probes train; None: "cuda" when available, else "cpu"
+imagenet_train: str | None = None  # paper profile: ImageNet-1k train folder (a folder per wnid)
+imagenet_val: str | None = None  # paper profile: ImageNet-1k val folder
+imagenet_v2: str | None = None  # paper profile: ImageNet-V2 (matched frequency), by wnid
+imagenet_sketch: str | None = None  # paper profile: ImageNet-Sketch
+imagenet_rendition: str | None = None  # paper profile: ImageNet-R (200 classes)
+imagenet_hard: str | None = None  # paper profile: ImageNet-A (200 classes)
+imagenet_far_ood: str | None = None  # paper profile: far-OOD images (e.g. OpenOOD's Textures)
 
 # %%
 import saekit.book
@@ -64,45 +65,35 @@ chapter = saekit.book.setup(globals())
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
 import saekit.analysis.widgets
-from saekit.sae import get_recipe, train_or_load
-from saekit.studies import ood
+from saekit.studies import ood, ood_figures, ood_scoring
+from saekit.studies.ood import OODSettings
+
+settings = OODSettings.for_profile(**chapter.params)
+settings
 
 # %% [markdown]
 # ## Profile defaults
 #
 # The paper profile runs the paper's grid (7 values of λ or k × 3 expansions × 3 architectures)
-# on DINOv2 ViT-g/14 and CLIP ViT-L/14 with the paper's recipe (`olson2025_ood`: Adam at 1e-4,
-# 5% warm-up, 20% decay, λ warm-up, minibatch 64, 3 epochs). Its probes see 100 training images
-# per class: the SAE codes of all 1.28M images (12,288 floats each at expansion 8) would not fit
-# in memory.
+# on DINOv2 ViT-g/14, CLIP ViT-L/14 and ResNet-50 with the paper's recipe (`olson2025_ood`: Adam
+# at 1e-4, 5% warm-up, 20% decay, λ warm-up, minibatch 64, 3 epochs). Its probes see 100
+# training images per class: the SAE codes of all 1.28M images (12,288 floats each at
+# expansion 8) would not fit in memory.
 #
-# The mini profile trains a 3 × 2 × 2 grid on the toy ViT. Its training set has 1,800 images
-# (29 minibatches an epoch), so it trains 30 epochs at lr 1e-3 instead of 3 at 1e-4, and its
-# sparsities are scaled to a 64-wide residual stream: λ ∈ {0.5, 5} (0.5 is Table 1's value),
-# k ∈ {4, 16}, expansions 4 and 8. As the 200-of-1000-class restriction of ImageNet-A and -R,
-# its `hard` and `rendition` sets are scored on every other toy class (indices 0, 2, 4, …).
+# The mini profile trains a 3 × 2 × 2 grid on the toy ViT, for more epochs at a larger learning
+# rate than the paper (its training set is small, see below), with sparsities scaled to a
+# 64-wide residual stream: λ ∈ {0.5, 5} (0.5 is Table 1's value), k ∈ {4, 16}, expansions 4
+# and 8. As the 200-of-1000-class restriction of ImageNet-A and -R, its `hard` and `rendition`
+# sets are scored on every other toy class (indices 0, 2, 4, …). The mini profile has no
+# ResNet row: the only ResNet available offline is a randomly initialised miniature, whose
+# features say nothing about the paper's point (a ResNet's ImageNet-specific latent space);
+# `-p encoders '["toyvit", "resnet"]'` adds one anyway.
 
 # %%
-mini = chapter.profile == "mini"
-encoders = encoders or (["toyvit"] if mini else ["dinov2", "clip"])
-grid = ood.SweepGrid(
-    archs=tuple(archs),
-    lambdas=tuple(lambdas or ([0.5, 5.0] if mini else ood.PAPER_GRID.lambdas)),
-    ks=tuple(ks or ([4, 16] if mini else ood.PAPER_GRID.ks)),
-    expansions=tuple(expansions or ([4, 8] if mini else ood.PAPER_GRID.expansions)),
-)
-recipe = get_recipe(
-    "olson2025_ood", epochs=epochs or (30 if mini else 3), lr=lr or (1e-3 if mini else 1e-4)
-)
-probe_per_class = probe_per_class or (0 if mini else 100)
-device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-eval_splits = ["val", *ood.SHIFTS]
-print(f"encoders {encoders}; {grid}; epochs {recipe.epochs}, lr {recipe.lr:g}; on {device}")
+print(f"{settings.grid}; epochs {settings.epochs}, lr {settings.lr:g}; on {settings.device}")
 
 # %% [markdown]
 # ## Activations
@@ -111,30 +102,25 @@ print(f"encoders {encoders}; {grid}; epochs {recipe.epochs}, lr {recipe.lr:g}; o
 # set and the far-OOD images, extracted once per encoder and cached in the profile's work folder.
 
 # %%
-splits = ["train", *eval_splits, "far_ood"]
 stores = {
-    encoder: {split: chapter.store(encoder, split, layers=[layer]) for split in splits}
-    for encoder in encoders
+    encoder: {
+        split: chapter.store(encoder, split, layers=[settings.layer])
+        for split in ood_scoring.SPLITS
+    }
+    for encoder in settings.encoders
 }
-for encoder in encoders:
-    print(encoder, {split: len(store) for split, store in stores[encoder].items()})
+display(Markdown(ood.data_summary(stores, settings.recipe)))
 
 # %% [markdown]
 # ## The SAE sweep
 #
 # Every SAE of an encoder trains in **one pass** over its training activations (saekit's sweep
 # trainer stacks SAEs of equal architecture and width and feeds each minibatch to all of them).
-# A finished sweep is saved and reused when the chapter reruns with the same settings.
+# Every SAE is kept in the SAE cache and reused when the chapter reruns with the same settings.
 
 # %%
-saes = {}
-for encoder in encoders:
-    train_store = stores[encoder]["train"]
-    specs = grid.specs(layer=train_store.layers[-1], recipe=recipe)
-    saes[encoder] = train_or_load(
-        specs, train_store, root=chapter.workdir / "saes", seed=seed, device=device
-    )
-sweep = pd.concat([ood.sweep_table(saes[encoder], encoder) for encoder in encoders])
+saes = ood.train_sweeps(stores, settings, chapter.workdir / "saes")
+sweep = ood.sweep_tables(saes)
 sweep
 
 # %% [markdown]
@@ -142,32 +128,14 @@ sweep
 #
 # One multinomial logistic regression per representation (raw embedding, SAE codes, SAE
 # pre-activation codes), standardised and fit with L-BFGS under identical settings, on the
-# training images. Every evaluation set is labelled in the training set's class order (by wnid),
-# and the class-subset sets are scored on their subset only.
+# training images; the probes learn the classes the training folder holds. Every evaluation set
+# is labelled in the training set's class order (by wnid) and scored on the training classes it
+# holds: rows of other classes are left out, and the prediction is the argmax over the scored
+# classes' logits. The table says how many classes and rows each set was scored on.
 
 # %%
-probes = []
-for encoder in encoders:
-    train = ood.LabelledActs.from_store(stores[encoder]["train"])
-    train = train.per_class(probe_per_class, seed=seed)
-    evals = {
-        split: ood.LabelledActs.from_store(stores[encoder][split], classes=train.classes)
-        for split in eval_splits
-    }
-    subsets = ood.restricted_classes(train.classes, chapter.profile)
-    probes.append(
-        ood.probe_table(
-            saes[encoder],
-            train,
-            evals,
-            class_subsets=subsets,
-            pre_activation=pre_activation,
-            encoder=encoder,
-            device=device,
-        )
-    )
-probes = pd.concat(probes, ignore_index=True)
-print({split: len(subset) for split, subset in subsets.items()}, "classes scored")
+probes, scoring = ood.probe_tables(stores, saes, settings)
+scoring
 
 # %% [markdown]
 # ## Reconstruction in-domain, near- and far-OOD
@@ -176,17 +144,7 @@ print({split: len(subset) for split, subset in subsets.items()}, "classes scored
 # (near-OOD: same classes, new rendering) and on the far-OOD images.
 
 # %%
-recon = pd.concat(
-    [
-        ood.reconstruction_table(
-            saes[encoder],
-            {split: ood.LabelledActs.from_store(stores[encoder][split]) for split in splits[1:]},
-            encoder=encoder,
-        )
-        for encoder in encoders
-    ],
-    ignore_index=True,
-)
+recon = ood.reconstruction_tables(stores, saes)
 summary = ood.summary_table(sweep, probes, recon)
 
 # %% [markdown]
@@ -199,10 +157,12 @@ summary = ood.summary_table(sweep, probes, recon)
 
 # %%
 chosen = {
-    encoder: ood.pick_sae(sweep, table1_arch, table1_expansion, table1_sparsity, encoder)
-    for encoder in encoders
+    encoder: ood.pick_sae(
+        sweep, settings.table1_arch, settings.table1_expansion, settings.table1_sparsity, encoder
+    )
+    for encoder in settings.encoders
 }
-ood.table1(probes, chosen, pre_activation=pre_activation)
+ood.table1(probes, chosen, pre_activation=settings.pre_activation)
 
 # %% [markdown]
 # ## Figure 2: accuracy, activation and reconstruction across the sweep
@@ -215,7 +175,7 @@ ood.table1(probes, chosen, pre_activation=pre_activation)
 
 # %%
 raw_ood = ood.baselines(probes)
-fig = ood.ood_figure(summary, raw_ood)
+fig = ood_figures.ood_figure(summary, raw_ood)
 plt.show()
 
 # %%
@@ -227,7 +187,10 @@ display(Markdown(ood.findings(summary, probes).replace("\n", "\n\n")))
 
 # %%
 saekit.analysis.widgets.switcher(
-    {arch: ood.ood_figure(summary, raw_ood, focus=("arch", arch)) for arch in grid.archs},
+    {
+        arch: ood_figures.ood_figure(summary, raw_ood, focus=("arch", arch))
+        for arch in settings.grid.archs
+    },
     description="architecture",
     control="toggle",
 )
@@ -239,7 +202,7 @@ saekit.analysis.widgets.switcher(
 # pre-activation codes (hollow) of every SAE, with the raw embedding's probe dashed.
 
 # %%
-fig = ood.split_figure(summary, eval_splits, probes)
+fig = ood_figures.split_figure(summary, ood_scoring.EVAL_SPLITS, probes)
 plt.show()
 
 # %% [markdown]
@@ -248,14 +211,30 @@ plt.show()
 # %%
 saekit.analysis.widgets.switcher(
     {
-        f"{split} ({ood.TABLE1_COLUMNS[split]})": ood.split_figure(
+        f"{split} ({ood_scoring.TABLE1_COLUMNS[split]})": ood_figures.split_figure(
             summary, split, probes, panel_size=(6.0, 4.2)
         )
-        for split in eval_splits
+        for split in ood_scoring.EVAL_SPLITS
     },
     description="set",
     control="dropdown",
 )
+
+# %% [markdown]
+# ## Figure 11: one encoder's sweep in detail
+#
+# Paper 003 looks at ResNet-50's SAEs alone and finds very consistent trends across
+# architectures and expansions. Here, for `detail_encoder` (the paper profile's ResNet-50; the
+# mini profile's toy ViT), the probe's validation and mean OOD accuracy and the in-domain and
+# near-OOD reconstruction error of every SAE, against its L0: colour is the architecture, the
+# marker the expansion.
+
+# %%
+if settings.detail_encoder in settings.encoders:
+    fig = ood_figures.encoder_figure(summary, settings.detail_encoder, probes)
+    plt.show()
+else:
+    print(f"{settings.detail_encoder} is not among the encoders {list(settings.encoders)}")
 
 # %% [markdown]
 # The numbers behind the figures, one row per SAE: grid point, in-domain L0 and L1, accuracy on
@@ -275,6 +254,6 @@ summary[columns].style.format(precision=3)
 # pre-activation codes recover the accuracy that strongly sparse SAEs lose.
 
 # %%
-if pre_activation:
-    fig = ood.preactivation_figure(summary, "val", probes)
+if settings.pre_activation:
+    fig = ood_figures.preactivation_figure(summary, "val", probes)
     plt.show()
