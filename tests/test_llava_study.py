@@ -6,7 +6,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import ast
 import dataclasses
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 from saekit.analysis import modality_overlap as mo
 from saekit.analysis import patch_evolution as pe
 from saekit.analysis.multimodal import PAPER_MODEL, Responses
-from saekit.book import _declared_parameters
+from saekit.runner import chapter_parameters
 from saekit.sae import evaluate
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
 from saekit.studies import llava as study
@@ -26,22 +25,13 @@ from saekit.studies import llava as study
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "07_llava.py"
 
 
-def parameters_cell(path: Path) -> str:
-    """The source of a chapter's cell tagged `parameters`."""
-    text = path.read_text()
-    start = text.index('# %% tags=["parameters"]')
-    end = text.index("# %%", start + 1)
-    return text[start:end]
-
-
 def test_settings_fields_are_exactly_the_chapters_parameters():
-    declared = _declared_parameters(parameters_cell(NOTEBOOK))
+    declared = chapter_parameters(NOTEBOOK)
     fields = [f.name for f in dataclasses.fields(study.LlavaSettings)]
     assert list(declared) == fields
     # Profile-dependent parameters are None in the notebook: the settings own the defaults.
     for name in study.LlavaSettings.PAPER:
         assert declared[name] is None, name
-    ast.parse(parameters_cell(NOTEBOOK))
 
 
 def test_settings_resolve_each_profile_and_derive_the_dtype_from_the_device():

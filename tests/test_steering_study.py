@@ -13,22 +13,15 @@ from transformers import CLIPModel
 from saekit.analysis.attribute_validation import table3
 from saekit.analysis.describers import ClipDescriber
 from saekit.analysis.steering import PAPER_CLIP, PAPER_PIPELINE
-from saekit.book import _declared_parameters
 from saekit.mini.diffusion import mini_prompt_file, mini_vocabulary
+from saekit.runner import chapter_parameters
 from saekit.studies import steering as study
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_steering.py"
 
 
-def parameters_cell(path: Path) -> str:
-    """The source of a chapter's cell tagged `parameters`."""
-    text = path.read_text()
-    start = text.index('# %% tags=["parameters"]')
-    return text[start : text.index("# %%", start + 1)]
-
-
 def test_settings_fields_are_exactly_the_chapters_parameters():
-    declared = _declared_parameters(parameters_cell(NOTEBOOK))
+    declared = chapter_parameters(NOTEBOOK)
     assert list(declared) == [f.name for f in dataclasses.fields(study.SteeringSettings)]
     for name in study.SteeringSettings.PAPER:  # profile-dependent: None in the notebook
         assert declared[name] is None, name

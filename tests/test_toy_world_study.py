@@ -10,22 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saekit.book import _declared_parameters
 from saekit.mini.toyworld import GROUPS, LEAVES, MIDS, N_CLASSES, toyvit_path
+from saekit.runner import chapter_parameters
 from saekit.studies import toy_world as study
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "00_toy_world.py"
 
 
-def parameters_cell(path: Path) -> str:
-    """The source of a chapter's cell tagged `parameters`."""
-    text = path.read_text()
-    start = text.index('# %% tags=["parameters"]')
-    return text[start : text.index("# %%", start + 1)]
-
-
 def test_settings_are_the_chapters_parameters_and_the_same_under_every_profile():
-    declared = _declared_parameters(parameters_cell(NOTEBOOK))
+    declared = chapter_parameters(NOTEBOOK)
     assert list(declared) == [f.name for f in dataclasses.fields(study.ToyWorldSettings)]
     mini = study.ToyWorldSettings.for_profile("mini", device="cpu")
     paper = study.ToyWorldSettings.for_profile("paper", device="cpu")
