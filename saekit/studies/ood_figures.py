@@ -317,7 +317,11 @@ def encoder_figure(
             _log_x(ax, data["l0"])
             ax.set_xlabel("L0 (active latents, in-domain)")
             ax.set_ylabel(label)
-        _legend_below(axes[0][0])
         fig.suptitle(f"{encoder}: every SAE of the sweep")
         fig.tight_layout()
+        # One legend under all panels (the pages save figures with a tight bounding box).
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        axes[0][0].get_legend().remove()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=len(labels), fontsize=8, frameon=False)  # fmt: skip
     return fig
