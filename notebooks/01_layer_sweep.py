@@ -31,15 +31,18 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-encoder = ""  # encoder family; empty: "toyvit" (mini) or "dinov2" (paper: facebook/dinov2-giant)
+encoder: str | None = None  # encoder family; None: profile default (mini toyvit, paper dinov2)
 layers = "all"  # "all" or comma-separated layer indices, e.g. "0,10,20,39"
-lam = 0.0  # SAE sparsity coefficient λ; 0: profile default (mini 3, paper 10)
+lam: float | None = None  # SAE sparsity coefficient λ; None: profile default (mini 3, paper 10)
 expansion = 8  # SAE width as a multiple of the model width
-epochs = 0  # passes over the training store; 0: profile default (mini 100, paper 3)
-probe_optimizer = ""  # "lbfgs" (full batch) or "adam" (minibatches); empty: lbfgs mini, adam paper
+epochs: int | None = None  # SAE passes over the training store; None: mini 100, paper 3
+probe_optimizer: str | None = None  # "lbfgs" or "adam" (streamed); None: mini lbfgs, paper adam
+probe_epochs: int | None = None  # probes' L-BFGS iterations or Adam epochs; None: mini 200, paper 3
+lambda_sweep: list[float] | None = None  # λ compared; None: mini [0.3, 1, 3, 10], paper []
 seed = 0  # seeds the SAEs' initialisation and the batch order
-imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
-imagenet_val = ""  # paper profile: ImageNet-1k val folder, same layout
+device: str | None = None  # where SAEs and probes train; None: "cuda" when available, else "cpu"
+imagenet_train: str | None = None  # paper profile: ImageNet-1k train folder (a folder per wnid)
+imagenet_val: str | None = None  # paper profile: ImageNet-1k val folder, same layout
 
 # %%
 import saekit.book
@@ -49,35 +52,31 @@ chapter = saekit.book.setup(globals())
 # %%
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
-from tqdm.auto import tqdm
 
 import saekit.analysis.plots
-import saekit.analysis.probes
 import saekit.analysis.widgets
-import saekit.sae
+from saekit.studies import layer_sweep
+from saekit.studies.layer_sweep import LayerSweepSettings
+
+settings = LayerSweepSettings.for_profile(**chapter.params)
+settings
 
 # %% [markdown]
 # ## Profile defaults
 #
-# The mini profile's toy-world ViT has a narrow (64-wide) residual stream whose CLS activations
-# have norms of about 2 (layer 0) to 8 (last layer), far smaller than DINOv2-g's. λ multiplies a
-# penalty that grows with the activations' scale while the summed squared error grows with its
-# square, so the paper's λ = 10 switches almost every latent off here (at most a third of the
-# variance explained, at the last layer). We swept λ ∈ {0.1, 0.3, 1, 3, 10} on the toy ViT:
-# **λ = 3** is where both terms matter. From layer 1 on, its SAEs explain 75–85% of the variance
-# with 55–65 of their 512 latents active per image (about as many as the model has dimensions),
-# while λ ≤ 1 leaves more than ninety active. The mini training store has only 1,800 images
-# (29 steps an epoch), so the mini profile trains for **100 epochs** instead of the paper's 3.
-# The paper profile runs DINOv2 ViT-g/14 with λ = 10 and 3 epochs, as published; its probes use
-# Adam minibatches because a full-batch solver would hold all of ImageNet's activations at once.
-
-# %%
-mini = chapter.profile == "mini"
-encoder = encoder or ("toyvit" if mini else "dinov2")
-lam = lam or (3.0 if mini else 10.0)
-epochs = epochs or (100 if mini else 3)
-probe_optimizer = probe_optimizer or ("lbfgs" if mini else "adam")
-print(f"encoder={encoder}  λ={lam:g}  epochs={epochs}  probes: {probe_optimizer}")
+# The paper profile runs DINOv2 ViT-g/14 with λ = 10 and 3 epochs, as published; its probes
+# train with Adam on minibatches streamed from the store, because a full-batch solver would
+# hold all of ImageNet's activations at once, and for 3 epochs, as paper 000's probes "use
+# identical training parameters as the SAEs where relevant". The probes' length is its own
+# setting (`probe_epochs`), not tied to the SAEs'.
+#
+# The mini profile's toy-world ViT has a narrow residual stream whose CLS activations are far
+# smaller than DINOv2-g's. λ multiplies a penalty that grows with the activations' scale while
+# the summed squared error grows with its square, so the paper's λ = 10 switches most latents
+# off here. The mini profile therefore compares several λ on every layer (`lambda_sweep`,
+# below) and uses the one where both terms matter (`lam`, 3): most of the variance explained
+# with about as many active latents as the model has dimensions. Its training store is small,
+# so the SAEs train for 100 epochs instead of the paper's 3.
 
 # %% [markdown]
 # ## Activations
@@ -87,31 +86,30 @@ print(f"encoder={encoder}  λ={lam:g}  epochs={epochs}  probes: {probe_optimizer
 # profile's work folder, so other chapters reuse them.
 
 # %%
-train_store = chapter.store(encoder, "train", layers=layers)
-val_store = chapter.store(encoder, "val", layers=layers)
-sweep_layers = train_store.layers
+train_store = chapter.store(settings.encoder, "train", layers=settings.layers)
+val_store = chapter.store(settings.encoder, "val", layers=settings.layers)
 n_classes = len(train_store.class_names)
 print(train_store)
 print(val_store)
+display(Markdown(layer_sweep.data_summary(train_store, val_store, settings.epochs)))
 
 # %% [markdown]
 # ## One SAE per layer, trained in a single pass
 #
 # The sweep trainer reads each minibatch of every layer once and feeds it to that layer's SAE;
 # SAEs of equal shape and recipe train as one stacked module, so the whole sweep costs about as
-# much as a single SAE.
+# much as a single SAE. The SAEs land in the SAE cache, where the ontology and relevancy
+# chapters find them under the same request.
 
 # %%
-specs = [
-    saekit.sae.SAESpec(
-        arch="relu", layer=layer, l1=lam, expansion=expansion, recipe="olson2025", seed=seed
-    )
-    for layer in sweep_layers
-]
-saes = list(
-    saekit.sae.train_or_load(
-        specs, train_store, root=chapter.workdir / "saes", epochs=epochs, seed=seed
-    ).values()
+saes = layer_sweep.train_layer_saes(
+    train_store,
+    chapter.workdir / "saes",
+    lam=settings.lam,
+    epochs=settings.epochs,
+    expansion=settings.expansion,
+    seed=settings.seed,
+    device=settings.device,
 )
 
 # %% [markdown]
@@ -120,10 +118,32 @@ saes = list(
 # (active on more than 1% of the images).
 
 # %%
-sae_metrics = {
-    spec.layer: saekit.sae.evaluate(sae, val_store.cls(spec.layer))
-    for spec, sae in zip(specs, saes, strict=True)
-}
+sae_metrics = layer_sweep.sae_metrics(saes, val_store)
+d_sae = settings.expansion * val_store.d_model
+display(Markdown(layer_sweep.sweep_summary(sae_metrics, settings.lam, d_sae)))
+
+# %% [markdown]
+# ## Choosing λ
+#
+# The same SAEs at every λ of `lambda_sweep` (trained together in one more pass, and cached):
+# each cell gives the variance explained and the number of active latents (L0) on the
+# validation images. Too large a λ explains little of the variance; too small a λ keeps many
+# more latents active than the model has dimensions.
+
+# %%
+calibration = layer_sweep.lambda_calibration(
+    train_store,
+    val_store,
+    settings.lambda_sweep,
+    chapter.workdir / "saes",
+    epochs=settings.epochs,
+    expansion=settings.expansion,
+    seed=settings.seed,
+    device=settings.device,
+)
+if len(calibration):
+    display(layer_sweep.calibration_view(calibration))
+display(Markdown(layer_sweep.calibration_summary(calibration, settings.lam, val_store.d_model)))
 
 # %% [markdown]
 # ## One linear probe per layer
@@ -133,17 +153,10 @@ sae_metrics = {
 # training store and scored on the validation store.
 
 # %%
-probe_config = (
-    saekit.analysis.probes.ProbeConfig()
-    if probe_optimizer == "lbfgs"
-    else saekit.analysis.probes.ProbeConfig(optimizer="adam", lr=1e-3, max_iter=epochs)
+print(settings.probe_config)
+accuracy = layer_sweep.layer_probes(
+    train_store, val_store, settings.probe_config, device=settings.device
 )
-accuracy = {}
-for layer in tqdm(sweep_layers, desc="probes"):
-    probe = saekit.analysis.probes.train_probe(
-        train_store.cls(layer), train_store.labels, n_classes=n_classes, config=probe_config
-    )
-    accuracy[layer] = probe.accuracy(val_store.cls(layer), val_store.labels)
 
 # %% [markdown]
 # ## The layer sweep
@@ -160,8 +173,8 @@ table.round(4)
 fig = saekit.analysis.plots.layer_sweep_figure(
     table,
     chance=1 / n_classes,
-    title=f"{train_store.manifest['model'].rsplit('/', 1)[-1]}: ReLU SAE (λ = {lam:g}) and "
-    "linear probe on each layer's CLS token",
+    title=f"{train_store.manifest['model'].rsplit('/', 1)[-1]}: ReLU SAE (λ = {settings.lam:g}) "
+    "and linear probe on each layer's CLS token",
 )
 plt.show()
 

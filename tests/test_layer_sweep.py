@@ -100,19 +100,20 @@ def test_lambda_calibration_contains_the_chosen_lambdas_saes(stores, tmp_path):
 def test_summaries_print_the_measured_ranges():
     calibration = pd.DataFrame(
         {
-            "lam": [1.0, 1.0, 1.0, 3.0, 3.0, 3.0],
-            "layer": [0, 1, 2, 0, 1, 2],
-            "explained_variance": [0.2, 0.9, 0.95, 0.1, 0.75, 0.85],
-            "l0": [9.0, 120.0, 130.0, 5.0, 55.0, 65.0],
-            "active_share": [9 / 512, 120 / 512, 130 / 512, 5 / 512, 55 / 512, 65 / 512],
-            "mse": [0.0] * 6,
-            "d_sae": [512] * 6,
+            "lam": [1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 10.0, 10.0, 10.0],
+            "layer": [0, 1, 2] * 3,
+            "explained_variance": [0.2, 0.9, 0.95, 0.1, 0.75, 0.85, -0.04, -0.03, 0.31],
+            "l0": [9.0, 120.0, 130.0, 5.0, 55.0, 65.0, 0.0, 0.0, 14.0],
+            "active_share": np.array([9, 120, 130, 5, 55, 65, 0, 0, 14]) / 512,
+            "mse": [0.0] * 9,
+            "d_sae": [512] * 9,
         }
     )
     text = layer_sweep.calibration_summary(calibration, 3.0, 64)
     assert "layers 1–2 (out of 512 latents; the model has 64 dimensions)" in text
     assert "- λ = 1: 90–95% of the variance explained, 120–130 latents active" in text
     assert "- **λ = 3**: 75–85% of the variance explained, 55–65 latents active" in text
+    assert "- λ = 10: -3% to 31% of the variance explained, 0–14 latents active" in text
 
     def metrics(ev, l0):
         return SAEMetrics(0.0, ev, 0.0, l0, 0, 0, np.zeros(4), 10)

@@ -58,7 +58,7 @@ class LayerSweepSettings(StudySettings):
     """The probes' own training length: L-BFGS iterations, or Adam epochs over the training store
     (paper 3, as paper 000's probes use "identical training parameters as the SAEs where
     relevant"). Independent of the SAEs' ``epochs``."""
-    lambda_sweep: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
+    lambda_sweep: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)
     """λ values the chosen λ is compared with (the same SAEs at each, every layer); empty: no
     comparison (paper: λ = 10 as published)."""
     seed: int = 0
@@ -199,6 +199,8 @@ def _span(values: pd.Series, fmt: str) -> str:
     low, high = fmt.format(values.min()), fmt.format(values.max())
     if low == high:
         return low
+    if values.min() < 0:  # "−3–31%" would read as a range from −3 to −31
+        return f"{low} to {high}"
     return f"{low.removesuffix('%') if high.endswith('%') else low}–{high}"
 
 
