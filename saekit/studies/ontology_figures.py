@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -120,7 +119,7 @@ def plot_synset_recovery(recovery: pd.DataFrame) -> Figure:
 # --------------------------------------------------------------------------- widget view
 
 
-def layer_view(table: pd.DataFrame, layer: Any, n: int = 5, max_classes: int | None = None) -> str:
+def layer_view(table: pd.DataFrame, layer: int, n: int = 5, max_classes: int | None = None) -> str:
     """One layer's page for a `saekit.analysis.widgets.switcher`: its height-vs-coverage histogram and
     its ``n`` most hierarchical features (`most_hierarchical`, one per LCH, with the number of
     the layer's features that share it), as one HTML string (an inline PNG and a table), so the
