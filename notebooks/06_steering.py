@@ -185,7 +185,7 @@ selected.head(settings.n_features).assign(top_words=selected.top_words.map(at.wo
 # `seed`:
 
 # %%
-features = selected.feature.head(settings.n_features).tolist()
+features = study.chosen_features(descriptive, settings.n_features)
 strength, strengths = study.steering_strengths(settings, acts_ND)
 sample_prompts, test_prompts = study.split_prompts(
     prompts, settings.n_sample_prompts, settings.seed

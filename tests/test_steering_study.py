@@ -82,6 +82,20 @@ def test_a_judge_that_is_the_describer_is_refused(tmp_path):
     )
 
 
+def test_chosen_features_are_the_most_active_selected_ones():
+    descriptive = pd.DataFrame(
+        {
+            "feature": [0, 1, 2, 3],
+            "n_active": [9, 50, 30, 70],
+            "selected": [True, True, True, False],
+        }
+    )
+    assert study.chosen_features(descriptive, 2) == [1, 2]
+    assert study.chosen_features(descriptive, 10) == [1, 2, 0]
+    with pytest.raises(ValueError, match="smaller l1"):
+        study.chosen_features(descriptive.assign(selected=False), 2)
+
+
 def test_strengths_split_and_summaries():
     acts_ND = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5 and 1: mean 3
     settings = study.SteeringSettings.for_profile("mini", device="cpu")

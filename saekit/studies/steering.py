@@ -245,6 +245,19 @@ def table3_summary(result: Table3, settings: SteeringSettings, models: SteeringM
     return text
 
 
+def chosen_features(descriptive: pd.DataFrame, n_features: int) -> list[int]:
+    """The `n_features` most active of the features `descriptive_features` selected, or an error
+    that says what to change when none passed its filter."""
+    selected = descriptive[descriptive.selected].sort_values("n_active", ascending=False)
+    if selected.empty:
+        raise ValueError(
+            f"none of the SAE's {len(descriptive)} features fires mostly on descriptive words, "
+            "so there is nothing to steer: train the SAE longer or with a smaller l1 (sparser "
+            "SAEs at few epochs leave many features unused), or use more captions."
+        )
+    return selected.feature.head(n_features).tolist()
+
+
 def steering_strengths(
     settings: SteeringSettings, acts_ND: torch.Tensor
 ) -> tuple[float, tuple[float, ...]]:
