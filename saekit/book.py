@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import ast
 import datetime
+import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import saekit
+from saekit.plan import IMAGENET_IMAGES, Plan, SAENeed, StoreNeed
 
 if TYPE_CHECKING:
     from saekit.activations import ActivationStore
-    from saekit.data import ImageFolder
+    from saekit.data import ImageDataset, ImageFolder
+    from saekit.models import Encoder
 
 PROFILES = ("mini", "paper")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +55,12 @@ MINI_SPLITS = {
 }
 MINI_IMAGES_PER_CLASS = {"train": 60, "val": 20}
 
+#: Value type of the activation stores per profile.
+STORE_DTYPE = {"mini": "float32", "paper": "float16"}
+
+#: Set by ``saekit book --plan`` to the file where `Chapter.plan` records the chapter's plan.
+PLAN_ENV = "SAEKIT_PLAN_FILE"
+
 #: Environment for the chapters' kernels: no progress-bar widgets saved into the pages.
 QUIET_PAGES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -63,6 +73,11 @@ Pass the folder with `-p {name} /path/to/folder` (papermill) or `saekit book -p 
 
 class ParameterError(ValueError):
     """A chapter got a parameter it does not declare, or a value of the wrong type."""
+
+
+class PlanComplete(Exception):
+    """Raised by `Chapter.plan` under ``saekit book --plan``: the plan is recorded, the chapter
+    stops before doing any work (the runner expects this exception and nothing else)."""
 
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -187,6 +202,8 @@ class Chapter:
     """Every parameter of the chapter with the value it runs with."""
     workdir: Path = field(default_factory=Path)
     """Folder for stores, SAEs and tables; shared by chapters of one profile so work is reused."""
+    _encoders: dict[str, Encoder] = field(default_factory=dict, repr=False, compare=False)
+    """Encoders loaded so far, by family (`encoder` loads each once per chapter)."""
 
     def require_folder(self, name: str) -> Path:
         """The folder parameter `name`, or an error that shows the expected layout."""
@@ -199,6 +216,17 @@ class Chapter:
                 )
             )
         return Path(value).expanduser()
+
+    @property
+    def device(self) -> str:
+        """Where this chapter's encoders run: its ``device`` parameter when set, else a GPU when
+        the paper profile sees one, else the CPU (the mini book's stores stay CPU-made)."""
+        import torch
+
+        given = self.params.get("device")
+        if given:
+            return str(given)
+        return "cuda" if self.profile == "paper" and torch.cuda.is_available() else "cpu"
 
     def encoder_id(self, family: str) -> str:
         """Hub id (paper) or, in the mini profile, the toy-world ViT ("toyvit") or a miniature."""
@@ -219,6 +247,14 @@ class Chapter:
             miniature(family, path)
         return str(path)
 
+    def encoder(self, family: str) -> Encoder:
+        """Encoder `family` on `device`, loaded once per chapter however many stores use it."""
+        if family not in self._encoders:
+            from saekit.models import load_encoder
+
+            self._encoders[family] = load_encoder(self.encoder_id(family), device=self.device)
+        return self._encoders[family]
+
     def dataset(self, split: str, n_per_class: int | None = None) -> ImageFolder:
         """Images of a split: "train", "val", a shift ("v2", "sketch", "rendition", "hard") or
         "far_ood". Paper profile: the folder parameter ``imagenet_<split>``; mini profile: the
@@ -237,6 +273,30 @@ class Chapter:
             (root / ".complete").touch()
         return ImageFolder(root)
 
+    def count_images(self, split: str, n_per_class: int | None = None) -> tuple[int | None, str]:
+        """How many images `dataset(split)` holds, without exporting or loading any, and whence
+        the number comes (a plan is made before the data is in place)."""
+        if self.profile == "mini":
+            from saekit.mini.toyworld import N_CLASSES
+
+            per_class = n_per_class or MINI_IMAGES_PER_CLASS.get(split, 20)
+            return per_class * N_CLASSES, "toy world"
+        name = f"imagenet_{split}"
+        folder = self.params.get(name)
+        if folder and Path(folder).expanduser().is_dir():
+            from saekit.data import ImageFolder
+
+            return len(ImageFolder(Path(folder).expanduser())), name
+        known = IMAGENET_IMAGES.get(split)
+        return known, f"{name} not set: " + ("ImageNet's size" if known else "unknown")
+
+    def store_folder(
+        self, family: str, split: str, n_images: int, layers: str | list[int], tokens: str
+    ) -> Path:
+        """Where `store` keeps these activations (one folder per encoder, split and size)."""
+        layer_tag = layers if isinstance(layers, str) else "-".join(map(str, layers))
+        return self.workdir / "stores" / f"{family}-{split}-{n_images}-{tokens}-{layer_tag}"
+
     def store(
         self,
         family: str,
@@ -245,22 +305,126 @@ class Chapter:
         tokens: str = "cls",
         n_per_class: int | None = None,
     ) -> ActivationStore:
-        """Activations of encoder `family` over `split`, extracted once and reused by chapters."""
+        """Activations of encoder `family` over `split`, extracted once and reused by chapters.
+
+        A finished store made from the same model files over the same images opens without
+        loading the encoder; otherwise the encoder is loaded (once per chapter) and
+        `saekit.activations.extract` creates, resumes or checks the store.
+        """
         from saekit.activations import extract
-        from saekit.models import load_encoder
 
         dataset = self.dataset(split, n_per_class)
-        encoder = load_encoder(self.encoder_id(family))
-        layer_tag = layers if isinstance(layers, str) else "-".join(map(str, layers))
-        out = self.workdir / "stores" / f"{family}-{split}-{len(dataset)}-{tokens}-{layer_tag}"
-        return extract(
-            encoder,
+        out = self.store_folder(family, split, len(dataset), layers, tokens)
+        model_id = self.encoder_id(family)
+        source = {
+            "model": model_id,
+            "files": model_fingerprint(model_id),
+            "dtype": STORE_DTYPE[self.profile],
+        }
+        found = _finished_store(out, dataset, layers, tokens, source)
+        if found is not None:
+            return found
+        store = extract(
+            self.encoder(family),
             dataset,
             layers=layers,
             tokens=tokens,
             out=out,
-            dtype="float32" if self.profile == "mini" else "float16",
+            dtype=STORE_DTYPE[self.profile],
         )
+        if source["files"] is not None:
+            _source_file(out).write_text(json.dumps(source, indent=1) + "\n")
+        return store
+
+    def plan(
+        self,
+        stores: Sequence[StoreNeed | tuple | dict] = (),
+        saes: Sequence[SAENeed] = (),
+        models: Sequence[str] = (),
+        notes: Sequence[str] = (),
+    ) -> Plan:
+        """What this chapter will need, shown before it starts (paper profile).
+
+        `stores` are `StoreNeed`s (or their arguments as a tuple or dict, as `store` takes
+        them), `saes` the SAEs it trains, `models` other checkpoints it loads (hub ids),
+        `notes` anything else worth knowing. Nothing is loaded or extracted. Under
+        ``saekit book --plan`` the plan is recorded and the chapter stops here.
+        """
+        from saekit.plan import make_plan
+
+        needs = [StoreNeed.of(s) for s in stores]
+        plan = make_plan(self, needs, list(saes), models, notes, STORE_DTYPE[self.profile])
+        plan_file = os.environ.get(PLAN_ENV)
+        if plan_file or self.profile == "paper":
+            _display_plan(plan)
+        if plan_file:
+            Path(plan_file).write_text(json.dumps(plan.to_json(), indent=1) + "\n")
+            raise PlanComplete(
+                "Plan recorded; `saekit book --plan` stops each chapter after its plan."
+            )
+        return plan
+
+
+def model_fingerprint(id_or_path: str) -> str | None:
+    """What identifies a checkpoint's files without reading them: a hub snapshot's revision, or
+    a local folder's file names, sizes and modification times. None when neither is at hand."""
+    path = Path(id_or_path).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(
+                f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode()
+            )
+        return "files:" + digest.hexdigest()[:16]
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(id_or_path, "config.json")
+    except ValueError:  # not a valid repository id
+        return None
+    return f"revision:{Path(found).parent.name}" if isinstance(found, str) else None
+
+
+def _source_file(store_folder: Path) -> Path:
+    """Beside a store: which model files and value type the chapter made it from."""
+    return store_folder.with_name(store_folder.name + ".source.json")
+
+
+def _finished_store(
+    out: Path,
+    dataset: ImageDataset,
+    layers: str | list[int],
+    tokens: str,
+    source: dict[str, Any],
+) -> ActivationStore | None:
+    """The finished store at `out` if it was made from the same model files over the same
+    images (checked without loading the model); None sends the caller to `extract`."""
+    from saekit.activations import ActivationStore
+
+    if source["files"] is None:
+        return None
+    try:
+        if json.loads(_source_file(out).read_text()) != source:
+            return None
+        store = ActivationStore.open(
+            out, layers=None if isinstance(layers, str) else layers, tokens=tokens
+        )
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return store if list(store.image_ids) == list(dataset.image_ids) else None
+
+
+def _display_plan(plan: Plan) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown("```text\n" + plan.text() + "\n```"))
+    else:
+        print(plan.text())
 
 
 def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chapter:

@@ -1,9 +1,7 @@
-"""The book runner: parameter validation, provenance, and pinned environments that agree."""
+"""The book, kernel side: parameter validation, provenance, and a chapter's encoders and stores."""
 
 from __future__ import annotations
 
-import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ from saekit.book import (
 )
 from saekit.runner import _coerce, chapter_parameters
 
-ROOT = Path(__file__).resolve().parent.parent
 PARAMETERS_CELL = (
     'profile = "mini"\nlam = 10.0\nlayers = "all"\nepochs: int = 3\nshow_widgets = True\n'
 )
@@ -92,19 +89,6 @@ def test_missing_dataset_folder_shows_the_expected_layout(tmp_path, monkeypatch)
         chapter.require_folder("imagenet_val")
 
 
-def test_environment_yml_mirrors_pyproject_pins():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = set(project["dependencies"])
-    for extra in ("datasets", "book", "dev"):
-        pins |= set(project["optional-dependencies"][extra])
-    conda = set(
-        re.findall(
-            r"^\s+- ([A-Za-z0-9_.-]+==[^\s#]+)", (ROOT / "environment.yml").read_text(), re.M
-        )
-    )
-    assert pins == conda
-
-
 def test_chapter_parameters_come_from_the_tagged_cell_and_values_take_their_type(tmp_path):
     source = tmp_path / "01_x.py"
     source.write_text(
@@ -143,7 +127,7 @@ def test_book_kernels_silence_even_explicitly_enabled_progress_bars(tmp_path, mo
 
 OPTIONAL_CELL = (
     'profile = "mini"\nlam: float | None = None\nepochs: int | None = None\n'
-    'archs: list[str] | None = None\nname: str | None = None\n'
+    "archs: list[str] | None = None\nname: str | None = None\n"
 )
 
 
@@ -166,3 +150,43 @@ def test_a_bool_is_never_an_int_or_a_float():
 
     assert not _type_ok((int,), True) and not _type_ok((float, type(None)), False)
     assert _type_ok((bool,), True) and not _type_ok((bool,), 1)
+
+
+def test_a_chapter_loads_its_encoder_once_and_reopens_a_finished_store_without_it(
+    tmp_path, monkeypatch
+):
+    import os
+
+    import numpy as np
+
+    import saekit.models
+
+    monkeypatch.setenv("SAEKIT_WORKDIR", str(tmp_path))
+
+    def chapter():
+        return setup({"In": ['profile = "mini"\n'], "profile": "mini"}, show=False)
+
+    loads = []
+    real = saekit.models.load_encoder
+    monkeypatch.setattr(
+        saekit.models, "load_encoder", lambda *a, **k: loads.append(a[0]) or real(*a, **k)
+    )
+    first = chapter()
+    cls = first.store("vit", "val", layers=[1], n_per_class=1)
+    first.store("vit", "val", layers=[1], tokens="patch", n_per_class=1)
+    assert len(loads) == 1  # one load serves both stores
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(saekit.models, "load_encoder", refuse)
+    again = chapter().store("vit", "val", layers=[1], n_per_class=1)  # a rerun: no model needed
+    assert again.root == cls.root and np.array_equal(
+        np.asarray(again.cls(1)), np.asarray(cls.cls(1))
+    )
+    # other model files under the same name: back through extract, which checks the model
+    weights = Path(first.encoder_id("vit")) / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(stamp, stamp))
+    with pytest.raises(AssertionError, match="the encoder was loaded"):
+        chapter().store("vit", "val", layers=[1], n_per_class=1)

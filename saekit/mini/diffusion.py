@@ -294,6 +294,165 @@ def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- hub-shaped
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+"""CLIP's pixel statistics, as the hub's CLIP processors store them."""
+
+
+def build_hub_sd14(path: Path, seed: int = 0) -> None:
+    """Hub-shaped CompVis/stable-diffusion-v1-4: SD 1.x's UNet (four blocks, three with cross-attention,
+    64-latent / 512-pixel images), a four-block VAE (8x down), CLIP ViT-L/14's 12-layer text
+    encoder, the PNDM scheduler; no safety checker (the steering code loads none)."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(mini_prompts())
+    text_encoder = CLIPTextModel(
+        clip_text_config(
+            len(tokenizer),
+            32,
+            12,
+            2,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        # diffusers reads SD 1.x's attention_head_dim as the number of heads: one keeps the
+        # 4096-token self-attention of the 64x64 latent affordable on a CPU.
+        attention_head_dim=1,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=CLIPImageProcessorPil(
+            crop_size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+        ),
+        requires_safety_checker=False,
+    ).save_pretrained(path)
+
+
+def build_hub_sd35(path: Path, seed: int = 0) -> None:
+    """Hub-shaped stabilityai/stable-diffusion-3.5-large: the 38-block MMDiT (patch 2, 128-latent /
+    1024-pixel images, RMS q/k norm), a 16-channel VAE, CLIP-L (12 layers), CLIP-bigG (32) and
+    T5 v1.1 XXL (24) text encoders, flow-matching Euler scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    corpus = mini_prompts()
+    tokenizer = train_clip_tokenizer(corpus)
+    tokenizer_3 = _t5_tokenizer(corpus)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), 32, 12, 2, **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), 32, 32, 2, **ids))
+    t5_width = 64  # at least the two CLIPs side by side, as SD 3 pads them to T5's width
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=128,
+            num_layers=24,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=38,
+        attention_head_dim=16,
+        num_attention_heads=1,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        pos_embed_max_size=192,
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=1024,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    ).save_pretrained(path)
+
+
 def mini_models(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """The mini profile's Stable Diffusion pipeline and CLIP under `folder`, built on first use.
 

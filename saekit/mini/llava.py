@@ -13,10 +13,12 @@ the code paths, it does not describe images.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
@@ -165,3 +167,145 @@ def build_mini_llava(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------- hub-shaped
+
+
+def build_hub_llava(path: Path, seed: int = 0) -> None:
+    """Hub-shaped llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 (24 layers, 576 patches) under a 32-layer
+    Llama, the two-layer GELU projector, LLaVA-1.5's chat template."""
+    from saekit.mini.toyworld import CLASS_NAMES
+
+    config = MiniLlavaConfig(
+        image_size=336,
+        patch_size=14,
+        vision_width=32,
+        vision_layers=24,
+        text_width=64,
+        text_layers=32,
+        text_heads=4,
+    )
+    build_mini_llava(path, seed=seed, config=config, extra_words=CLASS_NAMES)
+
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL's chat format (system turn first, images as vision_start/image_pad/vision_end).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_tokenizer(texts: Sequence[str]) -> transformers.PreTrainedTokenizerBase:
+    """A byte-level BPE like Qwen2's, trained on `texts`, in the real `Qwen2Tokenizer` class."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=QWEN_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = transformers.Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    return tokenizer
+
+
+def build_hub_qwen25_vl(path: Path, seed: int = 0) -> None:
+    """Hub-shaped Qwen/Qwen2.5-VL-7B-Instruct (the describer): a 32-block windowed ViT (patch 14, 2x2
+    merge, temporal patch 2) under a 28-layer Qwen2 decoder with multimodal RoPE.
+
+    The processor's files are written one by one: building a `Qwen2_5_VLProcessor` object
+    needs torchvision (for its video processor), which loading it needs too."""
+    from saekit.mini.diffusion import CLIP_MEAN, CLIP_STD, mini_prompts, mini_vocabulary
+
+    tokenizer = _qwen_tokenizer(
+        mini_prompts() + mini_vocabulary() + ["Answer with the most important keywords."]
+    )
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=28,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            # head width 8: its 4 rotary frequencies split over (time, height, width)
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        **ids,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    transformers.Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56,
+        max_pixels=28 * 28 * 1280,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ).save_pretrained(path)
+    preprocessor = json.loads((path / "preprocessor_config.json").read_text())
+    preprocessor |= {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (path / "processor_config.json").write_text(
+        json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n"
+    )
+    (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
