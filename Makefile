@@ -3,6 +3,8 @@
 #   make book    execute every chapter on miniature models and build the HTML site (_build/html)
 # Options: make book PROFILE=paper   (the papers' models by hub id; needs a GPU and the data)
 #          make chapter NAME=01_layer_sweep ARGS="-p lam 5"   (rerun one chapter)
+#          make rehearse   (every chapter on the paper code path, offline on a CPU, against
+#                           miniatures of the papers' checkpoints; pages in build/rehearsal)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +18,7 @@ export OMP_NUM_THREADS ?= 1
 export NLTK_DATA := $(CURDIR)/nltk_data
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test book chapter lint clean benchmarks chromium
+.PHONY: setup test book chapter rehearse lint clean benchmarks chromium
 
 setup: $(VENV)/.installed nltk_data/corpora/wordnet/lexnames
 
@@ -54,6 +56,12 @@ chromium:
 
 chapter: setup
 	$(BIN)/saekit book --profile $(PROFILE) --only $(NAME) --no-html $(ARGS)
+
+# The paper profile rehearsed: hub-shaped miniatures of every checkpoint it names in a Hugging
+# Face cache and toy-world ImageNet folders (saekit.mini.hub), then `saekit book --profile paper`
+# offline with small epochs and counts (scripts/rehearse.py). ARGS="--only 02_ood" for one.
+rehearse: setup
+	$(BIN)/python scripts/rehearse.py --dir build/rehearsal $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check saekit tests benchmarks scripts notebooks
