@@ -37,14 +37,14 @@
 
 # %% tags=["parameters"]
 profile = "mini"
-family = ""  # encoder of the patch SAE; "": profile default (mini toyvit, paper dinov2)
-layer = -1  # its layer; -1: the default (toyvit 3 of 0..5, else the second-to-last)
-family_b = ""  # encoder to compare with; "": profile default (mini toyvit, paper clip)
-layer_b = -1  # its layer; -1: the default (toyvit 5, the last; else the second-to-last)
-expansion = 0  # SAE width as a multiple of the layer width; 0: profile default (mini 8, paper 32)
-lam = 0.0  # λ of the ReLU SAEs (recipe stevens2025); 0: profile default (mini 0.3, paper 2.2e-3)
-epochs = 0  # passes over the training patches; 0: profile default (mini 20, paper 1)
-batch_size = 0  # patches per step; 0: profile default (mini 512, paper 16384)
+family: str | None = None  # encoder of the patch SAE; None: mini toyvit, paper dinov2
+layer: int | None = None  # its layer; None: toyvit 3 of 0..5, any other encoder its second-to-last
+family_b: str | None = None  # encoder to compare with; None: mini toyvit, paper clip
+layer_b: int | None = None  # its layer; None: toyvit 5 (the last), any other its second-to-last
+expansion: int | None = None  # SAE width as a multiple of the layer width; None: mini 8, paper 32
+lam: float | None = None  # λ of the ReLU SAEs (stevens2025); None: mini 0.3, paper the recipe's
+epochs: int | None = None  # passes over the training patches; None: mini 20, paper 1
+batch_size: int | None = None  # patches per step; None: mini 512, paper 16384
 seed = 0  # seeds the SAEs' initialisation and the batch order
 n_features = 8  # strongest features: facts table, exemplars, browser, export
 n_exemplars = 8  # top images per feature
@@ -55,8 +55,9 @@ min_rel_mean_act = 0.5  # ...and scores at least this share of its best class's 
 n_browse_images = 4  # images in the browser's patch tab
 n_pairs = 4  # matched feature pairs drawn side by side
 min_match_freq = 0.05  # features matched across encoders fire on at least this share of images
-imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
-imagenet_val = ""  # paper profile: ImageNet-1k validation folder, same layout
+imagenet_train: str | None = None  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
+imagenet_val: str | None = None  # paper profile: ImageNet-1k validation folder, same layout
+device: str | None = None  # where the SAEs train and encode; None: cuda when available, else cpu
 
 # %%
 import saekit.book
@@ -69,59 +70,71 @@ chapter = saekit.book.setup(globals())
 # **`mini`**: the toy-world ViT (6 layers, width 64, 48-pixel images cut into a 6 × 6 grid of
 # 8-pixel patches; trained to classify the toy world, see chapter 00) at layer 3, a middle
 # layer. Its SAE has 8 × 64 = 512 features and trains for 20 epochs of 512 patches per step on
-# the 1,800 training images (64,800 patches), at λ = 0.3: the recipe's λ ≈ 2.2e-3 is set for
-# ImageNet-scale runs and here leaves about half of the features firing on every patch (an L0
-# near 260 of 512 in a trial run). The comparison partner is the same toy ViT at its last
-# layer (5), with an SAE of its own: there is only one trained encoder in the toy world, and
-# its residual stream carries much of layer 3 on to layer 5, so most features *should* find a
-# counterpart, a check that the matching finds what is there. `-p family_b clip` compares
-# with the miniature CLIP instead, a real CLIP architecture with **random weights** (no hub
-# access here), whose features can only be colour and texture detectors.
+# every patch of the training images, at λ = 0.3: the recipe's λ ≈ 2.2e-3 is set for
+# ImageNet-scale runs and leaves far too many features firing on the toy ViT's patches (the
+# patch SAE section below trains both and shows it). The comparison partner is the same toy
+# ViT at its last layer (5), with an SAE of its own: there is only one trained encoder in the
+# toy world, and its residual stream carries much of layer 3 on to layer 5, so most features
+# *should* find a counterpart, a check that the matching finds what is there.
+# `-p family_b clip` compares with the miniature CLIP instead, a real CLIP architecture with
+# **random weights** (no hub access here), whose features can only be colour and texture
+# detectors.
 #
 # **`paper`**: the book's DINOv2 and CLIP checkpoints (`facebook/dinov2-giant`,
 # `openai/clip-vit-large-patch14`; paper 002 used the ViT-B/14 and ViT-B/16 versions) at their
 # second-to-last layer (paper 002 §9), recipe `stevens2025` as given (32 × expansion, λ ≈ 2.2e-3,
 # batch 16,384, one epoch). Beware the size: every patch of every training image is stored.
+#
+# The settings below resolve the profile's defaults and the parameters given; the layers left
+# open follow each encoder's depth.
 
 # %%
 # %matplotlib inline
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from IPython.display import HTML, display
+from IPython.display import HTML, Markdown, display
 
 from saekit.analysis import browser, compare, exemplars
+from saekit.analysis.exemplar_plots import exemplar_rows
 from saekit.analysis.ontology import ClassSetRule
 from saekit.analysis.widgets import switcher
 from saekit.models import load_encoder
 from saekit.sae import evaluate, metrics_table
-from saekit.studies.patch_features import train_patch_sae
+from saekit.studies.patch_features import (
+    PatchFeaturesSettings,
+    browsable_features,
+    dominant_part,
+    eval_patches,
+    ground_truth_note,
+    lambda_note,
+    matchable_features,
+    object_features,
+    part_shares,
+    plot_part_shares,
+    recipe_lambda_check,
+    store_patch_fractions,
+    train_patch_sae,
+)
 
-mini = chapter.profile == "mini"
-family = family or ("toyvit" if mini else "dinov2")
-family_b = family_b or ("toyvit" if mini else "clip")
-encoder = load_encoder(chapter.encoder_id(family))
-encoder_b = load_encoder(chapter.encoder_id(family_b))
-layer = layer if layer >= 0 else (3 if family == "toyvit" else encoder.n_layers - 2)
-layer_b = layer_b if layer_b >= 0 else (5 if family_b == "toyvit" else encoder_b.n_layers - 2)
-expansion = expansion or (8 if mini else 32)
-lam = lam or (0.3 if mini else 8e-5 * 768**0.5)
-epochs = epochs or (20 if mini else 1)
-batch_size = batch_size or (512 if mini else 16384)
-tile = 1.5 if mini else 1.8  # inches per exemplar image: the toy world's are 48 pixels
-# two layers of one model need telling apart in feature names
-label = exemplars.model_label(family) + (f"-L{layer}" if family == family_b else "")
-label_b = exemplars.model_label(family_b) + (f"-L{layer_b}" if family == family_b else "")
+settings = PatchFeaturesSettings.for_profile(**chapter.params)
+encoder = load_encoder(chapter.encoder_id(settings.family))
+encoder_b = load_encoder(chapter.encoder_id(settings.family_b))
+settings = settings.for_encoders(encoder.n_layers, encoder_b.n_layers)
+label, label_b = settings.labels
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 80)
-print(f"A: {label} (layer {layer} of {encoder.n_layers}), B: {label_b} (layer {layer_b})")
+print(f"A: {label} (layer {settings.layer} of {encoder.n_layers}), B: {label_b} "
+      f"(layer {settings.layer_b})")  # fmt: skip
+print(f"SAEs: {settings.expansion} x expansion, λ = {settings.lam:.3g}, {settings.epochs} "
+      f"epochs of {settings.batch_size} patches per step, on {settings.device}")  # fmt: skip
 
 # %%
-train = chapter.store(family, "train", layers=[layer], tokens="both")
-val = chapter.store(family, "val", layers=[layer], tokens="both")
+train = chapter.store(settings.family, "train", layers=[settings.layer], tokens="both")
+val = chapter.store(settings.family, "val", layers=[settings.layer], tokens="both")
 dataset = chapter.dataset("val")
 print(
-    f"training: {train.n_rows} images x {train.patches(layer).shape[1]} patches; "
+    f"training: {train.n_rows} images x {train.patches(settings.layer).shape[1]} patches; "
     f"exemplars from {val.n_rows} validation images of {len(val.class_names)} classes"
 )
 
@@ -137,12 +150,23 @@ print(
 # patches):
 
 # %%
-options = dict(expansion=expansion, l1=lam, epochs=epochs, batch_size=batch_size, seed=seed)
-sae = train_patch_sae(train, layer, chapter.workdir / "saes", **options)
+saes_root = chapter.workdir / "saes"
+options = dict(expansion=settings.expansion, l1=settings.lam, epochs=settings.epochs,
+               batch_size=settings.batch_size, device=settings.device)  # fmt: skip
+sae = train_patch_sae(train, settings.layer, saes_root, seed=settings.seed, **options)
 # the first images of the validation store, up to 65,536 patches (all of them in mini)
-n_eval = max(1, 2**16 // val.patches(layer).shape[1])
-eval_patches = np.array(val.patches(layer)[:n_eval]).reshape(-1, val.d_model)
-metrics_table({label: evaluate(sae, eval_patches, normalized=True)})
+metrics = {label: evaluate(sae, eval_patches(val, settings.layer), normalized=True)}
+metrics_table(metrics)
+
+# %% [markdown]
+# Why not the recipe's λ everywhere: the same SAE trained at the recipe's λ (cached like the
+# first), beside the chapter's:
+
+# %%
+check = recipe_lambda_check(settings, train, val, saes_root)
+if len(check):
+    display(check)
+display(Markdown(lambda_note(check, settings, int(sae.cfg.d_sae))))
 
 # %% [markdown]
 # ## Exemplars at scale
@@ -157,14 +181,18 @@ metrics_table({label: evaluate(sae, eval_patches, normalized=True)})
 # * *max_act*: its largest activation on any patch;
 # * *top_classes*: the classes with the highest mean image score $s_k$;
 # * *ontology*: the lowest common WordNet hypernym of its class set (chapter 03), with its
-#   coverage. A patch feature fires somewhere on many images, so a class joins the set only
-#   when the feature fires on at least `min_fire_frac` of the class's images **and** its mean
-#   score there is at least `min_rel_mean_act` of its best class's.
+#   coverage, or "no class set". A patch feature fires somewhere on many images, so a class
+#   joins the set only when the feature fires on at least `min_fire_frac` of the class's
+#   images **and** its mean score there is at least `min_rel_mean_act` of its best class's.
+#
+# (When no feature passes the density filter, as with a random-weight encoder, the strongest
+# live features are shown instead, with a note saying so.)
 
 # %%
-scan = exemplars.scan_store(val, sae, layer, k=n_exemplars, model=label)
-rule = ClassSetRule(min_fire_frac=min_fire_frac, min_rel_mean_act=min_rel_mean_act)
-features = exemplars.select_features(scan, n_features, max_image_freq=max_image_freq)
+scan = exemplars.scan_store(val, sae, settings.layer, k=settings.n_exemplars, model=label)
+rule = ClassSetRule(min_fire_frac=settings.min_fire_frac,
+                    min_rel_mean_act=settings.min_rel_mean_act)  # fmt: skip
+features = browsable_features(scan, settings.n_features, max_image_freq=settings.max_image_freq)
 facts = exemplars.feature_facts(scan, features, rule=rule)
 facts
 
@@ -175,8 +203,8 @@ facts
 
 # %%
 browser.jpeg(
-    exemplars.exemplar_rows(scan, val, sae, dataset, features[:6], k=6,
-                            processor=encoder.processor, tile=tile)
+    exemplar_rows(scan, val, sae, dataset, features[:6], k=6, processor=encoder.processor,
+                  tile=settings.tile)
 )  # fmt: skip
 
 # %% [markdown]
@@ -193,32 +221,31 @@ browser.jpeg(
 
 # %%
 part_features = []
-if mini:
+if settings.mini:
     from saekit.mini.toyworld import PART_NAMES
 
-    fractions = exemplars.store_patch_fractions(
-        val, dataset, val.grid(layer), len(PART_NAMES), processor=encoder.processor
+    fractions = store_patch_fractions(
+        val, dataset, val.grid(settings.layer), len(PART_NAMES), processor=encoder.processor
     )
-    common = np.flatnonzero(scan.image_freq_S >= min_match_freq)
-    shares = exemplars.part_shares(val, sae, layer, np.union1d(common, features), fractions,
-                                   PART_NAMES)  # fmt: skip
-    on_object = 1 - shares.loc[common, "background"]
-    part_features = [f for f in on_object.nlargest(n_part_features + n_features).index
-                     if f not in features][:n_part_features]  # fmt: skip
+    common = np.flatnonzero(scan.image_freq_S >= settings.min_match_freq)
+    shares = part_shares(val, sae, settings.layer, np.union1d(common, features), fractions,
+                         PART_NAMES)  # fmt: skip
+    part_features = object_features(shares, common, settings.n_part_features, exclude=features)
     shown = shares.loc[features + part_features]  # keeps the pixel shares in .attrs
-    exemplars.plot_part_shares(shown, [scan.name(f) for f in shown.index])
+    plot_part_shares(shown, [scan.name(f) for f in shown.index])
     plt.show()
     facts = exemplars.feature_facts(scan, features + part_features, rule=rule)
-    facts["part"] = exemplars.dominant_part(shown)
+    facts["part"] = dominant_part(shown)
     display(facts[["name", "image_freq", "token_freq", "top_classes", "ontology", "part"]])
+    display(Markdown(ground_truth_note(shown, features, part_features)))
 
 # %% [markdown]
 # The features tied to the object, with their exemplars:
 
 # %%
 if part_features:
-    display(browser.jpeg(exemplars.exemplar_rows(scan, val, sae, dataset, part_features, k=6,
-                                                 processor=encoder.processor, tile=tile)))  # fmt: skip
+    display(browser.jpeg(exemplar_rows(scan, val, sae, dataset, part_features, k=6,
+                                       processor=encoder.processor, tile=settings.tile)))  # fmt: skip
 
 # %% [markdown]
 # ## The feature browser
@@ -233,10 +260,10 @@ if part_features:
 # %%
 browsed = features + part_features
 source = compare.ExemplarSource(scan, val, sae, dataset, encoder.processor)
-cards = browser.feature_cards(
-    source, browsed, k=n_exemplars, facts=facts, tile=tile, dpi=85, image_format="jpeg"
-)
-rows = list(dict.fromkeys(int(scan.top_rows_SK[f, 0]) for f in browsed))[:n_browse_images]
+cards = browser.feature_cards(source, browsed, k=settings.n_exemplars, facts=facts,
+                              tile=settings.tile, dpi=85, image_format="jpeg")  # fmt: skip
+rows = list(dict.fromkeys(int(scan.top_rows_SK[f, 0]) for f in browsed))
+rows = rows[: settings.n_browse_images]
 views = browser.patch_views(source, rows, image_format="jpeg")
 browser.feature_browser(cards, views)
 
@@ -250,7 +277,7 @@ browser.feature_browser(cards, views)
 
 # %%
 page = browser.export_html(
-    chapter.workdir / "exports" / f"patch-features-{family}-L{layer}.html",
+    chapter.workdir / "exports" / f"patch-features-{settings.family}-L{settings.layer}.html",
     cards,
     title=f"{label} patch SAE: {len(cards)} features",
     intro=f"Exemplars from {val.n_rows} validation images; profile {chapter.profile}.",
@@ -279,24 +306,19 @@ display(HTML(
 # matching is run once more with B's images shuffled.
 
 # %%
-train_b = chapter.store(family_b, "train", layers=[layer_b], tokens="both")
-val_b = chapter.store(family_b, "val", layers=[layer_b], tokens="both")
-sae_b = train_patch_sae(train_b, layer_b, chapter.workdir / "saes", **{**options, "seed": seed + 1})
-scan_b = exemplars.scan_store(val_b, sae_b, layer_b, k=n_exemplars, model=label_b)
-n_eval_b = max(1, 2**16 // val_b.patches(layer_b).shape[1])
-eval_patches_b = np.array(val_b.patches(layer_b)[:n_eval_b]).reshape(-1, val_b.d_model)
-metrics_table(
-    {
-        label: evaluate(sae, eval_patches, normalized=True),
-        label_b: evaluate(sae_b, eval_patches_b, normalized=True),
-    }
-)
+train_b = chapter.store(settings.family_b, "train", layers=[settings.layer_b], tokens="both")
+val_b = chapter.store(settings.family_b, "val", layers=[settings.layer_b], tokens="both")
+sae_b = train_patch_sae(train_b, settings.layer_b, saes_root, seed=settings.seed + 1, **options)
+scan_b = exemplars.scan_store(val_b, sae_b, settings.layer_b, k=settings.n_exemplars,
+                              model=label_b)  # fmt: skip
+metrics[label_b] = evaluate(sae_b, eval_patches(val_b, settings.layer_b), normalized=True)
+metrics_table(metrics)
 
 # %%
-common = np.flatnonzero(scan.image_freq_S >= min_match_freq)
-pair = (val, sae, layer, val_b, sae_b, layer_b)
+common = matchable_features(scan, settings.min_match_freq, fallback=browsed)
+pair = (val, sae, settings.layer, val_b, sae_b, settings.layer_b)
 matches = compare.correlate_features(*pair, features_a=common)
-chance = compare.correlate_features(*pair, features_a=common, null_seed=seed)
+chance = compare.correlate_features(*pair, features_a=common, null_seed=settings.seed)
 compare.plot_best_correlations(matches, chance, label_a=label, label_b=label_b)
 plt.show()
 
@@ -332,17 +354,19 @@ table
 # matches; the dropdown below it shows every pair of the table.
 
 # %%
-source_b = compare.ExemplarSource(scan_b, val_b, sae_b, chapter.dataset("val"), encoder_b.processor)
+source_b = compare.ExemplarSource(scan_b, val_b, sae_b, dataset, encoder_b.processor)
 pairs = list(table[["feature_a", "feature_b"]].itertuples(index=False, name=None))
 correlations = table["correlation"].tolist()
-browser.jpeg(compare.plot_matched(source, source_b, pairs[:n_pairs], k=4,
-                                  correlations=correlations[:n_pairs], tile=tile))  # fmt: skip
+top = slice(settings.n_pairs)
+browser.jpeg(compare.plot_matched(source, source_b, pairs[top], k=4, correlations=correlations[top],
+                                  tile=settings.tile))  # fmt: skip
 
 # %%
 switcher(
     {
         f"{scan.name(a)} ↔ {scan_b.name(b)}": browser.figure_html(
-            compare.plot_matched(source, source_b, [(a, b)], k=4, correlations=[r], tile=tile),
+            compare.plot_matched(source, source_b, [(a, b)], k=4, correlations=[r],
+                                 tile=settings.tile),
             "jpeg",
             dpi=70,
         )
@@ -357,10 +381,12 @@ switcher(
 # * A patch SAE turns a layer's patches into features one can *look at*: each has exemplars,
 #   frequencies, a class profile and an ontology label, found in one streaming pass that never
 #   holds the codes of the whole store, so the same cells run on ImageNet in `paper`.
-# * In the toy world, the ground truth says what the exemplar overlays suggest: the strongest
-#   class-specific features of the middle layer fire on the *background* around the object
-#   (the ViT has spread the image's class over its background tokens), while the features that
-#   sit on the object's parts are mostly colour and texture detectors shared across classes.
+# * In the toy world, the masks check what the exemplar overlays suggest: the note under the
+#   part-share figure counts how many of the strongest features fire mostly on the
+#   *background* around the object (a ViT can spread an image's class over its background
+#   tokens) and how much of their activation the object-tied features put on its parts; their
+#   top classes tell class-specific features from colour and texture detectors shared across
+#   classes.
 # * Matching by correlation finds, for a feature of one encoder, the features of another that
 #   fire on the same images; features whose best match is no better than chance are where two
 #   encoders differ, which is where paper 002 looked for CLIP's cultural and cross-style

@@ -32,7 +32,8 @@ from saekit.analysis.browser import (  # noqa: E402
     patch_views,
 )
 from saekit.analysis.compare import ExemplarSource  # noqa: E402
-from saekit.analysis.exemplars import patch_features, scan_store, select_features  # noqa: E402
+from saekit.analysis.exemplar_plots import patch_features  # noqa: E402
+from saekit.analysis.exemplars import scan_store, select_features  # noqa: E402
 from saekit.data import ImageFolder  # noqa: E402
 from saekit.models import load_encoder  # noqa: E402
 

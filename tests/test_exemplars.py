@@ -20,29 +20,35 @@ from PIL import Image  # noqa: E402
 from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
-from saekit.analysis.exemplars import (  # noqa: E402
-    dominant_part,
+from saekit.analysis.exemplar_plots import (  # noqa: E402
     exemplar_figure,
     exemplar_rows,
-    feature_facts,
-    feature_name,
-    merge_top_k,
-    model_label,
     model_view,
     overlay_patches,
-    part_shares,
     patch_features,
-    plot_part_shares,
     row_images,
+)
+from saekit.analysis.exemplars import (  # noqa: E402
+    NO_CLASS_SET,
+    feature_facts,
+    feature_name,
+    model_label,
     scan_store,
     select_features,
-    store_patch_fractions,
     width_label,
 )
+from saekit.analysis.ontology import ClassSetRule  # noqa: E402
 from saekit.data import ImageFolder  # noqa: E402
-from saekit.mini.miniatures import miniature
+from saekit.mini.miniatures import miniature  # noqa: E402
 from saekit.models import load_encoder  # noqa: E402
-from saekit.studies.patch_features import train_patch_sae
+from saekit.sae.codes import merge_top_k  # noqa: E402
+from saekit.studies.patch_features import (  # noqa: E402
+    dominant_part,
+    part_shares,
+    plot_part_shares,
+    store_patch_fractions,
+    train_patch_sae,
+)
 
 # tench, goldfish (both cyprinids), great white shark
 WNIDS = ("n01440764", "n01443537", "n01484850")
@@ -238,6 +244,28 @@ def test_planted_feature_facts_and_ontology_label(world):
     assert plain.loc[0, "ontology"] is None
 
 
+def test_facts_of_features_without_a_class_set(world):
+    """No browsed feature with a class set (issue 13: pandas turned the empty label table into
+    floats and the facts crashed): every feature still gets its facts and says it has none."""
+    store = world["store"]
+    sae = _planted_sae(store)
+    with torch.no_grad():
+        sae.b_enc[5:] = -1e3  # features 5-7 never fire
+    scan = scan_store(store, sae, LAYER, k=4, progress=False)
+    sets_SC = ClassSetRule().apply(scan.class_stats)
+    silent = [int(f) for f in np.flatnonzero(~sets_SC.any(1))]
+    assert silent == [5, 6, 7]
+    facts = feature_facts(scan, silent)
+    assert list(facts.index) == silent and (facts["n_classes"] == 0).all()
+    assert (facts["ontology"] == NO_CLASS_SET).all()
+    np.testing.assert_allclose(facts["image_freq"], scan.image_freq_S[silent])
+    # mixed: the planted feature keeps its label beside them, in the order asked for
+    mixed = feature_facts(scan, [silent[0], 0])
+    assert mixed.loc[silent[0], "ontology"] == NO_CLASS_SET
+    assert mixed.loc[0, "ontology"].startswith("cyprinid (coverage 1.00, 2 classes)")
+    assert feature_facts(scan, []).empty
+
+
 # --------------------------------------------------------------------------- grids
 
 
@@ -291,7 +319,7 @@ def test_exemplar_figure_and_wrong_dataset(world, tmp_path):
 def test_patch_features_lists_active_features_strongest_first(world):
     store = world["store"]
     sae = _random_sae(store.d_model, 24)
-    acts_PD = np.asarray(store.patches(LAYER)[3], np.float32)
+    acts_PD = np.array(store.patches(LAYER)[3], np.float32)
     listed = patch_features(sae, acts_PD, top=24)
     codes_PS = sae.encode(torch.from_numpy(acts_PD)).detach()
     assert len(listed) == len(acts_PD)

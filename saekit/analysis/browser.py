@@ -21,21 +21,27 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from PIL import Image
 from tqdm.auto import tqdm
 
 from saekit.analysis.compare import ExemplarSource
-from saekit.analysis.exemplars import exemplar_figure, feature_facts, patch_features, row_images
+from saekit.analysis.exemplar_plots import exemplar_figure, patch_features, row_images
+from saekit.analysis.exemplars import feature_facts
 from saekit.analysis.widgets import figure_png, switcher
+from saekit.taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from IPython.display import Image as IPythonImage
 
 #: fact columns shown on a card, with their labels ('part' only where the facts have it, e.g.
-#: `saekit.analysis.exemplars.dominant_part` from segmentation masks)
+#: `saekit.studies.patch_features.dominant_part` from segmentation masks)
 CARD_FACTS = {
     "image_freq": "fires on images",
     "token_freq": "fires on tokens",
@@ -112,7 +118,7 @@ def image_tag(data: bytes, image_format: str = "png", alt: str = "") -> str:
     )
 
 
-def jpeg(figure: Figure, dpi: int = 100) -> Any:
+def jpeg(figure: Figure, dpi: int = 100) -> IPythonImage:
     """A figure as an inline JPEG for a notebook (an ``IPython.display.Image``; make it a cell's
     last expression). Exemplar grids of noisy textures or photographs are several times smaller
     than as PNG, which counts in a book page that stores every figure."""
@@ -140,7 +146,7 @@ def feature_cards(
     *,
     k: int = 8,
     facts: pd.DataFrame | None = None,
-    taxonomy: Any = "auto",
+    taxonomy: Taxonomy | str | None = "auto",
     ncols: int = 4,
     tile: float = 1.8,
     dpi: int = 110,
@@ -178,7 +184,7 @@ def feature_cards(
     return cards
 
 
-def _numbered_grid(image: Any, grid: tuple[int, int], image_format: str) -> bytes:
+def _numbered_grid(image: Image.Image, grid: tuple[int, int], image_format: str) -> bytes:
     h, w = grid
     fig, ax = plt.subplots(figsize=(3, 3 * image.height / image.width))
     ax.imshow(image, extent=(0, w, h, 0))

@@ -15,7 +15,7 @@ The pass streams both stores chunk by chunk and keeps only sums, sums of squares
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,15 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from sae_lens import SAE
 from tqdm.auto import tqdm
+from transformers import BaseImageProcessor
 
-from saekit.analysis.exemplars import RANK_BY, ExemplarScan, exemplar_figure
-from saekit.sae.codes import check_width
+from saekit.activations import Store
+from saekit.analysis.exemplar_plots import exemplar_figure
+from saekit.analysis.exemplars import RANK_BY, ExemplarScan
+from saekit.data import ImageDataset
+from saekit.sae.codes import iter_codes
 
 
 @dataclass
@@ -36,13 +41,13 @@ class ExemplarSource:
 
     scan: ExemplarScan
     """The SAE's exemplar scan (`saekit.analysis.exemplars.scan_store`)."""
-    store: Any
+    store: Store
     """The activation store the scan read."""
-    sae: Any
+    sae: SAE
     """The SAE."""
-    dataset: Any
+    dataset: ImageDataset
     """The image dataset the store was extracted from."""
-    processor: Any = None
+    processor: BaseImageProcessor | None = None
     """The encoder's image processor, to show images as the model saw them."""
 
 
@@ -63,7 +68,11 @@ class FeatureMatches:
         order_FT = np.argsort(-self.corr_FS, axis=1, kind="stable")[:, :top]
         return order_FT, np.take_along_axis(self.corr_FS, order_FT, axis=1)
 
-    def table(self, names_a: Any = None, names_b: Any = None) -> pd.DataFrame:
+    def table(
+        self,
+        names_a: Callable[[int], str] | None = None,
+        names_b: Callable[[int], str] | None = None,
+    ) -> pd.DataFrame:
         """One row per A feature with its best B match, strongest matches first. ``names_a`` /
         ``names_b`` (e.g. two scans' ``name`` methods) label the features."""
         best_F, corr_F = (column[:, 0] for column in self.best(1))
@@ -80,7 +89,7 @@ class FeatureMatches:
         )
 
 
-def shared_rows(store_a: Any, store_b: Any) -> tuple[np.ndarray, np.ndarray]:
+def shared_rows(store_a: Store, store_b: Store) -> tuple[np.ndarray, np.ndarray]:
     """Rows of each store holding the same images (matched by image id), in store A's order."""
     ids_a, ids_b = list(store_a.image_ids), list(store_b.image_ids)
     if ids_a == ids_b:
@@ -97,9 +106,24 @@ def shared_rows(store_a: Any, store_b: Any) -> tuple[np.ndarray, np.ndarray]:
     return rows_a, rows_b
 
 
+class _RowsView:
+    """Rows ``rows`` of an activation array, in that order, read only when sliced (what
+    `saekit.sae.codes.iter_codes` reads chunk by chunk), so a memory-mapped store stays on disk."""
+
+    def __init__(self, acts: Any, rows: np.ndarray) -> None:
+        self.acts, self.rows = acts, rows
+        self.shape = (len(rows), *acts.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return np.asarray(self.acts[self.rows[index]])
+
+
 def image_scores(
-    store: Any,
-    sae: Any,
+    store: Store,
+    sae: SAE,
     layer: int,
     rows: np.ndarray,
     *,
@@ -111,14 +135,9 @@ def image_scores(
     if reduce not in RANK_BY:
         raise ValueError(f"reduce must be one of {RANK_BY}, not {reduce!r}")
     acts = store.cls(layer) if reduce == "cls" else store.patches(layer)
-    check_width(sae, acts.shape[-1])
     per_image = 1 if reduce == "cls" else int(acts.shape[1])
     chunk = images_per_chunk or max(1, tokens_per_chunk // per_image)
-    device, dtype = sae.W_dec.device, sae.W_dec.dtype
-    for start in range(0, len(rows), chunk):
-        x = np.array(acts[rows[start : start + chunk]], dtype=np.float32)
-        with torch.no_grad():
-            codes = sae.encode(torch.from_numpy(x).to(device, dtype))
+    for _, codes in iter_codes(sae, _RowsView(acts, np.asarray(rows)), chunk):
         if reduce == "max":
             codes = codes.amax(1)
         elif reduce == "mean":
@@ -127,11 +146,11 @@ def image_scores(
 
 
 def correlate_features(
-    store_a: Any,
-    sae_a: Any,
+    store_a: Store,
+    sae_a: SAE,
     layer_a: int,
-    store_b: Any,
-    sae_b: Any,
+    store_b: Store,
+    sae_b: SAE,
     layer_b: int,
     *,
     features_a: Sequence[int] | None = None,

@@ -37,10 +37,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sae_lens import SAE
 from torch import nn
 
 from saekit.analysis.probes import mean_iou
-from saekit.sae.codes import check_width
+from saekit.models import Encoder
+from saekit.sae.codes import check_width, device_dtype
 
 EDIT_MODES = ("suppress", "scale", "set")
 
@@ -137,12 +139,12 @@ def edit_codes(codes: torch.Tensor, edit: Edit, tokens: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def intervene(acts: torch.Tensor, sae: Any, edit: Edit) -> Intervention:
+def intervene(acts: torch.Tensor, sae: SAE, edit: Edit) -> Intervention:
     """Steps 1-5: edited activations ``x' = x + (SAE.decode(z') − SAE.decode(z))``."""
     check_width(sae, acts.shape[-1])
     if max(edit.features) >= sae.cfg.d_sae or min(edit.features) < 0:
         raise IndexError(f"features {edit.features} are outside the SAE's 0..{sae.cfg.d_sae - 1}")
-    x = acts.to(sae.W_dec.device, sae.W_dec.dtype)
+    x = acts.to(*device_dtype(sae))
     tokens = token_mask(edit.patches, acts.shape).to(x.device)
     codes = sae.encode(x)
     edited_codes = edit_codes(codes, edit, tokens)
@@ -217,7 +219,9 @@ class Comparison:
             rows[condition] = row
         return pd.DataFrame.from_dict(rows, orient="index")
 
-    def _pixel_predictions(self, masks_BHW: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _pixel_predictions(
+        self, masks_BHW: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The masks as a tensor and, per condition, the predicted class of every pixel:
         patch-level logits ``[B, C, h, w]`` bilinearly upsampled to the masks' size, as paper
         002 §11 scores them."""
@@ -232,7 +236,9 @@ class Comparison:
             predictions[condition] = upsampled.argmax(1)
         return masks, predictions
 
-    def miou(self, masks_BHW: Any, n_classes: int, ignore_index: int = 255) -> dict[str, float]:
+    def miou(
+        self, masks_BHW: np.ndarray | torch.Tensor, n_classes: int, ignore_index: int = 255
+    ) -> dict[str, float]:
         """Per condition: mIoU against ``masks_BHW`` (pixels marked ``ignore_index`` skipped)."""
         masks, predictions = self._pixel_predictions(masks_BHW)
         return {
@@ -241,7 +247,10 @@ class Comparison:
         }
 
     def iou(
-        self, masks_BHW: Any, class_names: Sequence[str], ignore_index: int = 255
+        self,
+        masks_BHW: np.ndarray | torch.Tensor,
+        class_names: Sequence[str],
+        ignore_index: int = 255,
     ) -> pd.DataFrame:
         """Per condition (rows) and class (columns): IoU against ``masks_BHW``; NaN for a class
         in neither the prediction nor the masks."""
@@ -256,7 +265,7 @@ class Comparison:
 @torch.no_grad()
 def compare(
     acts: torch.Tensor,
-    sae: Any,
+    sae: SAE,
     edit: Edit,
     head: Callable[[torch.Tensor], torch.Tensor],
     *,
@@ -273,12 +282,23 @@ def compare(
         edit.value,
     )
     outputs = {
-        "original": head(acts),
-        "edited": head(result.edited),
-        "random direction": head(random_direction(acts, result.delta, seed)),
-        "random feature": head(intervene(acts, sae, control).edited),
+        "original": apply_head(head, acts),
+        "edited": apply_head(head, result.edited),
+        "random direction": apply_head(head, random_direction(acts, result.delta, seed)),
+        "random feature": apply_head(head, intervene(acts, sae, control).edited),
     }
     return Comparison(outputs, result, control.features)
+
+
+def apply_head(head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``head(x)``, with ``x`` moved to the head's device when the head is a module (or a
+    module's method, such as ``SegmentationHead.patch_logits``), and the output returned on the
+    CPU: an encoder and SAE on a GPU can then feed a small head trained on the CPU, and every
+    condition's outputs compare on one device."""
+    owner = getattr(head, "__self__", head)
+    if isinstance(owner, nn.Module):
+        x = x.to(device_dtype(owner)[0])
+    return head(x).cpu()
 
 
 # --------------------------------------------------------------------------- deeper heads
@@ -294,7 +314,7 @@ def _blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
 
 @contextlib.contextmanager
 def replace_block_output(
-    encoder: Any, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]
+    encoder: Encoder, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]
 ) -> Iterator[None]:
     """While active, block ``layer``'s output tokens ``[B, T, D]`` are passed through
     ``replace`` before the next block reads them."""
@@ -313,7 +333,7 @@ def replace_block_output(
 
 
 def continue_forward(
-    encoder: Any,
+    encoder: Encoder,
     pixel_values: torch.Tensor,
     layer: int,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -347,16 +367,16 @@ def continue_forward(
 
         with torch.no_grad(), replace_block_output(encoder, layer, swap):
             out = encoder.forward_pixels(pixel_values, layers=[readout])
-        return head(out.cls[readout] if tokens == "cls" else out.patches[readout])
+        return apply_head(head, out.cls[readout] if tokens == "cls" else out.patches[readout])
 
     return run
 
 
 @torch.no_grad()
 def compare_in_encoder(
-    encoder: Any,
+    encoder: Encoder,
     images: Sequence[Image.Image] | torch.Tensor,
-    sae: Any,
+    sae: SAE,
     layer: int,
     edit: Edit,
     head: Callable[[torch.Tensor], torch.Tensor],

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
+from sae_lens import SAE
+from transformers import BaseImageProcessor
 
-from saekit.analysis.exemplars import model_view, overlay_patches
-from saekit.sae.codes import check_width
+from saekit.analysis.exemplar_plots import model_view, overlay_patches
+from saekit.models import Encoder
+from saekit.sae.codes import check_width, device_dtype
 
 
 def propagate_relevancy(
@@ -97,9 +99,9 @@ class RelevancyMaps:
 
 
 def relevancy_maps(
-    encoder: Any,
+    encoder: Encoder,
     images: Sequence[Image.Image] | torch.Tensor,
-    sae: Any,
+    sae: SAE,
     layer: int,
     features: int | Sequence[int],
 ) -> RelevancyMaps:
@@ -127,7 +129,8 @@ def relevancy_maps(
         attentions = [out.attentions[i] for i in range(layer + 1)]
         cls_BD = out.cls[layer]
         check_width(sae, cls_BD.shape[-1])
-        codes_BS = sae.encode(cls_BD.to(sae.W_dec.device, sae.W_dec.dtype))
+        # Not `iter_codes`: that encodes without gradients, and the map needs ∂z_f/∂A_i.
+        codes_BS = sae.encode(cls_BD.to(*device_dtype(sae)))
         maps, acts = [], []
         for position, feature in enumerate(features):
             activation_B = codes_BS[:, feature]
@@ -160,7 +163,7 @@ def plot_relevancy(
     images: Sequence[Image.Image],
     maps: RelevancyMaps,
     *,
-    processor: Any | None = None,
+    processor: BaseImageProcessor | None = None,
     feature_names: Sequence[str] | None = None,
     tile: float = 2.0,
 ) -> Figure:
@@ -202,7 +205,7 @@ def relevancy_share(maps_Bhw: np.ndarray, coverage_Bhw: np.ndarray) -> np.ndarra
 def plot_relevancy_rows(
     rows: Sequence[tuple[str, Sequence[Image.Image], RelevancyMaps]],
     *,
-    processor: Any | None = None,
+    processor: BaseImageProcessor | None = None,
     tile: float = 1.5,
 ) -> Figure:
     """One row per feature, each with its own images (e.g. its top images) overlaid with its
