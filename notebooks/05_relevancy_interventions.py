@@ -47,28 +47,29 @@
 # %% tags=["parameters"]
 profile = "mini"
 seed = 0  # seeds the SAEs, the batch order, the heads and the controls
-synsets = []  # WordNet ids of the groups studied; []: the toy world's 5 groups (ImageNet synsets)
-relevancy_layer = 0  # layer of the relevancy CLS SAE; 0: profile default (mini 4, paper 36)
-lam = 0.0  # λ of the CLS SAE (recipe olson2025); 0: profile default (mini 3, paper 10)
-cls_epochs = 0  # passes over the store for the CLS SAE; 0: profile default (mini 60, paper 3)
+synsets: list[str] | None = None  # WordNet ids of the groups; None: the toy world's 5 groups
+relevancy_layer: int | None = None  # layer of the relevancy CLS SAE; None: mini 4, paper 36
+lam: float | None = None  # λ of the CLS SAE (olson2025); None: chapter 03's (mini 3, paper 10)
+cls_epochs: int | None = None  # CLS SAE's passes over the store; None: chapter 03's (mini 100, paper 3)
 n_images = 6  # top images per feature in the relevancy figure (twice as many in the widget)
-patch_layer = 0  # layer of the edited patch SAE; 0: profile default (mini 1, paper second-to-last)
-patch_arch = ""  # patch SAE architecture; "": profile default (mini topk, paper relu as paper 002)
+patch_layer: int | None = None  # layer of the edited patch SAE; None: mini 1, paper 38 (second-to-last)
+patch_arch: str | None = None  # patch SAE architecture; None: mini topk, paper relu (as paper 002)
 patch_k = 8  # active latents per patch of a topk patch SAE
-patch_expansion = 0  # patch SAE width over model width; 0: profile default (mini 4, paper 32)
-patch_epochs = 0  # passes over the patch store; 0: profile default (mini 10, paper 1)
-patch_batch = 0  # patch SAE minibatch; 0: profile default (mini 512, paper the recipe's 16384)
+patch_expansion: int | None = None  # patch SAE width over model width; None: mini 4, paper 32
+patch_epochs: int | None = None  # passes over the patch store; None: mini 10, paper 1
+patch_batch: int | None = None  # patch SAE minibatch; None: mini 512, paper the recipe's 16384
 edit_images = 120  # at most this many validation images of each group are edited
 n_suppress = 5  # the dose-response curve suppresses up to this many of a group's features
 head_epochs = 20  # epochs of the linear segmentation head
 head_weight_decay = 1.0  # AdamW weight decay of the segmentation head
 weak_weight_decay = 0.001  # the weakly regularised head it is compared with
 min_region_patches = 50  # parts covering fewer validation patches are left out of the table
-segmentation_train = ""  # paper profile: image folder with masks in a sibling <folder>_masks
-segmentation_val = ""  # paper profile: the same layout, for evaluation
+segmentation_train: str | None = None  # paper profile: image folder, masks in sibling <folder>_masks
+segmentation_val: str | None = None  # paper profile: the same layout, for evaluation
 segmentation_classes = 150  # paper profile: number of mask classes (ADE20K 150)
-imagenet_train = ""  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
-imagenet_val = ""  # paper profile: ImageNet-1k validation folder, same layout
+imagenet_train: str | None = None  # paper profile: ImageNet-1k train folder (one sub-folder per wnid)
+imagenet_val: str | None = None  # paper profile: ImageNet-1k validation folder, same layout
+device: str | None = None  # where the encoder and SAEs run; None: cuda when available, else cpu
 
 # %%
 import saekit.book
@@ -81,19 +82,21 @@ chapter = saekit.book.setup(globals())
 # The `mini` profile runs on the toy world and its 6-layer ViT (width 64, a 6×6 patch grid);
 # the `paper` profile on DINOv2 ViT-g/14 and ImageNet. The groups studied are five WordNet
 # synsets, *dog, bird, fish, vehicle* and *musical instrument*: the toy world's planted top
-# level, and ordinary ImageNet synsets in the paper profile. Defaults that depend on the
-# profile are resolved here:
+# level, and ordinary ImageNet synsets in the paper profile. The settings resolve the
+# profile's defaults:
 #
 # * the relevancy SAE reads layer 36 of DINOv2's 40, as paper 000 Fig. 3 does, and layer 4 of
-#   the toy ViT's 6;
-# * paper 002 edits the second-to-last layer. The toy ViT's CLS token has gathered most of its
-#   group evidence by the middle layers (chapter 00's probes reach 94% on the groups at layer
-#   2), so edits of later patch tokens hardly reach the class read off the last layer; in
-#   `mini` the edit goes to layer 1, which leaves four blocks for it to travel through. The
-#   segmentation head reads the same layer as the SAE;
+#   the toy ViT's 6. It is chapter 03's SAE of that layer (same λ, epochs, seed and store), so
+#   it comes from the SAE cache when chapter 03 has run;
+# * paper 002 edits the second-to-last layer. The toy ViT's CLS token gathers its group
+#   evidence early (chapter 00 probes it layer by layer), so edits of its last patch tokens
+#   hardly reach the class read off the last layer; in `mini` the edit goes to layer 1, which
+#   leaves four blocks for it to travel through. The segmentation head reads the same layer as
+#   the SAE;
 # * paper 002 trains a ReLU SAE with an L1 penalty (recipe `stevens2025`). On the toy ViT's
-#   64-wide activations the recipe's λ leaves hundreds of latents active per patch, so `mini`
-#   trains a TopK SAE (k = 8, 4× expansion; same recipe otherwise) and fewer, smaller batches.
+#   64-wide activations the recipe's λ leaves far too many latents active per patch (chapter
+#   04 measures it), so `mini` trains a TopK SAE (k = 8, 4× expansion; same recipe otherwise)
+#   and fewer, smaller batches.
 
 # %%
 # %matplotlib inline
@@ -103,57 +106,49 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from saekit.activations import extract
-from saekit.analysis.exemplars import exemplar_figure, feature_facts, model_view, scan_store
-from saekit.analysis.interventions import (
-    Edit,
-    compare_in_encoder,
-)
+from saekit.analysis.exemplar_plots import exemplar_figure, model_view
+from saekit.analysis.exemplars import feature_facts, scan_store
+from saekit.analysis.interventions import Edit, compare_in_encoder
 from saekit.analysis.probes import (
     SegmentationConfig,
     mean_iou,
     train_probe,
     train_segmentation_head,
 )
-from saekit.analysis.relevancy import plot_relevancy_rows, relevancy_maps, relevancy_share
+from saekit.analysis.relevancy import plot_relevancy_rows, relevancy_maps
 from saekit.analysis.widgets import switcher
-from saekit.data import ImageFolder
-from saekit.masks import (
-    load_masks,
-    patch_coverage,
-)
-from saekit.mini.toyworld import GROUPS, PART_NAMES
+from saekit.masks import load_masks
 from saekit.models import load_encoder
-from saekit.sae import SAESpec, evaluate, metrics_table, train_or_load
+from saekit.sae import evaluate, metrics_table, train_or_load
 from saekit.studies import ontology as ontology_study
 from saekit.studies.relevancy_interventions import (
+    RelevancySettings,
     class_contrast,
     classification_table,
     edit_part,
     group_tie_table,
+    object_relevancy,
     part_effects,
+    part_features,
+    segmentation_data,
+    summary,
+    suppression_curve,
+    synset_groups,
+)
+from saekit.studies.relevancy_interventions_figures import (
     plot_class_probabilities,
     plot_segmentation_edit,
     plot_suppression_curves,
-    suppression_curve,
-    tie_scores,
 )
-from saekit.taxonomy import Taxonomy
 
-mini = chapter.profile == "mini"
-family = "toyvit" if mini else "dinov2"
-encoder = load_encoder(chapter.encoder_id(family))
+settings = RelevancySettings.for_profile(**chapter.params)
+encoder = load_encoder(chapter.encoder_id(settings.family), device=settings.device)
 last = encoder.n_layers - 1
-relevancy_layer = relevancy_layer or (4 if mini else 36)
-patch_layer = patch_layer or (1 if mini else encoder.n_layers - 2)
-lam = lam or (3.0 if mini else 10.0)
-cls_epochs = cls_epochs or (60 if mini else 3)
-patch_arch = patch_arch or ("topk" if mini else "relu")
-patch_expansion = patch_expansion or (4 if mini else 32)
-patch_epochs = patch_epochs or (10 if mini else 1)
-patch_batch = patch_batch or (512 if mini else 16384)
 pd.set_option("display.precision", 3)
 print(encoder)
+print(f"relevancy: CLS SAE of layer {settings.relevancy_layer} (λ = {settings.lam:g}, "
+      f"{settings.cls_epochs} epochs); edits: {settings.patch_spec.label} patch SAE, "
+      f"{settings.patch_epochs} epochs of {settings.patch_batch}; on {settings.device}")  # fmt: skip
 
 # %% [markdown]
 # Activations come from the shared store cache: every layer's CLS token (the store chapters 00
@@ -161,17 +156,14 @@ print(encoder)
 # images. The groups' classes are the leaves of each synset among the store's classes.
 
 # %%
-train_cls = chapter.store(family, "train")
-val_cls = chapter.store(family, "val")
-train_patch = chapter.store(family, "train", layers=[patch_layer], tokens="patch")
-val_patch = chapter.store(family, "val", layers=[patch_layer], tokens="patch")
+train_cls = chapter.store(settings.family, "train")
+val_cls = chapter.store(settings.family, "val")
+layers = [settings.patch_layer]
+train_patch = chapter.store(settings.family, "train", layers=layers, tokens="patch")
+val_patch = chapter.store(settings.family, "val", layers=layers, tokens="patch")
 train_images, val_images = chapter.dataset("train"), chapter.dataset("val")
 class_names = val_cls.class_names
-taxonomy = Taxonomy.from_store(val_cls)
-groups = {
-    taxonomy.name(wnid): [val_cls.wnids.index(leaf) for leaf in taxonomy.leaf_set(wnid)]
-    for wnid in (synsets or [group.wnid for group in GROUPS])
-}
+groups = synset_groups(val_cls, settings.synsets)
 pd.DataFrame(
     {"classes": [len(c) for c in groups.values()],
      "examples": [", ".join(class_names[i] for i in c[:4]) for c in groups.values()]},
@@ -184,8 +176,9 @@ pd.DataFrame(
 # ### A CLS SAE and the features tied to each group
 #
 # The relevancy SAE is the ontology chapter's: ReLU, recipe `olson2025`, 8× expansion, on the
-# CLS token of one layer, trained by the sweep trainer (`saekit.sae.sweep_from_store`) and
-# reused from that chapter's cache when it has run. One streaming pass over the validation
+# CLS token of one layer. The request (store, λ, epochs, seed) equals chapter 03's, so the SAE
+# cache (`saekit.sae.train_or_load`) hands back the SAE chapter 03 trained; it is trained here
+# only when that chapter has not run. One streaming pass over the validation
 # store (`saekit.analysis.exemplars.scan_store`) gives every feature's top images and its mean
 # activation per class; the feature *tied* to a group is the one whose mean activation over
 # the group's classes exceeds its mean over the other classes by the most.
@@ -194,12 +187,14 @@ pd.DataFrame(
 cls_sae = ontology_study.layer_saes(
     train_cls,
     chapter.workdir / "saes",
-    lam=lam,
-    epochs=cls_epochs,
-    layers=[relevancy_layer],
-    seed=seed,
-)[relevancy_layer]
-cls_scan = scan_store(val_cls, cls_sae, relevancy_layer, k=2 * n_images, rank_by="cls")
+    lam=settings.lam,
+    epochs=settings.cls_epochs,
+    layers=[settings.relevancy_layer],
+    seed=settings.seed,
+    device=settings.device,
+)[settings.relevancy_layer]
+cls_scan = scan_store(val_cls, cls_sae, settings.relevancy_layer, k=2 * settings.n_images,
+                      rank_by="cls")  # fmt: skip
 cls_features = {
     name: int(np.argmax(class_contrast(cls_scan.class_stats.mean_act_SC, classes)))
     for name, classes in groups.items()
@@ -224,9 +219,11 @@ for name, feature in cls_features.items():
     relevancy[name] = (
         rows,
         images,
-        relevancy_maps(encoder, images, cls_sae, relevancy_layer, feature),
+        relevancy_maps(encoder, images, cls_sae, settings.relevancy_layer, feature),
     )
-first = {name: range(min(n_images, len(images))) for name, (_, images, _) in relevancy.items()}
+first = {
+    name: range(min(settings.n_images, len(images))) for name, (_, images, _) in relevancy.items()
+}
 figure = plot_relevancy_rows(
     [(f"{name}\n{cls_scan.name(cls_features[name])}", images[: len(first[name])],
       maps.subset(first[name]))
@@ -267,22 +264,14 @@ switcher(
 # this check runs in the `mini` profile only.
 
 # %%
-if mini:
-    object_masks = load_masks(val_cls, val_images, encoder.processor)
-    object_rows = []
-    for name, (rows, _, maps) in relevancy.items():
-        coverage = patch_coverage(object_masks[rows], maps.grid)
-        share = relevancy_share(maps.maps_FBhw[0], coverage)
-        object_rows.append(
-            {
-                "group": name,
-                "feature": cls_scan.name(cls_features[name]),
-                "relevancy on the object": share.mean(),
-                "object's share of the image": coverage.mean(),
-                "ratio": share.mean() / coverage.mean(),
-            }
-        )
-    display(pd.DataFrame(object_rows).set_index("group"))
+object_table = None
+if settings.mini:
+    object_table = object_relevancy(
+        {name: (rows, maps) for name, (rows, _, maps) in relevancy.items()},
+        load_masks(val_cls, val_images, encoder.processor),
+        {name: cls_scan.name(feature) for name, feature in cls_features.items()},
+    )
+    display(object_table)
 
 # %% [markdown]
 # ## Part 2: interventions
@@ -294,16 +283,15 @@ if mini:
 # patches of (up to 1,000) validation images, in paper 002's MSE / L0 / Dead / Dense terms:
 
 # %%
-spec = SAESpec(
-    arch=patch_arch, layer=patch_layer, expansion=patch_expansion, recipe="stevens2025",
-    k=patch_k if patch_arch in ("topk", "batchtopk") else None, seed=seed,
-)  # fmt: skip
 patch_sae = train_or_load(
-    spec, train_patch, root=chapter.workdir / "saes", tokens="patch", batch_size=patch_batch,
-    epochs=patch_epochs, seed=seed,
+    settings.patch_spec, train_patch, root=chapter.workdir / "saes", tokens="patch",
+    batch_size=settings.patch_batch, epochs=settings.patch_epochs, seed=settings.seed,
+    device=settings.device,
 )  # fmt: skip
-val_patches = np.array(val_patch.patches(patch_layer)[:1000], dtype=np.float32)  # ≤ 1000 images
-metrics_table({spec.label: evaluate(patch_sae, val_patches.reshape(-1, val_patches.shape[-1]), normalized=True)})
+val_patches = np.array(val_patch.patches(settings.patch_layer)[:1000], np.float32)  # ≤ 1000 images
+metrics_table({settings.patch_spec.label: evaluate(
+    patch_sae, val_patches.reshape(-1, val_patches.shape[-1]), normalized=True
+)})  # fmt: skip
 
 # %% [markdown]
 # ### Classification: observe, hypothesise, intervene
@@ -326,7 +314,7 @@ print(f"probe accuracy on the validation images: "
 # group, with its activation on each patch overlaid:
 
 # %%
-patch_scan = scan_store(train_patch, patch_sae, patch_layer, k=6, rank_by="max")
+patch_scan = scan_store(train_patch, patch_sae, settings.patch_layer, k=6, rank_by="max")
 ranked = {
     name: [int(f) for f in np.argsort(-class_contrast(patch_scan.class_stats.mean_act_SC, classes))]
     for name, classes in groups.items()
@@ -359,15 +347,15 @@ group_tie_table(patch_scan.class_stats, {name: ranked[name][0] for name in group
 
 # %%
 group_images, group_labels, class_edits = {}, {}, {}
-rng = np.random.default_rng(seed)
+rng = np.random.default_rng(settings.seed)
 for name, classes in groups.items():
     rows = np.flatnonzero(np.isin(val_cls.labels, classes))
-    rows = np.sort(rng.choice(rows, size=min(edit_images, len(rows)), replace=False))
+    rows = np.sort(rng.choice(rows, size=min(settings.edit_images, len(rows)), replace=False))
     group_images[name] = [val_images.load(int(val_cls.rows[r])) for r in rows]
     group_labels[name] = val_cls.labels[rows]
-    class_edits[name] = compare_in_encoder(
-        encoder, group_images[name], patch_sae, patch_layer, Edit(ranked[name][0]), probe, seed=seed
-    )
+    class_edits[name] = compare_in_encoder(encoder, group_images[name], patch_sae,
+                                           settings.patch_layer, Edit(ranked[name][0]), probe,
+                                           seed=settings.seed)  # fmt: skip
 effects = pd.concat(
     {
         name: classification_table(comparison, group_labels[name], groups[name])
@@ -392,9 +380,9 @@ effects.unstack("condition").swaplevel(axis=1)[conditions]
 
 # %%
 curves = pd.concat(
-    [suppression_curve(encoder, group_images[name], patch_sae, patch_layer,
-                       ranked[name][:n_suppress], probe, group_labels[name], groups[name],
-                       seed=seed).assign(group=name)
+    [suppression_curve(encoder, group_images[name], patch_sae, settings.patch_layer,
+                       ranked[name][: settings.n_suppress], probe, group_labels[name],
+                       groups[name], seed=settings.seed).assign(group=name)
      for name in groups],
     ignore_index=True,
 )  # fmt: skip
@@ -433,30 +421,18 @@ switcher(probability_views, "group")
 # why that matters is the last section of this chapter.
 
 # %%
-if mini:
-    seg_train, seg_val = train_patch, val_patch
-    seg_train_images, seg_val_images = train_images, val_images
-    part_names = list(PART_NAMES)
-else:
-    seg_train_images = ImageFolder(chapter.require_folder("segmentation_train"))
-    seg_val_images = ImageFolder(chapter.require_folder("segmentation_val"))
-    seg_train, seg_val = (
-        extract(encoder, images, layers=[patch_layer], tokens="patch", dtype="float16",
-                out=chapter.workdir / "stores" / f"{family}-segmentation-{split}-{patch_layer}")
-        for split, images in (("train", seg_train_images), ("val", seg_val_images))
-    )  # fmt: skip
-    part_names = [f"class {i}" for i in range(segmentation_classes)]
-train_masks = load_masks(seg_train, seg_train_images, encoder.processor)
-val_masks = load_masks(seg_val, seg_val_images, encoder.processor)
-grid = seg_train.grid(patch_layer)
-seg_val_patches = np.array(seg_val.patches(patch_layer), dtype=np.float32)
-head_settings = dict(lr=3e-2, epochs=head_epochs, seed=seed)
+seg = segmentation_data(settings, encoder, train_patch, val_patch, train_images, val_images,
+                        stores_root=chapter.workdir / "stores")  # fmt: skip
+part_names, grid = seg.class_names, seg.train.grid(settings.patch_layer)
+seg_val_patches = np.array(seg.val.patches(settings.patch_layer), dtype=np.float32)
+head_settings = dict(lr=3e-2, epochs=settings.head_epochs, seed=settings.seed)
 head = train_segmentation_head(
-    seg_train.patches(patch_layer), train_masks, grid, len(part_names), progress=True,
-    config=SegmentationConfig(weight_decay=head_weight_decay, **head_settings),
+    seg.train.patches(settings.patch_layer), seg.train_masks, grid, len(part_names),
+    progress=True, config=SegmentationConfig(weight_decay=settings.head_weight_decay,
+                                             **head_settings),
 )  # fmt: skip
-predicted = head.predict(torch.as_tensor(seg_val_patches), val_masks.shape[1:])
-miou, iou = mean_iou(predicted, val_masks, len(part_names))
+predicted = head.predict(torch.as_tensor(seg_val_patches), seg.val_masks.shape[1:])
+miou, iou = mean_iou(predicted, seg.val_masks, len(part_names))
 print(f"validation mIoU {miou:.3f}")
 pd.DataFrame({"IoU": iou}, index=part_names).T
 
@@ -469,25 +445,17 @@ pd.DataFrame({"IoU": iou}, index=part_names).T
 #
 # **Intervene.** On every validation image with such patches, the part's feature is set to 0
 # on them (and nowhere else). Parts that cover fewer than `min_region_patches` validation
-# patches at least half (thin parts such as legs, fins and necks) are left out. Per part: the
+# patches at least half (thin parts; the cell names them) are left out. Per part: the
 # share of edited patches whose predicted class changed and the mean absolute logit change
 # there, for the edit and each control:
 
 # %%
-train_seg_patches = seg_train.patches(patch_layer)
-regions = {
-    part: (patch_coverage(train_masks, grid, part) >= 0.5).reshape(len(train_masks), -1)
-    for part in range(1 if mini else 0, len(part_names))  # in mini, 0 is the background
-}
-parts = [
-    p for p in regions if (patch_coverage(val_masks, grid, p) >= 0.5).sum() >= min_region_patches
-]
-part_features = {
-    p: int(np.argmax(tie_scores(patch_sae, train_seg_patches, regions[p]))) for p in parts
-}
-part_edits = [edit_part(seg_val_patches, val_masks, patch_sae, head, p, f, seed=seed)
-              for p, f in part_features.items()]  # fmt: skip
-part_table = part_effects(part_edits, val_masks, part_names)
+chosen, left_out = part_features(patch_sae, seg, settings.patch_layer, settings.min_region_patches)
+print(f"edited: {', '.join(part_names[p] for p in chosen)}; left out (fewer than "
+      f"{settings.min_region_patches} patches): {', '.join(part_names[p] for p in left_out) or 'none'}")  # fmt: skip
+part_edits = [edit_part(seg_val_patches, seg.val_masks, patch_sae, head, p, f, seed=settings.seed)
+              for p, f in chosen.items()]  # fmt: skip
+part_table = part_effects(part_edits, seg.val_masks, part_names)
 part_table[["feature", "patches"] + [c for c in part_table if c.startswith(("changed", "|Δ|"))]]
 
 # %% [markdown]
@@ -506,10 +474,10 @@ part_table[[c for c in part_table if c.startswith(("IoU", "mIoU"))]]
 part_views = {}
 for e in part_edits:
     picks = np.argsort(-e.region_BP.sum(1).numpy(), kind="stable")[:3]
-    views = [model_view(seg_val_images.load(int(seg_val.rows[e.images[b]])), encoder.processor)
+    views = [model_view(seg.val_images.load(int(seg.val.rows[e.images[b]])), encoder.processor)
              for b in picks]  # fmt: skip
     part_views[part_names[e.part]] = plot_segmentation_edit(
-        views, val_masks[e.images[picks]], e, picks, part_names
+        views, seg.val_masks[e.images[picks]], e, picks, part_names
     )
 strongest_part = part_table["changed: edited"].idxmax()
 display(part_views[strongest_part])
@@ -525,15 +493,18 @@ switcher(part_views, "part")
 
 # %%
 weak_head = train_segmentation_head(
-    train_seg_patches, train_masks, grid, len(part_names), progress=True,
-    config=SegmentationConfig(weight_decay=weak_weight_decay, **head_settings),
+    seg.train.patches(settings.patch_layer), seg.train_masks, grid, len(part_names),
+    progress=True, config=SegmentationConfig(weight_decay=settings.weak_weight_decay,
+                                             **head_settings),
 )  # fmt: skip
 strongest_edit = part_edits[list(part_table.index).index(strongest_part)]
-weak_edit = edit_part(seg_val_patches, val_masks, patch_sae, weak_head, strongest_edit.part,
-                      strongest_edit.feature, seed=seed)  # fmt: skip
+weak_edit = edit_part(seg_val_patches, seg.val_masks, patch_sae, weak_head, strongest_edit.part,
+                      strongest_edit.feature, seed=settings.seed)  # fmt: skip
 head_table = pd.concat(
-    {f"weight decay {head_weight_decay:g}": part_effects([strongest_edit], val_masks, part_names),
-     f"weight decay {weak_weight_decay:g}": part_effects([weak_edit], val_masks, part_names)},
+    {f"weight decay {settings.head_weight_decay:g}":
+         part_effects([strongest_edit], seg.val_masks, part_names),
+     f"weight decay {settings.weak_weight_decay:g}":
+         part_effects([weak_edit], seg.val_masks, part_names)},
     names=["head"],
 )[[c for c in part_table if c.startswith(("changed", "|Δ|"))]]  # fmt: skip
 head_table["|Δ| edited ÷ random direction"] = (
@@ -553,28 +524,7 @@ head_table
 # The numbers this run produced, read off the tables above:
 
 # %%
-relevancy_ratio = pd.DataFrame(object_rows)["ratio"] if mini else pd.Series(dtype=float)
-moved = effects["p(group)"].unstack("condition").eval("original - edited")
-control = effects["p(group)"].unstack("condition").eval("original - `random direction`")
-control_feature = effects["p(group)"].unstack("condition").eval("original - `random feature`")
-beats = (part_table["changed: edited"] > part_table["changed: random direction"]).sum()
-beats_feature = (part_table["changed: edited"] > part_table["changed: random feature"]).sum()
-lines = [
-    f"Relevancy on the object: {relevancy_ratio.min():.1f} to {relevancy_ratio.max():.1f} times "
-    "what an even spread over the patches would give." if mini else "",
-    f"Classification: suppressing one feature lowered p(group) by more than 0.1 for "
-    f"{(moved > 0.1).sum()} of {len(moved)} groups (largest drop {moved.max():.2f}, for "
-    f"{moved.idxmax()}); the random direction's largest drop was {control.max():.2f}, the "
-    f"random feature's {control_feature.max():.2f}.",
-    f"Segmentation: the edit changed the predicted class of more of the part's patches than "
-    f"the random direction did for {beats} of {len(part_table)} parts, and than the random "
-    f"feature did for {beats_feature}; patches outside the "
-    "edited region never change (the head is per patch, and the edit touches only the region).",
-    "Head regularisation: the edit moved the logits "
-    + " and ".join(f"{r:.1f}x as far as a random direction ({head})"
-                   for (head, _), r in head_table["|Δ| edited ÷ random direction"].items()) + ".",
-]  # fmt: skip
-print("\n".join(line for line in lines if line))
+print(summary(effects, part_table, head_table, object_table))
 
 # %% [markdown]
 # * A relevancy map locates where a CLS feature's evidence comes from, without any labels;

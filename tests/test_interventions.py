@@ -44,11 +44,13 @@ from saekit.studies.relevancy_interventions import (  # noqa: E402
     edit_part,
     group_tie_table,
     part_effects,
+    suppression_curve,
+    tie_scores,
+)
+from saekit.studies.relevancy_interventions_figures import (  # noqa: E402
     plot_class_probabilities,
     plot_segmentation_edit,
     plot_suppression_curves,
-    suppression_curve,
-    tie_scores,
 )
 
 D, S = 16, 24

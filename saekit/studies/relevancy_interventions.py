@@ -1,38 +1,268 @@
-"""The book's study of SAE interventions (chapter 05), built on `saekit.analysis.interventions`.
+"""Chapter 05, relevancy maps and causal interventions (papers 000 §3.3 and 002 §3.3).
 
-Which features to edit (`tie_scores` for the patches of a segmentation class, `class_contrast`
-for a synset's classes), effect tables next to their controls (`classification_table`,
-`suppression_curve`, `edit_part` and `part_effects`) and figures of original and edited
-predictions.
+The generic methods live in `saekit.analysis.relevancy` (Chefer-style relevancy of an SAE
+feature) and `saekit.analysis.interventions` (the six-step edit with the error term and its
+controls). This module holds what the chapter builds on them: its settings, the groups it
+studies, which features to edit (`tie_scores` for the patches of a segmentation class,
+`class_contrast` for a synset's classes), the segmentation data, effect tables next to their
+controls (`classification_table`, `suppression_curve`, `edit_part`, `part_effects`) and the
+summary; its figures are `saekit.studies.relevancy_interventions_figures`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from PIL import Image
+from sae_lens import SAE
 from tqdm.auto import tqdm
 
+from saekit.activations import Store, extract
 from saekit.analysis.interventions import Comparison, Edit, compare, compare_in_encoder
-from saekit.masks import patch_coverage
-from saekit.sae.codes import check_width
+from saekit.analysis.ontology import ClassStats
+from saekit.analysis.probes import SegmentationHead
+from saekit.analysis.relevancy import RelevancyMaps, relevancy_share
+from saekit.data import ImageDataset, ImageFolder
+from saekit.masks import MASK_LAYOUT, load_masks, patch_coverage
+from saekit.mini.toyworld import GROUPS, PART_NAMES
+from saekit.models import Encoder
+from saekit.sae import SAESpec
+from saekit.sae.codes import iter_codes
+from saekit.studies.settings import StudySettings
+from saekit.taxonomy import Taxonomy
+
+
+@dataclasses.dataclass(frozen=True)
+class RelevancySettings(StudySettings):
+    """Chapter 05's parameters; field defaults are the mini profile's, ``PAPER`` the paper's.
+
+    The relevancy SAE is chapter 03's: ``lam``, ``cls_epochs`` and ``seed`` default to chapter
+    03's ``lam``, ``epochs`` and ``seed`` (mini 3, 100, 0; paper 10, 3, 0) and the SAE is asked
+    of the same store (every layer's CLS token of the training split), so the SAE cache hands
+    back the SAE chapter 03 trained.
+    """
+
+    seed: int = 0
+    """Seeds the SAEs, the batch order, the heads and the controls."""
+    synsets: tuple[str, ...] = tuple(group.wnid for group in GROUPS)
+    """WordNet ids of the groups studied: the toy world's 5 groups (dog, bird, fish, vehicle,
+    musical instrument; ordinary ImageNet synsets)."""
+    relevancy_layer: int = 4
+    """Layer of the relevancy CLS SAE (paper 000 Fig. 3: 36 of DINOv2-g's 40)."""
+    lam: float = 3.0
+    """λ of the CLS SAE (recipe olson2025), as chapter 03's."""
+    cls_epochs: int = 100
+    """Passes over the store for the CLS SAE, as chapter 03's epochs."""
+    n_images: int = 6
+    """Top images per feature in the relevancy figure (twice as many in the widget)."""
+    patch_layer: int = 1
+    """Layer of the edited patch SAE (paper 002: the second-to-last, 38 of DINOv2-g's 40)."""
+    patch_arch: str = "topk"
+    """Patch SAE architecture (paper 002: relu)."""
+    patch_k: int = 8
+    """Active latents per patch of a topk patch SAE."""
+    patch_expansion: int = 4
+    """Patch SAE width over model width (paper 002: 32)."""
+    patch_epochs: int = 10
+    """Passes over the patch store."""
+    patch_batch: int = 512
+    """Patch SAE minibatch (paper: the recipe's 16384)."""
+    edit_images: int = 120
+    """At most this many validation images of each group are edited."""
+    n_suppress: int = 5
+    """The dose-response curve suppresses up to this many of a group's features."""
+    head_epochs: int = 20
+    """Epochs of the linear segmentation head."""
+    head_weight_decay: float = 1.0
+    """AdamW weight decay of the segmentation head."""
+    weak_weight_decay: float = 0.001
+    """The weakly regularised head it is compared with."""
+    min_region_patches: int = 50
+    """Parts covering fewer validation patches are left out of the table."""
+    segmentation_train: str | None = None
+    """Paper profile: image folder with masks in a sibling <folder>_masks."""
+    segmentation_val: str | None = None
+    """Paper profile: the same layout, for evaluation."""
+    segmentation_classes: int = 150
+    """Paper profile: number of mask classes (ADE20K 150)."""
+    imagenet_train: str | None = None
+    """Paper profile: ImageNet-1k train folder (one sub-folder per wnid)."""
+    imagenet_val: str | None = None
+    """Paper profile: ImageNet-1k validation folder, same layout."""
+    device: str | None = None
+    """Where the encoder and the SAEs run; None: cuda when available, else cpu. The linear
+    heads are small and train on the CPU."""
+
+    PAPER: ClassVar[dict[str, Any]] = {
+        "relevancy_layer": 36,
+        "lam": 10.0,
+        "cls_epochs": 3,
+        "patch_layer": 38,
+        "patch_arch": "relu",
+        "patch_expansion": 32,
+        "patch_epochs": 1,
+        "patch_batch": 16384,
+    }
+    FAMILY: ClassVar[dict[str, str]] = {"mini": "toyvit", "paper": "dinov2"}
+    """The encoder of each profile: the toy-world ViT, or DINOv2 ViT-g/14."""
+
+    @property
+    def family(self) -> str:
+        """The encoder this profile studies."""
+        return self.FAMILY[self.profile]
+
+    @property
+    def patch_spec(self) -> SAESpec:
+        """The edited patch SAE (recipe stevens2025; ``patch_k`` only for a top-k SAE)."""
+        return SAESpec(
+            arch=self.patch_arch, layer=self.patch_layer, expansion=self.patch_expansion,
+            recipe="stevens2025", seed=self.seed,
+            k=self.patch_k if self.patch_arch in ("topk", "batchtopk") else None,
+        )  # fmt: skip
+
+
+def synset_groups(store: Store, synsets: Sequence[str]) -> dict[str, list[int]]:
+    """Each synset's name -> the class indices of its leaves among the store's classes. A
+    synset with no class in the store is left out, with a printed note."""
+    taxonomy = Taxonomy.from_store(store)
+    present = [wnid for wnid in synsets if wnid in taxonomy and taxonomy.leaf_set(wnid)]
+    missing = [wnid for wnid in synsets if wnid not in present]
+    if not present:
+        raise ValueError(f"no class of the store lies under any of {list(synsets)}")
+    if missing:
+        print(f"Note: no class of the store lies under {missing}; left out.")
+    return {
+        taxonomy.name(wnid): [store.wnids.index(leaf) for leaf in taxonomy.leaf_set(wnid)]
+        for wnid in present
+    }
+
+
+def object_relevancy(
+    maps: Mapping[str, tuple[np.ndarray, RelevancyMaps]],
+    masks_NHW: np.ndarray,
+    names: Mapping[str, str],
+) -> pd.DataFrame:
+    """Per group: the share of its feature's relevancy on the object's patches (weighted by how
+    much of each patch the object covers) over its top images, next to the object's share of
+    the image (what an even spread scores) and their ratio. ``maps`` holds each group's (store
+    rows, `RelevancyMaps` of its feature), ``names`` each group's feature name."""
+    rows = []
+    for group, (store_rows, group_maps) in maps.items():
+        coverage = patch_coverage(masks_NHW[store_rows], group_maps.grid)
+        share = relevancy_share(group_maps.maps_FBhw[0], coverage)
+        rows.append(
+            {
+                "group": group,
+                "feature": names[group],
+                "relevancy on the object": share.mean(),
+                "object's share of the image": coverage.mean(),
+                "ratio": share.mean() / coverage.mean(),
+            }
+        )
+    return pd.DataFrame(rows).set_index("group")
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@dataclass
+class SegmentationData:
+    """The patch tokens and masks the segmentation head trains and is edited on."""
+
+    train: Store
+    """Patch tokens of the training images at the edited layer."""
+    val: Store
+    """The same for the validation images."""
+    train_images: ImageDataset
+    """Images of ``train`` (with masks in a sibling folder, `saekit.masks.MASK_LAYOUT`)."""
+    val_images: ImageDataset
+    """Images of ``val``."""
+    train_masks: np.ndarray
+    """Each training row's mask as the encoder saw the image, ``[N, H, W]``."""
+    val_masks: np.ndarray
+    """The same for validation."""
+    class_names: list[str]
+    """Name of each mask value."""
+    edited_classes: range
+    """Mask classes whose patches are edited (the toy world's background, 0, is not)."""
+
+
+def segmentation_data(
+    settings: RelevancySettings,
+    encoder: Encoder,
+    train_patch: Store,
+    val_patch: Store,
+    train_images: ImageDataset,
+    val_images: ImageDataset,
+    stores_root: str | Path,
+) -> SegmentationData:
+    """Mini: the toy world's own images and part masks (the patch stores already extracted).
+    Paper: the folders ``settings.segmentation_train`` / ``segmentation_val`` (e.g. ADE20K in
+    `saekit.masks.MASK_LAYOUT`), their patch tokens extracted once under ``stores_root``."""
+    if settings.mini:
+        names, edited = list(PART_NAMES), range(1, len(PART_NAMES))
+    else:
+        folders = {split: _folder(settings, f"segmentation_{split}") for split in ("train", "val")}
+        train_images, val_images = (ImageFolder(folders[split]) for split in ("train", "val"))
+        train_patch, val_patch = (
+            extract(encoder, images, layers=[settings.patch_layer], tokens="patch",
+                    dtype="float16",
+                    out=Path(stores_root)
+                    / f"{settings.family}-segmentation-{split}-{settings.patch_layer}")
+            for split, images in (("train", train_images), ("val", val_images))
+        )  # fmt: skip
+        names = [f"class {i}" for i in range(settings.segmentation_classes)]
+        edited = range(len(names))
+    return SegmentationData(
+        train_patch, val_patch, train_images, val_images,
+        load_masks(train_patch, train_images, encoder.processor),
+        load_masks(val_patch, val_images, encoder.processor),
+        names, edited,
+    )  # fmt: skip
+
+
+def _folder(settings: RelevancySettings, name: str) -> Path:
+    value = getattr(settings, name)
+    if not value or not Path(value).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"Parameter {name}={value!r} is not a folder; the paper profile needs segmentation "
+            f"images with masks.\n" + MASK_LAYOUT.format(root=value or f"/data/ade20k/{name}")
+        )
+    return Path(value).expanduser()
+
+
+def part_features(
+    sae: SAE, data: SegmentationData, layer: int, min_region_patches: int
+) -> tuple[dict[int, int], list[int]]:
+    """({part: its most tied feature}, parts left out). A part's region is the patches it
+    covers at least half of; parts with fewer than ``min_region_patches`` such validation
+    patches are left out; the feature tied to a part is the one whose mean activation on the
+    part's training patches exceeds its mean on all other patches by the most (`tie_scores`)."""
+    grid = data.train.grid(layer)
+    chosen, left_out = {}, []
+    for part in data.edited_classes:
+        if (patch_coverage(data.val_masks, grid, part) >= 0.5).sum() < min_region_patches:
+            left_out.append(part)
+            continue
+        region_NP = (patch_coverage(data.train_masks, grid, part) >= 0.5).reshape(
+            len(data.train_masks), -1
+        )
+        chosen[part] = int(np.argmax(tie_scores(sae, data.train.patches(layer), region_NP)))
+    return chosen, left_out
+
 
 # --------------------------------------------------------------------------- which features
 
 
-@torch.no_grad()
 def tie_scores(
-    sae: Any, acts: Any, inside: Any, *, batch_size: int = 64, progress: bool = False
+    sae: SAE, acts: np.ndarray, inside: np.ndarray, *, batch_size: int = 64, progress: bool = False
 ) -> np.ndarray:
     """How strongly each feature is tied to the marked tokens: its mean code on them minus its
     mean code on all other tokens, ``[S]``.
@@ -48,15 +278,12 @@ def tie_scores(
         )
     if inside.all() or not inside.any():
         raise ValueError("inside must mark some tokens but not all: a tie needs both sides")
-    check_width(sae, acts.shape[-1])
-    device, dtype = sae.W_dec.device, sae.W_dec.dtype
     sum_in_S = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     sum_all_S = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    starts = range(0, len(acts), batch_size)
-    for start in tqdm(starts, desc="feature ties", disable=not progress):
-        x = torch.from_numpy(np.array(acts[start : start + batch_size], np.float32))
-        codes = sae.encode(x.to(device, dtype)).double().cpu()
-        mark = torch.as_tensor(inside[start : start + batch_size])
+    chunks = iter_codes(sae, acts, batch_size, progress=progress, desc="feature ties")
+    for start, codes in chunks:
+        codes = codes.double().cpu()
+        mark = torch.as_tensor(inside[start : start + len(codes)])
         sum_in_S += codes[mark].sum(0)
         sum_all_S += codes.reshape(-1, codes.shape[-1]).sum(0)
     n_in = int(inside.sum())
@@ -75,7 +302,7 @@ def class_contrast(mean_act_SC: np.ndarray, classes: Sequence[int]) -> np.ndarra
 
 
 def group_tie_table(
-    stats: Any, features: Mapping[str, int], groups: Mapping[str, Sequence[int]]
+    stats: ClassStats, features: Mapping[str, int], groups: Mapping[str, Sequence[int]]
 ) -> pd.DataFrame:
     """Per group: its feature, and the feature's mean image score and firing rate over the
     group's classes and over the other classes (class-weighted), from a `ClassStats` such as
@@ -99,7 +326,7 @@ def group_tie_table(
 
 
 def classification_table(
-    comparison: Comparison, labels_B: Any, group: Sequence[int] | None = None
+    comparison: Comparison, labels_B: np.ndarray, group: Sequence[int] | None = None
 ) -> pd.DataFrame:
     """Per condition of a classification `Comparison` whose outputs are class logits
     ``[B, C]``: the mean probability of each image's true class, of the classes in ``group``
@@ -122,13 +349,13 @@ def classification_table(
 
 
 def suppression_curve(
-    encoder: Any,
+    encoder: Encoder,
     images: Sequence[Image.Image] | torch.Tensor,
-    sae: Any,
+    sae: SAE,
     layer: int,
     ranked_features: Sequence[int],
     head: Callable[[torch.Tensor], torch.Tensor],
-    labels_B: Any,
+    labels_B: np.ndarray,
     group: Sequence[int],
     *,
     seed: int = 0,
@@ -163,10 +390,10 @@ class PartEdit:
 
 
 def edit_part(
-    patches_NPD: Any,
+    patches_NPD: np.ndarray,
     masks_NHW: np.ndarray,
-    sae: Any,
-    head: Any,
+    sae: SAE,
+    head: SegmentationHead,
     part: int,
     feature: int,
     *,
@@ -213,126 +440,45 @@ def part_effects(
     return pd.DataFrame(rows).set_index("part")
 
 
-# --------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------- summary
 
 
-def class_colors(n_classes: int) -> ListedColormap:
-    """One distinct colour per segmentation class (seaborn's husl palette beyond ten)."""
-    palette = sns.color_palette("tab10" if n_classes <= 10 else "husl", n_classes)
-    return ListedColormap(palette)
-
-
-def plot_segmentation_edit(
-    images: Sequence[Image.Image],
-    masks_BHW: np.ndarray,
-    edit: PartEdit,
-    rows: Sequence[int],
-    class_names: Sequence[str],
-    *,
-    tile: float = 1.6,
-) -> Figure:
-    """Paper 002 Fig. 7: one row per edited image (``rows`` index ``edit.images``): the image
-    with the edited patches outlined, the ground truth, and the head's patch predictions (each
-    patch's class painted over its pixel block, as paper 002 draws them) for every condition.
-
-    ``images`` and ``masks_BHW`` hold those rows' images as the model saw them
-    (`saekit.analysis.exemplars.model_view`, `model_view_mask`), in the order of ``rows``.
-    """
-    if not len(images) == len(masks_BHW) == len(rows):
-        raise ValueError(f"{len(rows)} rows need as many images and masks")
-    conditions = list(edit.comparison.outputs)
-    cmap = class_colors(len(class_names))
-    colours = dict(vmin=-0.5, vmax=len(class_names) - 0.5, cmap=cmap, interpolation="nearest")
-    h, w = edit.comparison.outputs["original"].shape[2:]
-    fig, axes = plt.subplots(
-        len(rows), len(conditions) + 2, figsize=(tile * (len(conditions) + 2), tile * len(rows)),
-        squeeze=False,
-    )  # fmt: skip
-    seen: set[int] = set()
-    for r, b in enumerate(rows):
-        view = images[r]
-        extent = (0, view.width, view.height, 0)
-        axes[r, 0].imshow(view)
-        for p in np.flatnonzero(edit.region_BP[b].numpy()):
-            y, x = divmod(int(p), w)
-            cell_w, cell_h = view.width / w, view.height / h
-            axes[r, 0].add_patch(
-                Rectangle((x * cell_w, y * cell_h), cell_w, cell_h, fill=False, ec="white", lw=0.8)
-            )
-        axes[r, 1].imshow(masks_BHW[r], **colours)
-        seen.update(np.unique(masks_BHW[r]).tolist())
-        for c, condition in enumerate(conditions):
-            pred_hw = edit.comparison.outputs[condition][b].argmax(0).numpy()
-            axes[r, c + 2].imshow(pred_hw, extent=extent, **colours)
-            seen.update(np.unique(pred_hw).tolist())
-        for c, title in enumerate(["edited patches", "ground truth", *conditions]):
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-            if r == 0:
-                axes[r, c].set_title(title, fontsize=8)
-    handles = [
-        Rectangle((0, 0), 1, 1, color=cmap(i), label=class_names[i])
-        for i in sorted(seen)
-        if i < len(class_names)
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7,
-               frameon=False, bbox_to_anchor=(0.5, -0.02 - 0.02 * (len(handles) > 6)))  # fmt: skip
-    fig.suptitle(
-        f"suppressing feature {edit.feature} on the {class_names[edit.part]} patches", fontsize=9
-    )
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return fig
-
-
-def plot_class_probabilities(
-    comparison: Comparison,
-    index: int,
-    class_names: Sequence[str],
-    *,
-    top: int = 5,
-    min_probability: float = 0.01,
-    image: Image.Image | None = None,
-) -> Figure:
-    """For one image of a classification `Comparison` (logit outputs): the probabilities of the
-    classes that rank in the top ``top`` under any condition with at least ``min_probability``,
-    one bar per condition; the image (as the model saw it) on the left when given."""
-    probs = {c: out[index].float().softmax(-1) for c, out in comparison.outputs.items()}
-    classes = {
-        int(i) for p in probs.values() for i in p.topk(top).indices if p[i] >= min_probability
-    }
-    classes = sorted(classes, key=lambda i: (-float(probs["original"][i]), i))
-    table = pd.DataFrame(
-        [
-            {"class": class_names[i], "condition": c, "probability": float(p[i])}
-            for c, p in probs.items()
-            for i in classes
-        ]
-    )
-    height = max(2.2, 0.16 * len(classes) * len(probs) + 0.8)
-    if image is None:
-        fig, ax = plt.subplots(figsize=(5.5, height))
-    else:
-        fig, (ax_image, ax) = plt.subplots(
-            1, 2, figsize=(7.5, height), gridspec_kw={"width_ratios": [1, 2.2]}
+def summary(
+    effects: pd.DataFrame,
+    part_table: pd.DataFrame,
+    head_table: pd.DataFrame,
+    object_table: pd.DataFrame | None = None,
+) -> str:
+    """The chapter's findings in words, every number read off its tables: relevancy on the
+    object (when masks scored it), the classification edits against their controls, the
+    segmentation edits against theirs, and the head-regularisation check."""
+    p_group = effects["p(group)"].unstack("condition")
+    moved = p_group.eval("original - edited")
+    control = p_group.eval("original - `random direction`")
+    control_feature = p_group.eval("original - `random feature`")
+    beats = (part_table["changed: edited"] > part_table["changed: random direction"]).sum()
+    beats_feature = (part_table["changed: edited"] > part_table["changed: random feature"]).sum()
+    lines = []
+    if object_table is not None:
+        ratio = object_table["ratio"]
+        lines.append(
+            f"Relevancy on the object: {ratio.min():.1f} to {ratio.max():.1f} times what an even "
+            "spread over the patches would give."
         )
-        ax_image.imshow(image)
-        ax_image.set_axis_off()
-    sns.barplot(table, y="class", x="probability", hue="condition", ax=ax, orient="h")
-    ax.set_xlim(0, 1)
-    ax.set_ylabel("")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def plot_suppression_curves(curves: pd.DataFrame, metric: str = "p(group)") -> Figure:
-    """Dose-response: ``metric`` against the number of suppressed features, one panel per
-    group (column ``group``), one line per condition."""
-    grid = sns.relplot(
-        curves, x="n_features", y=metric, hue="condition", col="group", kind="line",
-        marker="o", height=2.4, aspect=0.9, col_wrap=min(5, curves["group"].nunique()),
-    )  # fmt: skip
-    grid.set(ylim=(0, 1.02), xticks=sorted(curves["n_features"].unique()))
-    grid.set_axis_labels("features suppressed", metric)
-    grid.set_titles("{col_name}")
-    return grid.figure
+    lines += [
+        f"Classification: suppressing one feature lowered p(group) by more than 0.1 for "
+        f"{(moved > 0.1).sum()} of {len(moved)} groups (largest drop {moved.max():.2f}, for "
+        f"{moved.idxmax()}); the random direction's largest drop was {control.max():.2f}, the "
+        f"random feature's {control_feature.max():.2f}.",
+        f"Segmentation: the edit changed the predicted class of more of the part's patches than "
+        f"the random direction did for {beats} of {len(part_table)} parts, and than the random "
+        f"feature did for {beats_feature}; patches outside the edited region never change (the "
+        "head is per patch, and the edit touches only the region).",
+        "Head regularisation: the edit moved the logits "
+        + " and ".join(
+            f"{r:.1f}x as far as a random direction ({head})"
+            for (head, _), r in head_table["|Δ| edited ÷ random direction"].items()
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
