@@ -79,6 +79,9 @@ class SAENeed:
     """Without a store: rows of the training matrix (an estimate is fine)."""
     d_in: int | None = None
     """Without a store: width of the training rows."""
+    per_layer: bool = False
+    """One SAE of each spec for every layer of the store (a layer sweep; the specs' layers are
+    then left unset)."""
 
 
 @dataclass(frozen=True)
@@ -198,8 +201,18 @@ class Plan:
                 f"{human_bytes(s['bytes'])}, {'on disk' if s['on_disk'] else 'to extract'}"
             )
         if self.saes:
-            lines.append(f"  SAEs ({len(self.saes)}):")
-        for a in self.saes:
+            params = sum(a["params"] for a in self.saes)
+            steps = sum(a["steps"] or 0 for a in self.saes)
+            lines.append(
+                f"  SAEs ({len(self.saes)}; {params / 1e6:.1f} M parameters, "
+                f"{human_bytes(4 * params)} in float32; {steps:,} steps in all):"
+            )
+        # A long sweep shows its first and last SAEs; the line above has its totals.
+        shown = self.saes if len(self.saes) <= 8 else [*self.saes[:4], None, *self.saes[-2:]]
+        for a in shown:
+            if a is None:
+                lines.append(f"    ... {len(self.saes) - 6} more ...")
+                continue
             rows = "?" if a["rows"] is None else f"{a['rows']:,}"
             steps = "?" if a["steps"] is None else f"{a['steps']:,}"
             lines.append(
@@ -282,6 +295,9 @@ def make_plan(
     for need in saes:
         on = None if need.on is None else rows_of[StoreNeed.of(need.on)]
         specs = (need.specs,) if isinstance(need.specs, SAESpec) else tuple(need.specs)
+        if need.per_layer and on is not None:
+            layers = sorted(on["_widths"])
+            specs = tuple(dataclasses.replace(s, layer=i) for s in specs for i in layers)
         for spec in specs:
             plan.saes.append(_sae_row(spec.resolved(), need, on))
     for row in plan.stores:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,7 +57,15 @@ def data_parameters(hf_home: Path, data: Path) -> dict[str, object]:
     from saekit.mini.hub import book_parameters, write_hub_cache, write_imagenet
     from saekit.mini.toyworld import PART_NAMES
 
-    write_hub_cache(hf_home)
+    snapshots = write_hub_cache(hf_home)
+    # Stores and SAEs are named by encoder and split, not by weights: miniatures rebuilt by a
+    # newer builder (another revision) start a fresh work folder instead of being refused.
+    runs, stamp = data.parent / "runs", {rid: path.name for rid, path in snapshots.items()}
+    stamp_file = runs / "hub-revisions.json"
+    if runs.exists() and (not stamp_file.exists() or json.loads(stamp_file.read_text()) != stamp):
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
     params: dict[str, object] = dict(book_parameters(write_imagenet(data)))
     params["segmentation_classes"] = len(PART_NAMES)
     params["prompt_file"] = str(mini_prompt_file())  # stands in for Midjourney prompts

@@ -78,7 +78,7 @@ def test_paper_hub_ids_load_offline_from_the_written_cache(tmp_path):
     dinov2 = loaded["facebook/dinov2-giant"]
     # ViT-g/14's depth and patching at the processor's 224-pixel crop; a tiny width
     assert dinov2["class"] == "Dinov2Model" and dinov2["layers"] == 40
-    assert dinov2["grid"] == [16, 16] and dinov2["cls_shape"] == [1, 24]
+    assert dinov2["grid"] == [16, 16] and dinov2["cls_shape"] == [1, 32]
     assert dinov2["fingerprint"] == "revision:" + revision("facebook/dinov2-giant")
     resnet = loaded["microsoft/resnet-50"]
     # the hub checkpoint is the ImageNet classifier; saekit reads its four-stage backbone

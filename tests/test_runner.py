@@ -121,14 +121,19 @@ def test_a_paper_plan_counts_a_store_as_the_store_would_take_it(tmp_path, monkey
     spec = SAESpec("relu", layer=-1, recipe="olson2025")
     plan = chapter.plan(
         stores=[("dinov2", "train"), ("dinov2", "train", [-2], "patch")],
-        saes=[SAENeed(spec, on=("dinov2", "train"))],
+        saes=[
+            SAENeed(spec, on=("dinov2", "train")),
+            SAENeed(SAESpec("topk", k=32), on=("dinov2", "train"), epochs=1, per_layer=True),
+        ],
     )
     cls_store, patch_store = plan.stores
     assert cls_store["images"] == 1_281_167 and cls_store["n_layers"] == 40
     assert cls_store["bytes"] == 1_281_167 * 40 * 1536 * 2  # float16
     assert "157.4 GB, to extract" in plan.text()
     assert patch_store["layer_list"] == "38" and patch_store["tokens_per_image"] == 256
-    (sae,) = plan.saes
+    sae, *sweep = plan.saes
+    assert [a["label"].split("-")[0] for a in sweep] == [f"layer{i:02d}" for i in range(40)]
+    assert "SAEs (41;" in plan.text() and "... 35 more ..." in plan.text()
     assert sae["d_in"] == 1536 and sae["d_sae"] == 8 * 1536 and sae["epochs"] == 3
     assert sae["steps"] == math.ceil(1_281_167 / 64) * 3
     assert json.loads(json.dumps(plan.to_json()))["stores"][0]["bytes"] == cls_store["bytes"]

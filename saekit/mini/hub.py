@@ -45,7 +45,7 @@ from saekit.mini.llava import build_hub_llava, build_hub_qwen25_vl
 from saekit.mini.miniatures import clip_text_config, clip_vision_config, tiny_clip
 from saekit.models import _quiet_transformers
 
-HUB_FORMAT = 1
+HUB_FORMAT = 2
 """Bumped when a miniature changes, so a cache written by an older builder is rebuilt."""
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -56,8 +56,9 @@ def _dinov2(registers: bool) -> Callable[[Path, int], None]:
     def build(path: Path, seed: int) -> None:
         # ViT-g/14: 40 blocks, SwiGLU MLP, position embeddings for 518-pixel images that the
         # model interpolates to the processor's 224-pixel crops (as the real checkpoint does).
+        # 32 wide: the paper's grid asks for k = 256 latents of an 8x SAE (d_sae = 256).
         shape = dict(
-            hidden_size=24,
+            hidden_size=32,
             num_hidden_layers=40,
             num_attention_heads=2,
             mlp_ratio=4,
