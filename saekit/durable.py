@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".saekit.lock"
+PROBE_PREFIX = ".saekit-probe-"
 
 
 class FolderLockedError(RuntimeError):
@@ -68,6 +69,12 @@ def make_dir(path: str | os.PathLike) -> None:
 def remove_tree(path: str | os.PathLike) -> None:
     """Delete a folder and everything in it."""
     shutil.rmtree(path)
+
+
+def remove_file(path: str | os.PathLike) -> None:
+    """Delete a file if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -120,13 +127,17 @@ def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
     folder = Path(folder).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".saekit-probe-", dir=folder)
+        for stale in folder.glob(f"{PROBE_PREFIX}*"):  # left by a run killed mid-probe
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
         try:
             os.write(fd, b"saekit")
             os.fsync(fd)
         finally:
             os.close(fd)
-            os.unlink(probe)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
     except OSError as err:
         raise OutputNotWritableError(
             f"Cannot write the {what} folder {folder}: {err.strerror or err}. Choose a writable "
@@ -186,7 +197,8 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                 pass
             os.close(fd)
     try:
-        os.ftruncate(fd, 0)
+        if os.fstat(fd).st_size:  # a killed holder's note (truncating always makes close slow)
+            os.ftruncate(fd, 0)
         os.write(fd, note.encode())
         yield path
     finally:

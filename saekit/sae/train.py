@@ -33,6 +33,7 @@ from saekit.durable import (
     LOCK_FILE,
     check_writable,
     folder_lock,
+    remove_file,
     remove_tree,
     replace_durably,
     write_json_atomic,
@@ -183,11 +184,12 @@ def sweep_from_store(
         checkpoint_dir = Path(checkpoint_dir or out_dir / CHECKPOINT_DIR)
         record = {"settings": settings, "saes": _entries(filled)}
         if _claim(out_dir, SWEEP_MANIFEST, record, overwrite, checkpoint_dir, sweep_layout=True):
+            _drop_checkpoint(checkpoint_dir, out_dir)  # left if killed right after the save
             saved = load_sweep(out_dir, device=str(kwargs.get("device", "cpu")))
             return [saved[spec.label] for spec in filled]
         saes = _train_on_store(store, filled, settings, checkpoint_dir, check_data, kwargs)
         save_sweep(saes, filled, out_dir, settings=settings)
-        (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        _drop_checkpoint(checkpoint_dir, out_dir)
         return saes
 
 
@@ -213,12 +215,23 @@ def train_to_folder(
         settings = _run_settings(store, [filled], tokens, batch_size, epochs, seed)
         record = {"settings": settings, "saes": _entries([filled])}
         if _claim(out, TRAINING_MANIFEST, record, overwrite, checkpoint_dir, sweep_layout=False):
+            _drop_checkpoint(checkpoint_dir, out)  # left if killed right after the save
             return load_sae(out, device=str(kwargs.get("device", "cpu"))), False
         (sae,) = _train_on_store(store, [filled], settings, checkpoint_dir, check_data, kwargs)
         _save_atomically(sae, out, inside=True)
         write_json_atomic(out / TRAINING_MANIFEST, {**record, "complete": True})
-        (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        _drop_checkpoint(checkpoint_dir, out)
         return sae, True
+
+
+def _drop_checkpoint(checkpoint_dir: Path, out: Path) -> None:
+    """A finished run's checkpoint is spent: the folder is removed when it is the output's own,
+    else just the file."""
+    if checkpoint_dir == out / CHECKPOINT_DIR:
+        if checkpoint_dir.exists():
+            remove_tree(checkpoint_dir)
+    else:
+        remove_file(checkpoint_dir / CHECKPOINT_FILE)
 
 
 def _train_on_store(
@@ -310,8 +323,8 @@ def _claim(
                     remove_tree(folder / entry["name"])
         else:
             for name in (SAE_CFG_FILE, SAE_WEIGHTS_FILE):
-                (folder / name).unlink(missing_ok=True)
-        (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+                remove_file(folder / name)
+        remove_file(checkpoint_dir / CHECKPOINT_FILE)
     else:
         ours = {LOCK_FILE, CHECKPOINT_DIR, marker + ".tmp"}
         foreign = sorted(
@@ -326,7 +339,7 @@ def _claim(
                 "empty output folder, or pass --overwrite (overwrite=True) to write into it."
             )
         if overwrite:
-            (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+            remove_file(checkpoint_dir / CHECKPOINT_FILE)
     write_json_atomic(path, {**record, "complete": False})
     return False
 
@@ -396,8 +409,7 @@ def save_sweep(
 ) -> Path:
     """Save each SAE to ``out_dir/<spec.label>`` and list them, with the run's ``settings``,
     in ``out_dir/sweep.json`` (marked complete)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(out_dir, "SAE")
     for sae, spec in zip(saes, specs, strict=True):
         _save_atomically(sae, out_dir / spec.label)
     manifest = {
