@@ -99,7 +99,7 @@ from saekit.analysis import browser, compare, exemplars
 from saekit.analysis.exemplar_plots import exemplar_rows
 from saekit.analysis.ontology import ClassSetRule
 from saekit.analysis.widgets import switcher
-from saekit.models import load_encoder
+from saekit.plan import model_shape
 from saekit.sae import evaluate, metrics_table
 from saekit.studies.patch_features import (
     PatchFeaturesSettings,
@@ -113,14 +113,17 @@ from saekit.studies.patch_features import (
     part_shares,
     plot_part_shares,
     recipe_lambda_check,
+    resource_needs,
     store_patch_fractions,
     train_patch_sae,
 )
 
 settings = PatchFeaturesSettings.for_profile(**chapter.params)
-encoder = load_encoder(chapter.encoder_id(settings.family))
-encoder_b = load_encoder(chapter.encoder_id(settings.family_b))
-settings = settings.for_encoders(encoder.n_layers, encoder_b.n_layers)
+n_layers, n_layers_b = (model_shape(chapter.encoder_id(name)).n_layers
+                        for name in (settings.family, settings.family_b))  # fmt: skip
+settings = settings.for_encoders(n_layers, n_layers_b)
+plan = chapter.plan(**resource_needs(settings))
+encoder, encoder_b = chapter.encoder(settings.family), chapter.encoder(settings.family_b)
 label, label_b = settings.labels
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 80)

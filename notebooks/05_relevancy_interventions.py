@@ -118,22 +118,24 @@ from saekit.analysis.probes import (
 from saekit.analysis.relevancy import plot_relevancy_rows, relevancy_maps
 from saekit.analysis.widgets import switcher
 from saekit.masks import load_masks
-from saekit.models import load_encoder
 from saekit.sae import evaluate, metrics_table, train_or_load
 from saekit.studies import ontology as ontology_study
 from saekit.studies.relevancy_interventions import (
     RelevancySettings,
     class_contrast,
-    classification_table,
-    edit_part,
     group_tie_table,
     object_relevancy,
+    resource_needs,
+    summary,
+    synset_groups,
+)
+from saekit.studies.relevancy_interventions_edits import (
+    classification_table,
+    edit_part,
     part_effects,
     part_features,
     segmentation_data,
-    summary,
     suppression_curve,
-    synset_groups,
 )
 from saekit.studies.relevancy_interventions_figures import (
     plot_class_probabilities,
@@ -142,7 +144,8 @@ from saekit.studies.relevancy_interventions_figures import (
 )
 
 settings = RelevancySettings.for_profile(**chapter.params)
-encoder = load_encoder(chapter.encoder_id(settings.family), device=settings.device)
+plan = chapter.plan(**resource_needs(settings))
+encoder = chapter.encoder(settings.family)
 last = encoder.n_layers - 1
 pd.set_option("display.precision", 3)
 print(encoder)

@@ -40,12 +40,14 @@ from saekit.models import load_encoder  # noqa: E402
 from saekit.sae.synthetic import identity_sae
 from saekit.studies.relevancy_interventions import (  # noqa: E402
     class_contrast,
+    group_tie_table,
+    tie_scores,
+)
+from saekit.studies.relevancy_interventions_edits import (  # noqa: E402
     classification_table,
     edit_part,
-    group_tie_table,
     part_effects,
     suppression_curve,
-    tie_scores,
 )
 from saekit.studies.relevancy_interventions_figures import (  # noqa: E402
     plot_class_probabilities,

@@ -17,6 +17,7 @@ from saekit.studies.patch_features import (
     eval_patches,
     matchable_features,
     object_features,
+    resource_needs,
 )
 
 
@@ -97,3 +98,20 @@ def test_object_features_rank_by_the_share_off_the_background():
     assert object_features(shares, [10, 11, 12, 13, 14], 2, exclude=[]) == [13, 11]
     assert object_features(shares, [10, 11, 12, 13, 14], 2, exclude=[13]) == [11, 12]
     assert object_features(shares, [10, 14], 3, exclude=[13]) == [14, 10]
+
+
+def test_resource_needs_name_the_stores_and_saes_the_chapter_uses():
+    mini = PatchFeaturesSettings.for_profile("mini").for_encoders(6, 6)
+    needs = resource_needs(mini)
+    assert [(s.family, s.split, s.layers, s.tokens) for s in needs["stores"]] == [
+        ("toyvit", "train", (3,), "both"), ("toyvit", "val", (3,), "both"),
+        ("toyvit", "train", (5,), "both"), ("toyvit", "val", (5,), "both"),
+    ]  # fmt: skip
+    a, recipe, b = (need.specs.resolved() for need in needs["saes"])
+    assert (a.layer, a.l1, a.seed, b.layer, b.seed) == (3, 0.3, 0, 5, 1)
+    assert recipe.l1 == get_recipe("stevens2025").l1 and recipe.layer == 3
+    assert all(n.tokens == "patch" and (n.epochs, n.batch_size) == (20, 512) for n in needs["saes"])
+    # the paper profile already trains at the recipe's λ: no second SAE of A
+    paper = resource_needs(PatchFeaturesSettings.for_profile("paper").for_encoders(40, 24))
+    assert [n.specs.layer for n in paper["saes"]] == [38, 22]
+    assert {s.family for s in paper["stores"]} == {"dinov2", "clip"}

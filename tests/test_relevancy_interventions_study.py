@@ -15,14 +15,18 @@ from saekit.mini.toyworld import GROUP_OF_CLASS, GROUPS, WNIDS
 from saekit.sae.synthetic import identity_sae
 from saekit.studies import ontology as ontology_study
 from saekit.studies.layer_sweep import LayerSweepSettings
+from saekit.studies.ontology import OntologySettings
 from saekit.studies.relevancy_interventions import (
     RelevancySettings,
-    SegmentationData,
     object_relevancy,
-    part_features,
-    segmentation_data,
+    resource_needs,
     summary,
     synset_groups,
+)
+from saekit.studies.relevancy_interventions_edits import (
+    SegmentationData,
+    part_features,
+    segmentation_data,
 )
 
 
@@ -39,13 +43,28 @@ def test_settings_resolve_each_profile():
     assert paper.patch_spec.arch == "relu" and paper.patch_spec.k is None
 
 
+def test_resource_needs_name_the_stores_and_saes_the_chapter_uses():
+    settings = RelevancySettings.for_profile("mini")
+    needs = resource_needs(settings)
+    assert [(s.split, s.layers, s.tokens) for s in needs["stores"]] == [
+        ("train", "all", "cls"), ("val", "all", "cls"),
+        ("train", (1,), "patch"), ("val", (1,), "patch"),
+    ]  # fmt: skip
+    cls_need, patch_need = needs["saes"]
+    assert cls_need.specs == tuple(ontology_study.layer_specs([4], 3.0, 0))
+    assert (cls_need.epochs, cls_need.on.layers) == (100, "all")
+    assert patch_need.specs == settings.patch_spec and patch_need.tokens == "patch"
+    assert (patch_need.epochs, patch_need.batch_size) == (10, 512)
+
+
 @pytest.mark.parametrize("profile", ["mini", "paper"])
 def test_the_relevancy_sae_is_requested_as_chapters_01_and_03_train_it(profile):
     """Chapters 01 and 03 train every layer's CLS SAE at the layer sweep's λ, epochs and seed;
     chapter 05 must ask for its layer with the same values, or the cache never hits."""
     mine = RelevancySettings.for_profile(profile)
-    sweep = LayerSweepSettings.for_profile(profile)
-    assert (mine.lam, mine.cls_epochs, mine.seed) == (sweep.lam, sweep.epochs, sweep.seed)
+    for other in (LayerSweepSettings.for_profile(profile), OntologySettings.for_profile(profile)):
+        assert (mine.lam, mine.cls_epochs, mine.seed) == (other.lam, other.epochs, other.seed)
+        assert mine.family == other.encoder
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +166,11 @@ def test_part_features_pick_the_planted_feature_and_leave_out_small_parts():
                             ["background", "one", "two"], range(1, 3))  # fmt: skip
     chosen, left_out = part_features(identity_sae(6), data, 0, min_region_patches=2)
     assert chosen == {1: 3} and left_out == [2]
+    # a part on the validation images but on no training patch is left out, not an error
+    train_masks = masks.copy()
+    train_masks[train_masks == 2] = 0
+    data.train_masks = train_masks
+    assert part_features(identity_sae(6), data, 0, min_region_patches=1) == ({1: 3}, [2])
 
 
 def test_the_paper_profile_asks_for_its_segmentation_folders():

@@ -28,6 +28,7 @@ from saekit.activations import Store
 from saekit.analysis.exemplars import ExemplarScan, model_label, select_features
 from saekit.data import ImageDataset
 from saekit.masks import load_masks, patch_coverage
+from saekit.plan import SAENeed, StoreNeed
 from saekit.sae import SAESpec, evaluate, get_recipe, metrics_table, train_or_load
 from saekit.sae.codes import iter_codes
 from saekit.studies.settings import StudySettings
@@ -159,6 +160,24 @@ def train_patch_sae(
         spec, store, root=root, tokens="patch", epochs=epochs, batch_size=batch_size,
         seed=seed, device=device,
     )  # fmt: skip
+
+
+def resource_needs(settings: PatchFeaturesSettings) -> dict[str, list]:
+    """What the chapter will store and train, as `saekit.book.Chapter.plan`'s ``stores`` and
+    ``saes``: both encoders' patch stores (train and validation) and the SAEs of A (and of A at
+    the recipe's λ, when the chapter's differs) and B. Needs the layers (`for_encoders`)."""
+    a = StoreNeed(settings.family, "train", (settings.layer,), "both")
+    b = StoreNeed(settings.family_b, "train", (settings.layer_b,), "both")
+    training = dict(epochs=settings.epochs, batch_size=settings.batch_size, tokens="patch")
+    spec = SAESpec(arch="relu", expansion=settings.expansion, l1=settings.lam,
+                   layer=settings.layer, recipe=RECIPE, seed=settings.seed)  # fmt: skip
+    spec_b = dataclasses.replace(spec, layer=settings.layer_b, seed=settings.seed + 1)
+    saes = [SAENeed(spec, on=a, **training), SAENeed(spec_b, on=b, **training)]
+    if settings.lam != get_recipe(RECIPE).l1:
+        recipe_spec = dataclasses.replace(spec, l1=get_recipe(RECIPE).l1)
+        saes.insert(1, SAENeed(recipe_spec, on=a, **training))
+    stores = [a, dataclasses.replace(a, split="val"), b, dataclasses.replace(b, split="val")]
+    return {"stores": list(dict.fromkeys(stores)), "saes": saes}
 
 
 def eval_patches(store: Store, layer: int, max_patches: int = 2**16) -> np.ndarray:

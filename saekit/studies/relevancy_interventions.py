@@ -2,39 +2,34 @@
 
 The generic methods live in `saekit.analysis.relevancy` (Chefer-style relevancy of an SAE
 feature) and `saekit.analysis.interventions` (the six-step edit with the error term and its
-controls). This module holds what the chapter builds on them: its settings, the groups it
-studies, which features to edit (`tie_scores` for the patches of a segmentation class,
-`class_contrast` for a synset's classes), the segmentation data, effect tables next to their
-controls (`classification_table`, `suppression_curve`, `edit_part`, `part_effects`) and the
-summary; its figures are `saekit.studies.relevancy_interventions_figures`.
+controls). This module holds what the chapter builds on them: its settings and resource
+plan, the groups it studies, relevancy on the object, which features to edit (`tie_scores` for
+the patches of a segmentation class, `class_contrast` for a synset's classes) and the summary.
+The edits (segmentation data, effect tables next to their controls) are
+`saekit.studies.relevancy_interventions_edits`, the figures
+`saekit.studies.relevancy_interventions_figures`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from sae_lens import SAE
-from tqdm.auto import tqdm
 
-from saekit.activations import Store, extract
-from saekit.analysis.interventions import Comparison, Edit, compare, compare_in_encoder
+from saekit.activations import Store
 from saekit.analysis.ontology import ClassStats
-from saekit.analysis.probes import SegmentationHead
 from saekit.analysis.relevancy import RelevancyMaps, relevancy_share
-from saekit.data import ImageDataset, ImageFolder
-from saekit.masks import MASK_LAYOUT, load_masks, patch_coverage
-from saekit.mini.toyworld import GROUPS, PART_NAMES
-from saekit.models import Encoder
+from saekit.masks import patch_coverage
+from saekit.mini.toyworld import GROUPS
+from saekit.plan import SAENeed, StoreNeed
 from saekit.sae import SAESpec
 from saekit.sae.codes import iter_codes
+from saekit.studies.ontology import layer_specs
 from saekit.studies.settings import StudySettings
 from saekit.taxonomy import Taxonomy
 
@@ -128,6 +123,31 @@ class RelevancySettings(StudySettings):
         )  # fmt: skip
 
 
+def resource_needs(settings: RelevancySettings) -> dict[str, list]:
+    """What the chapter will store and train, as `saekit.book.Chapter.plan`'s ``stores``,
+    ``saes`` and ``notes``: every layer's CLS token (train and validation) and the edited
+    layer's patch tokens; the relevancy CLS SAE (chapter 03's, cached when that chapter ran)
+    and the patch SAE."""
+    cls_train = StoreNeed(settings.family, "train", "all", "cls")
+    patch_train = StoreNeed(settings.family, "train", (settings.patch_layer,), "patch")
+    stores = [cls_train, dataclasses.replace(cls_train, split="val"), patch_train,
+              dataclasses.replace(patch_train, split="val")]  # fmt: skip
+    saes = [
+        SAENeed(tuple(layer_specs([settings.relevancy_layer], settings.lam, settings.seed)),
+                on=cls_train, epochs=settings.cls_epochs),
+        SAENeed(settings.patch_spec, on=patch_train, epochs=settings.patch_epochs,
+                batch_size=settings.patch_batch, tokens="patch"),
+    ]  # fmt: skip
+    notes = [
+        f"the CLS SAE of layer {settings.relevancy_layer} is chapter 03's: reused when that "
+        "chapter has run",
+        "segmentation images and masks: the toy world's"
+        if settings.mini
+        else "segmentation: patch stores of segmentation_train and segmentation_val (not counted)",
+    ]
+    return {"stores": stores, "saes": saes, "notes": notes}
+
+
 def synset_groups(store: Store, synsets: Sequence[str]) -> dict[str, list[int]]:
     """Each synset's name -> the class indices of its leaves among the store's classes. A
     synset with no class in the store is left out, with a printed note."""
@@ -167,95 +187,6 @@ def object_relevancy(
             }
         )
     return pd.DataFrame(rows).set_index("group")
-
-
-# --------------------------------------------------------------------------- segmentation
-
-
-@dataclass
-class SegmentationData:
-    """The patch tokens and masks the segmentation head trains and is edited on."""
-
-    train: Store
-    """Patch tokens of the training images at the edited layer."""
-    val: Store
-    """The same for the validation images."""
-    train_images: ImageDataset
-    """Images of ``train`` (with masks in a sibling folder, `saekit.masks.MASK_LAYOUT`)."""
-    val_images: ImageDataset
-    """Images of ``val``."""
-    train_masks: np.ndarray
-    """Each training row's mask as the encoder saw the image, ``[N, H, W]``."""
-    val_masks: np.ndarray
-    """The same for validation."""
-    class_names: list[str]
-    """Name of each mask value."""
-    edited_classes: range
-    """Mask classes whose patches are edited (the toy world's background, 0, is not)."""
-
-
-def segmentation_data(
-    settings: RelevancySettings,
-    encoder: Encoder,
-    train_patch: Store,
-    val_patch: Store,
-    train_images: ImageDataset,
-    val_images: ImageDataset,
-    stores_root: str | Path,
-) -> SegmentationData:
-    """Mini: the toy world's own images and part masks (the patch stores already extracted).
-    Paper: the folders ``settings.segmentation_train`` / ``segmentation_val`` (e.g. ADE20K in
-    `saekit.masks.MASK_LAYOUT`), their patch tokens extracted once under ``stores_root``."""
-    if settings.mini:
-        names, edited = list(PART_NAMES), range(1, len(PART_NAMES))
-    else:
-        folders = {split: _folder(settings, f"segmentation_{split}") for split in ("train", "val")}
-        train_images, val_images = (ImageFolder(folders[split]) for split in ("train", "val"))
-        train_patch, val_patch = (
-            extract(encoder, images, layers=[settings.patch_layer], tokens="patch",
-                    dtype="float16",
-                    out=Path(stores_root)
-                    / f"{settings.family}-segmentation-{split}-{settings.patch_layer}")
-            for split, images in (("train", train_images), ("val", val_images))
-        )  # fmt: skip
-        names = [f"class {i}" for i in range(settings.segmentation_classes)]
-        edited = range(len(names))
-    return SegmentationData(
-        train_patch, val_patch, train_images, val_images,
-        load_masks(train_patch, train_images, encoder.processor),
-        load_masks(val_patch, val_images, encoder.processor),
-        names, edited,
-    )  # fmt: skip
-
-
-def _folder(settings: RelevancySettings, name: str) -> Path:
-    value = getattr(settings, name)
-    if not value or not Path(value).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"Parameter {name}={value!r} is not a folder; the paper profile needs segmentation "
-            f"images with masks.\n" + MASK_LAYOUT.format(root=value or f"/data/ade20k/{name}")
-        )
-    return Path(value).expanduser()
-
-
-def part_features(
-    sae: SAE, data: SegmentationData, layer: int, min_region_patches: int
-) -> tuple[dict[int, int], list[int]]:
-    """({part: its most tied feature}, parts left out). A part's region is the patches it
-    covers at least half of; parts with fewer than ``min_region_patches`` such validation
-    patches are left out; the feature tied to a part is the one whose mean activation on the
-    part's training patches exceeds its mean on all other patches by the most (`tie_scores`)."""
-    grid = data.train.grid(layer)
-    chosen, left_out = {}, []
-    for part in data.edited_classes:
-        if (patch_coverage(data.val_masks, grid, part) >= 0.5).sum() < min_region_patches:
-            left_out.append(part)
-            continue
-        region_NP = (patch_coverage(data.train_masks, grid, part) >= 0.5).reshape(
-            len(data.train_masks), -1
-        )
-        chosen[part] = int(np.argmax(tie_scores(sae, data.train.patches(layer), region_NP)))
-    return chosen, left_out
 
 
 # --------------------------------------------------------------------------- which features
@@ -320,124 +251,6 @@ def group_tie_table(
             "fires: others": fire_C[~inside].mean(),
         }
     return pd.DataFrame.from_dict(rows, orient="index")
-
-
-# --------------------------------------------------------------------------- effects
-
-
-def classification_table(
-    comparison: Comparison, labels_B: np.ndarray, group: Sequence[int] | None = None
-) -> pd.DataFrame:
-    """Per condition of a classification `Comparison` whose outputs are class logits
-    ``[B, C]``: the mean probability of each image's true class, of the classes in ``group``
-    taken together (e.g. a synset's leaves), top-1 accuracy and the share of changed
-    predictions."""
-    labels = torch.as_tensor(np.asarray(labels_B)).long()
-    before = comparison.outputs["original"].argmax(-1)
-    rows = {}
-    for condition, logits_BC in comparison.outputs.items():
-        if logits_BC.ndim != 2:
-            raise ValueError("classification_table needs class logits [B, C] from the head")
-        probs_BC = logits_BC.float().softmax(-1)
-        row = {"p(true class)": float(probs_BC[torch.arange(len(labels)), labels].mean())}
-        if group is not None:
-            row["p(group)"] = float(probs_BC[:, list(group)].sum(-1).mean())
-        row["accuracy"] = float((probs_BC.argmax(-1) == labels).float().mean())
-        row["changed predictions"] = float((probs_BC.argmax(-1) != before).float().mean())
-        rows[condition] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def suppression_curve(
-    encoder: Encoder,
-    images: Sequence[Image.Image] | torch.Tensor,
-    sae: SAE,
-    layer: int,
-    ranked_features: Sequence[int],
-    head: Callable[[torch.Tensor], torch.Tensor],
-    labels_B: np.ndarray,
-    group: Sequence[int],
-    *,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """`classification_table` after suppressing the first 1, 2, ... of ``ranked_features`` in
-    every patch of ``layer``, with the controls of the same size: a dose-response table with
-    columns n_features, condition and the table's columns."""
-    pixels = images if torch.is_tensor(images) else encoder.preprocess(images)
-    tables = []
-    for n in tqdm(range(1, len(ranked_features) + 1), desc="suppression curve", leave=False):
-        edit = Edit(tuple(ranked_features[:n]))
-        comparison = compare_in_encoder(encoder, pixels, sae, layer, edit, head, seed=seed)
-        table = classification_table(comparison, labels_B, group)
-        tables.append(table.rename_axis("condition").reset_index().assign(n_features=n))
-    return pd.concat(tables, ignore_index=True)
-
-
-@dataclass
-class PartEdit:
-    """A feature suppressed on the patches a segmentation class covers, with its controls."""
-
-    part: int
-    """The class (e.g. a toy-world part) whose patches were edited."""
-    feature: int
-    """The SAE feature suppressed there."""
-    images: np.ndarray
-    """Indices of the images that have such patches (the rows of ``comparison``)."""
-    region_BP: torch.Tensor
-    """Bool, the edited patches of those images."""
-    comparison: Comparison
-    """Head outputs for the original, the edit and the controls."""
-
-
-def edit_part(
-    patches_NPD: np.ndarray,
-    masks_NHW: np.ndarray,
-    sae: SAE,
-    head: SegmentationHead,
-    part: int,
-    feature: int,
-    *,
-    min_cover: float = 0.5,
-    seed: int = 0,
-) -> PartEdit:
-    """Suppress ``feature`` on the patches at least ``min_cover`` covered by class ``part``, in
-    every image that has such a patch, and run the segmentation head's ``patch_logits``."""
-    coverage_Nhw = patch_coverage(masks_NHW, head.grid, part)
-    region_NP = torch.as_tensor(coverage_Nhw.reshape(len(coverage_Nhw), -1) >= min_cover)
-    images = np.flatnonzero(region_NP.any(1).numpy())
-    if not len(images):
-        raise ValueError(f"no patch is {min_cover:.0%} covered by class {part}; lower min_cover")
-    patches = torch.as_tensor(np.asarray(patches_NPD[images], np.float32))
-    region_BP = region_NP[images]
-    edit = Edit(feature, patches=region_BP)
-    comparison = compare(patches, sae, edit, head.patch_logits, seed=seed)
-    return PartEdit(part, feature, images, region_BP, comparison)
-
-
-def part_effects(
-    edits: Sequence[PartEdit], masks_NHW: np.ndarray, class_names: Sequence[str]
-) -> pd.DataFrame:
-    """One row per `PartEdit`: the edited patches, the share of them whose predicted class
-    changed and the mean logit change there, under the edit and each control, and the part's
-    IoU and the mIoU over all classes (pixels of the edited images), for the original and under
-    each condition."""
-    rows = []
-    for e in edits:
-        region_Bhw = e.region_BP.reshape(len(e.images), *e.comparison.outputs["original"].shape[2:])
-        summary = e.comparison.summary(region_Bhw)
-        iou = e.comparison.iou(masks_NHW[e.images], class_names)[class_names[e.part]]
-        row = {"part": class_names[e.part], "feature": e.feature, "patches": int(e.region_BP.sum())}
-        for condition in summary.index:
-            row[f"changed: {condition}"] = summary.loc[condition, "changed in region"]
-        for condition in summary.index:
-            row[f"|Δ|: {condition}"] = summary.loc[condition, "mean |Δ| in region"]
-        for condition, value in iou.items():
-            row[f"IoU: {condition}"] = value
-        miou = e.comparison.miou(masks_NHW[e.images], len(class_names))
-        for condition, value in miou.items():
-            row[f"mIoU: {condition}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("part")
 
 
 # --------------------------------------------------------------------------- summary

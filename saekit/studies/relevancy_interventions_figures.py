@@ -19,7 +19,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from saekit.analysis.interventions import Comparison
-from saekit.studies.relevancy_interventions import PartEdit
+from saekit.studies.relevancy_interventions_edits import PartEdit
 
 
 def class_colors(n_classes: int) -> ListedColormap:
