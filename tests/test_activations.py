@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from saekit.activations import ActivationStore, ShardedArray, StoreMismatchError, extract
+from saekit.activations import (
+    ActivationStore,
+    OutputNotEmptyError,
+    ShardedArray,
+    StoreMismatchError,
+    extract,
+)
 from saekit.cli import main as cli_main
 from saekit.data import ImageFolder, ImageList
+from saekit.durable import OutputNotWritableError
 from saekit.models import load_encoder
 
 
@@ -241,19 +249,57 @@ def test_batches_yield_every_row_once_per_epoch(encoder, image_folder, tmp_path)
         next(store.batches(0, 7, tokens="patches"))
 
 
-def test_sharded_array_indexes_like_the_concatenation():
+SHARD_SIZES = (4, 0, 1, 5, 3)  # an empty shard and a one-row shard among them
+
+
+def _sharded():
     rng = np.random.default_rng(0)
-    parts = [rng.normal(size=(n, 3)) for n in (4, 1, 5)]
-    whole = np.concatenate(parts)
-    array = ShardedArray(parts)
-    assert array.shape == (10, 3)
-    np.testing.assert_array_equal(array[3], whole[3])
-    np.testing.assert_array_equal(array[-1], whole[-1])
-    np.testing.assert_array_equal(array[2:8], whole[2:8])
-    np.testing.assert_array_equal(array[::3], whole[::3])
-    np.testing.assert_array_equal(array[[9, 0, 4]], whole[[9, 0, 4]])
-    np.testing.assert_array_equal(array[3:6, 1], whole[3:6, 1])
+    parts = [rng.normal(size=(n, 3, 2)) for n in SHARD_SIZES]
+    return ShardedArray(parts), np.concatenate(parts)
+
+
+def test_sharded_rows_at_every_shard_boundary_and_negative_index():
+    array, whole = _sharded()
+    assert array.shape == whole.shape and len(array) == 13
+    for row in range(-len(whole), len(whole)):  # every row, so every boundary, both signs
+        np.testing.assert_array_equal(array[row], whole[row], err_msg=str(row))
+        np.testing.assert_array_equal(array[np.int64(row)], whole[row])
+    for row in (13, -14, 100):
+        with pytest.raises(IndexError, match="out of range"):
+            array[row]
+
+
+def test_sharded_slices_fancy_and_boolean_indices_equal_numpy():
+    array, whole = _sharded()
+    bounds = [None, -14, -13, -5, -1, 0, 1, 3, 4, 5, 9, 10, 12, 13, 20]
+    for start, stop, step in itertools.product(bounds, bounds, [None, 1, 2, 3, -1, -2]):
+        key = slice(start, stop, step)
+        np.testing.assert_array_equal(array[key], whole[key], err_msg=str(key))
+    rng = np.random.default_rng(1)
+    keys = [
+        [12, 0, 4, 4, -1, -13],
+        np.array([[0, 9], [4, -5]]),
+        rng.integers(-13, 13, size=30),
+        [],
+        np.array([], dtype=np.int64),
+        whole[:, 0, 0] > 0,
+        (slice(3, 6), 1),
+        ([0, 9], 1),
+        ([0, 9], [1, 2]),
+        ([1, 2], slice(None), [0, 1]),
+        (np.array([[0, 9], [4, 5]]), slice(None), 1),
+        (-2, Ellipsis, 1),
+        (Ellipsis, 0),
+        (slice(1, 9, 3), [0, 2], 1),
+    ]
+    for key in keys:
+        np.testing.assert_array_equal(array[key], whole[key], err_msg=str(key))
+        assert array[key].shape == whole[key].shape, key
     np.testing.assert_array_equal(np.asarray(array), whole)
+    np.testing.assert_array_equal(np.asarray(array, dtype=np.float32), whole.astype(np.float32))
+    for bad in ([13], [0, -14], np.ones(5, bool), True, [0.5]):
+        with pytest.raises(IndexError):
+            array[bad]
 
 
 def test_open_refuses_a_store_made_for_something_else(encoder, image_folder, tmp_path):
@@ -321,3 +367,94 @@ def test_cli_extract(miniatures, image_folder, tmp_path, capsys):
     assert code == 0 and "rows=15" in capsys.readouterr().out
     store = ActivationStore.open(tmp_path / "s", layers=[0, 2], tokens="patch")
     assert store.patches(2).shape == (15, 16, 32)
+
+
+# --- identity, output folders, layer lists, provenance --------------------------------------------
+
+
+def test_resuming_with_another_spelling_of_the_model_path(
+    miniatures, image_folder, tmp_path, monkeypatch
+):
+    """The reported bug: a store was tied to how the model path was spelled."""
+    dataset = ImageFolder(image_folder)
+    kwargs = dict(layers=[1], batch_size=2, shard_images=4, progress=False)
+    reference = extract(load_encoder(miniatures["dinov2"]), dataset, out=tmp_path / "ref", **kwargs)
+    monkeypatch.chdir(miniatures["dinov2"].parent)
+    with pytest.raises(KeyboardInterrupt):
+        extract(load_encoder("dinov2"), KillAfter(dataset, 9), out=tmp_path / "s", **kwargs)
+    monkeypatch.chdir(tmp_path)
+    spelled = str(miniatures["dinov2"]) + "/"  # absolute, with a trailing slash, another cwd
+    store = extract(load_encoder(spelled), dataset, out=tmp_path / "s", **kwargs)
+    np.testing.assert_array_equal(np.asarray(store.cls(1)), np.asarray(reference.cls(1)))
+    assert ActivationStore.open(tmp_path / "s", model=spelled).n_rows == 15
+    assert ActivationStore.open(tmp_path / "s", model=load_encoder(spelled)).n_rows == 15
+
+
+def test_another_model_of_the_same_shape_is_refused(encoder, image_folder, tmp_path):
+    from saekit.mini.miniatures import miniature
+
+    other = load_encoder(miniature("dinov2", tmp_path / "seed1", seed=1))
+    dataset = ImageFolder(image_folder)
+    extract(encoder, dataset, layers=[1], out=tmp_path / "s", progress=False)
+    with pytest.raises(StoreMismatchError, match=r"different model \(the model's weights differ"):
+        extract(other, dataset, layers=[1], out=tmp_path / "s", progress=False)
+    with pytest.raises(StoreMismatchError, match="holds activations of"):
+        ActivationStore.open(tmp_path / "s", model=other)
+
+
+def test_output_folders_are_checked_before_any_work(encoder, image_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(encoder, "forward_pixels", lambda *a, **k: calls.append(1))
+    dataset = ImageFolder(image_folder)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(OutputNotEmptyError, match=r"not empty \(thesis.tex\)"):
+        extract(encoder, dataset, out=tmp_path / "mine", progress=False)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OutputNotWritableError, match="Cannot write .*a-file/store"):
+        extract(encoder, dataset, out=tmp_path / "a-file" / "store", progress=False)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)  # as root, chmod would not stop writes
+    with pytest.raises(OutputNotWritableError, match="Permission denied. Choose a writable"):
+        extract(encoder, dataset, out=tmp_path / "ro", progress=False)
+    assert calls == []  # refused before a single forward pass
+    for layers in ("", [], "1-x"):
+        with pytest.raises((ValueError, TypeError)):
+            extract(encoder, dataset, layers=layers, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_duplicate_and_unsorted_layer_lists_make_the_same_store(encoder, image_folder, tmp_path):
+    dataset = ImageFolder(image_folder)
+    store = extract(encoder, dataset, layers=[2, 0, 2, -1], out=tmp_path / "s", progress=False)
+    assert store.layers == [0, 2]
+    stamp = (tmp_path / "s" / "manifest.json").stat().st_mtime_ns
+    again = extract(encoder, dataset, layers="0,2", out=tmp_path / "s", progress=False)
+    assert again.layers == [0, 2]
+    assert (tmp_path / "s" / "manifest.json").stat().st_mtime_ns == stamp  # nothing redone
+
+
+def test_store_arrays_say_where_they_come_from(encoder, image_folder, tmp_path):
+    store = extract(
+        encoder, ImageFolder(image_folder), layers=[1], tokens="both", out=tmp_path / "s",
+        progress=False,
+    )  # fmt: skip
+    provenance = store.patches(1).provenance
+    assert provenance["layer"] == 1 and provenance["tokens"] == "patch"
+    assert provenance["model_identity"] == encoder.identity == store.model_identity
+
+
+def test_a_listed_shard_whose_folder_vanished_is_extracted_again(encoder, image_folder, tmp_path):
+    dataset = ImageFolder(image_folder)
+    kwargs = dict(layers=[1], batch_size=2, shard_images=4, progress=False)
+    reference = extract(encoder, dataset, out=tmp_path / "ref", **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        extract(encoder, KillAfter(dataset, 9), out=tmp_path / "s", **kwargs)
+    shutil.rmtree(tmp_path / "s" / "shard_00001")
+    with pytest.warns(UserWarning, match="shard 1 is listed in the manifest but its folder"):
+        store = extract(encoder, dataset, out=tmp_path / "s", **kwargs)
+    np.testing.assert_array_equal(np.asarray(store.cls(1)), np.asarray(reference.cls(1)))
+    assert store.skipped == reference.skipped

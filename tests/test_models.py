@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from saekit.data import ImageFolder
-from saekit.models import EncoderLoadError, load_encoder
+from saekit.models import EncoderLoadError, load_encoder, parse_layers
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +108,147 @@ def test_unsupported_architecture_is_named(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(EncoderLoadError, match="'bert' model"):
         load_encoder(tmp_path)
+
+
+# --- inputs, layers, identity -------------------------------------------------------------------
+
+
+def test_every_input_kind_gives_the_same_activations(miniatures, images, tmp_path):
+    encoder = load_encoder(miniatures["dinov2"])
+    reference = encoder(images[:2], layers=[2]).cls[2]
+    pixels = np.stack([np.asarray(image) for image in images[:2]])
+    for i, image in enumerate(images[:2]):
+        image.save(tmp_path / f"{i}.png")
+    chw = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    inputs = {
+        "PIL list": images[:2],
+        "paths": [tmp_path / "0.png", str(tmp_path / "1.png")],
+        "uint8 tensor": chw,
+        "float tensor": chw.float() / 255,
+        "numpy": pixels,
+    }
+    for name, value in inputs.items():
+        assert torch.equal(encoder(value, layers=[2]).cls[2], reference), name
+    single = encoder(images[0], layers=[2]).cls[2]
+    assert single.shape == (1, 32) and torch.equal(single[0], reference[0])
+    with pytest.raises(TypeError, match="PIL image or a list"):
+        encoder({"not": "images"})
+
+
+def test_negative_layers_answer_under_the_key_asked_for(miniatures, images):
+    encoder = load_encoder(miniatures["vit"])
+    out = encoder(images[:1], layers=[-1, 0])
+    assert list(out.cls) == [0, 2]  # keys are the resolved indices ...
+    assert out.cls[-1] is out.cls[2] and out.patches[-3] is out.patches[0]  # ... -1 finds 2
+    assert -1 in out.cls and -2 not in out.cls and out.grids.get(-1) == out.grids[2]
+    with pytest.raises(KeyError, match=r"layer -2 was not computed; .* layers \[0, 2\]"):
+        out.cls[-2]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("all", "all"),
+        ("0,5,11", [0, 5, 11]),
+        ("-1", [-1]),
+        ("3-5", [3, 4, 5]),
+        (" 0, 3-4 ,-1", [0, 3, 4, -1]),
+        ("2-2", [2]),
+    ],
+)
+def test_layer_strings(text, expected):
+    assert parse_layers(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "names no layer"), ("1,,2", "names no layer"), ("1-x", "cannot read layer '1-x'"),
+     ("5-3", "runs backwards; write 3-5"), ("one", "cannot read")],
+)  # fmt: skip
+def test_bad_layer_strings_say_what_is_accepted(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_layers(text)
+
+
+def test_duplicate_unsorted_and_bad_layer_lists(miniatures):
+    encoder = load_encoder(miniatures["vit"])
+    assert encoder.resolve_layers([2, 0, 2, -1]) == [0, 2]
+    assert encoder.resolve_layers("2,0-1,-3") == [0, 1, 2]
+    assert encoder.resolve_layers(np.int64(-1)) == [2]
+    with pytest.raises(ValueError, match="No layers"):
+        encoder.resolve_layers([])
+    with pytest.raises(TypeError, match="not True"):
+        encoder.resolve_layers([True])
+    with pytest.raises(IndexError, match=r"-4"):
+        encoder.resolve_layers([-4])
+
+
+def _non_square(encoder):
+    """Let the processor keep a 64x32 (W x H) image's shape instead of cropping a square."""
+    encoder.processor.do_center_crop = False
+    encoder.processor.size = {"shortest_edge": 32}
+    return encoder
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers", "clip", "vit", "resnet"])
+def test_non_square_images_through_every_encoder_kind(kind, miniatures):
+    encoder = load_encoder(miniatures[kind])
+    wide = [Image.fromarray(np.full((32, 64, 3), 120, np.uint8))]  # height 32, width 64
+    # processors that crop or resize to their square size: the grid is square and P = rows*cols
+    out = encoder(wide, layers="all")
+    for layer in range(encoder.n_layers):
+        rows, cols = out.grids[layer]
+        assert out.patches[layer].shape[1] == rows * cols
+    if kind in ("clip", "vit"):  # fixed position embeddings: square inputs only
+        return
+    if kind == "resnet":  # its processor always crops a square; a CNN takes any shape
+        pixels = torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            out = encoder.forward_pixels(pixels, layers="all")
+    else:
+        _non_square(encoder)
+        pixels = encoder.preprocess(wide)
+        assert pixels.shape[2:] == (32, 64)
+        out = encoder(wide, layers="all")
+    for layer in range(encoder.n_layers):
+        rows, cols = out.grids[layer]
+        assert cols == 2 * rows, (layer, rows, cols)  # rows follow the height, cols the width
+        assert out.patches[layer].shape[1] == rows * cols
+    if kind == "resnet":
+        with torch.inference_mode():
+            stage = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states[2]
+        assert out.grids[1] == tuple(stage.shape[2:])
+        assert torch.equal(out.patches[1][:, 1 * stage.shape[3] + 3], stage[:, :, 1, 3])
+    else:
+        assert out.grids[0] == (32 // 8, 64 // 8)
+
+
+def test_model_identity_ignores_how_the_path_is_spelled(miniatures, tmp_path, monkeypatch):
+    folder = miniatures["vit"]
+    reference = load_encoder(folder).identity
+    assert set(reference) == {"family", "config", "processor", "weights"}
+    monkeypatch.chdir(folder.parent)
+    assert load_encoder(folder.name).identity == reference
+    assert load_encoder(f"./{folder.name}/").identity == reference
+    monkeypatch.chdir(tmp_path)
+    assert load_encoder(str(folder) + "/").identity == reference
+
+
+def test_model_identity_changes_with_what_changes_the_activations(miniatures, tmp_path):
+    from saekit.mini.miniatures import miniature
+
+    reference = load_encoder(miniatures["vit"]).identity
+    other_seed = load_encoder(miniature("vit", tmp_path / "seed1", seed=1)).identity
+    assert other_seed["config"] == reference["config"]
+    assert other_seed["weights"] != reference["weights"]
+    encoder = load_encoder(miniatures["vit"])
+    encoder.processor.image_mean = [0.5, 0.5, 0.5]
+    assert encoder.identity["processor"] != reference["processor"]
+    assert (
+        load_encoder(miniatures["vit"], dtype=torch.bfloat16).identity["weights"]
+        != (reference["weights"])
+    )
+    encoder = load_encoder(miniatures["vit"])
+    with torch.no_grad():
+        next(iter(encoder.model.parameters())).view(-1)[-1] += 1  # one value, the last one
+    assert encoder.identity["weights"] != reference["weights"]
