@@ -3,6 +3,8 @@
 #   make book    execute every chapter on miniature models and build the HTML site (_build/html)
 # Options: make book PROFILE=paper   (the papers' models by hub id; needs a GPU and the data)
 #          make chapter NAME=01_layer_sweep ARGS="-p lam 5"   (rerun one chapter)
+#          make publish   (pack the built site into _build/saekit-site.tar.gz for any static host)
+#          make lint      (ruff, mypy, actionlint; as .pre-commit-config.yaml)
 #          make rehearse   (every chapter on the paper code path, offline on a CPU, against
 #                           miniatures of the papers' checkpoints; pages in build/rehearsal)
 
@@ -10,6 +12,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= mini
+# torch comes first and is the user's to choose: CI and `make` take this CPU build.
+TORCH ?= 2.13.0
 NPM_ASSETS := @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8 mathjax@3.2.2
 WEB_ASSETS := book/_static/widgets/embed-amd.js book/_static/mathjax/tex-chtml.js
 
@@ -18,16 +22,18 @@ export OMP_NUM_THREADS ?= 1
 export NLTK_DATA := $(CURDIR)/nltk_data
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test book chapter rehearse lint clean benchmarks chromium
+.PHONY: setup test book chapter rehearse lint lock publish clean benchmarks chromium
 
 setup: $(VENV)/.installed nltk_data/corpora/wordnet/lexnames
 
 # torch first, from its CPU wheel: otherwise pip resolves torch from PyPI with gigabytes of CUDA.
-$(VENV)/.installed: pyproject.toml
+# Then the exact versions CI tests (requirements/lock.txt), then saekit itself, resolving nothing.
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q torch==$(TORCH)
+	$(BIN)/pip install -q -r requirements/lock.txt
+	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -63,8 +69,30 @@ chapter: setup
 rehearse: setup
 	$(BIN)/python scripts/rehearse.py --dir build/rehearsal $(ARGS)
 
+# The same checks as .pre-commit-config.yaml: ruff, mypy on the core package (files in
+# pyproject.toml), actionlint on the GitHub workflows.
 lint: setup
 	$(BIN)/ruff check saekit tests benchmarks scripts notebooks
+	$(BIN)/mypy
+	$(BIN)/actionlint
+
+# Re-resolve requirements/lock.txt after changing pyproject.toml's ranges (pip-tools, in its own
+# venv; torch held at the CPU build above, so the lock gets none of CUDA's packages).
+lock:
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install -q pip-tools
+	echo "torch==$(TORCH)" > build/torch-constraint.txt
+	build/lock-venv/bin/pip-compile --quiet --extra all --unsafe-package torch --unsafe-package saekit \
+	  --strip-extras --no-emit-index-url --no-emit-find-links -c build/torch-constraint.txt \
+	  -o requirements/lock.txt pyproject.toml
+
+# Pack the built site (`make book` first) for any static host: unpack it at the web root.
+SITE_DIR ?= _build/html
+SITE_TARBALL ?= _build/saekit-site.tar.gz
+publish:
+	@test -f $(SITE_DIR)/index.html || { echo "no site in $(SITE_DIR): run make book first" >&2; exit 1; }
+	tar -czf $(SITE_TARBALL) -C $(SITE_DIR) .
+	@echo "site packed into $(SITE_TARBALL): unpack it at your host's web root (tar -xzf)"
 
 benchmarks: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b --quick || exit 1; done
