@@ -32,6 +32,11 @@ OVERRIDES: dict[str, object] = {
     "epochs": 1,
     "probe_epochs": 2,
     "probe_per_class": 2,
+    # one point of chapter 02's 7 x 3 x 3 grid per architecture (Table 1's λ and expansion):
+    # its probes on every SAE's codes for every set would take most of the rehearsal's time
+    "lambdas": [0.5],
+    "ks": [32],
+    "expansions": [8],
     "cls_epochs": 1,
     "patch_epochs": 1,
     "sae_epochs": 1,

@@ -137,3 +137,13 @@ def test_a_paper_plan_counts_a_store_as_the_store_would_take_it(tmp_path, monkey
     assert sae["d_in"] == 1536 and sae["d_sae"] == 8 * 1536 and sae["epochs"] == 3
     assert sae["steps"] == math.ceil(1_281_167 / 64) * 3
     assert json.loads(json.dumps(plan.to_json()))["stores"][0]["bytes"] == cls_store["bytes"]
+
+
+def test_pages_executed_elsewhere_get_a_book_root_of_their_own(tmp_path):
+    pages = tmp_path / "rehearsal" / "book"
+    pages.mkdir(parents=True)
+    root = runner.stage_book(pages)
+    assert root == pages.parent
+    assert (root / "_toc.yml").read_text() == (runner.REPO_ROOT / "_toc.yml").read_text()
+    assert (pages / "intro.md").exists() and (pages / "_static" / "saekit.css").exists()
+    assert runner.stage_book(runner.EXECUTED_DIR) == runner.REPO_ROOT  # the book itself: as is
