@@ -133,10 +133,12 @@ def _array_to_pils(array: np.ndarray, channels_last: bool) -> list[Image.Image]:
     if array.dtype == np.uint8:
         pixels = array
     elif np.issubdtype(array.dtype, np.floating):
-        if array.size and not (np.isfinite(array).all() and 0 <= array.min() and array.max() <= 1):
+        if array.size and not np.isfinite(array).all():
+            raise ValueError("Float images must hold pixel values in [0, 1], not NaN/Inf.")
+        if array.size and not (0 <= array.min() and array.max() <= 1):
             raise ValueError(
                 "Float images must hold pixel values in [0, 1] (got values in "
-                f"[{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]); pass uint8 for 0-255 values."
+                f"[{array.min():.3g}, {array.max():.3g}]); pass uint8 for 0-255 values."
             )
         # A float image is a saved image seen through ToTensor: quantise it back to 8 bits, so
         # every input kind reaches the processor on the same path.
