@@ -34,10 +34,14 @@ class UnreadableImageError(OSError):
 
 
 class ImageDataset(Protocol):
+    """What `saekit.activations.extract` reads of a dataset (see the module docstring)."""
+
     labels: list[int]
-    image_ids: list[str]
     class_names: list[str]
     wnids: list[str] | None
+
+    @property
+    def image_ids(self) -> list[str]: ...
 
     def __len__(self) -> int: ...
 
@@ -243,7 +247,7 @@ class ImageFolder(ImageList):
         class_dirs = sorted(
             p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
-        pairs = []
+        pairs: list[tuple[Path, int]] = []
         for label, class_dir in enumerate(class_dirs):
             files = sorted(
                 p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
@@ -292,7 +296,7 @@ class HFImageDataset:
 
     def __init__(
         self,
-        dataset: object,
+        dataset: Any,
         image_key: str = "image",
         label_key: str = "label",
         split: str | None = None,

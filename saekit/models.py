@@ -257,7 +257,7 @@ class Encoder:
                 return list(range(self.n_layers))
         if isinstance(layers, int | np.integer) and not isinstance(layers, bool):
             layers = [int(layers)]
-        layers = list(layers)
+        layers = list(layers)  # type: ignore[arg-type]  # "all" was handled above
         if not layers:
             raise ValueError(f"No layers asked for: give {_LAYERS_HELP}.")
         resolved = []
@@ -326,13 +326,14 @@ class Encoder:
         patch = int(self.model.config.patch_size)
         grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
         first_patch = 1 + self.n_registers
+        attention_maps = result.attentions
         for layer in layer_ids:
             tokens_BTD = out.hidden_states[layer + 1]
             result.cls[layer] = tokens_BTD[:, 0]
             result.patches[layer] = tokens_BTD[:, first_patch:]
             result.grids[layer] = grid
-            if attentions:
-                result.attentions[layer] = out.attentions[layer]
+            if attention_maps is not None:
+                attention_maps[layer] = out.attentions[layer]
         return result
 
     def __call__(
@@ -406,7 +407,7 @@ def _processed_size(processor: transformers.BaseImageProcessor) -> tuple[int, in
     crop = getattr(processor, "crop_size", None)
     if getattr(processor, "do_center_crop", False) and crop:
         return int(crop["height"]), int(crop["width"])
-    size = processor.size
+    size = getattr(processor, "size", None) or {}
     if "height" in size:
         return int(size["height"]), int(size["width"])
     edge = int(size["shortest_edge"])
@@ -433,6 +434,7 @@ def load_encoder(
     source = (
         str(Path(id_or_path).expanduser()) if Path(id_or_path).expanduser().is_dir() else id_or_path
     )
+    model: transformers.PreTrainedModel
     with _quiet_transformers():
         if family == "clip":
             model = transformers.CLIPVisionModel.from_pretrained(source, dtype=dtype)
@@ -445,5 +447,5 @@ def load_encoder(
             model = transformers.AutoModel.from_pretrained(source, dtype=dtype)
         processor = transformers.AutoImageProcessor.from_pretrained(source)
     if device is not None:
-        model = model.to(device)
+        torch.nn.Module.to(model, device)  # in place (transformers types its own .to oddly)
     return Encoder(model, processor, family, id_or_path)

@@ -44,6 +44,14 @@ class StepOutput:
 class StackedSAEs(nn.Module):
     """``n`` SAELens training SAEs of one architecture and shape, parameters stacked."""
 
+    # Registered in __init__ from the members' names; declared here for the type checker.
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor
+    topk_threshold: torch.Tensor
+    coef_n: torch.Tensor
+
     def __init__(self, members: list[TrainingSAE]):
         super().__init__()
         first = members[0]

@@ -41,6 +41,7 @@ from saekit.durable import (
 from saekit.sae.architectures import SAE_CFG_FILE, SAE_WEIGHTS_FILE, SAESpec, load_sae, save_sae
 from saekit.sae.checkpoint import CHECKPOINT_FILE, CheckpointMismatchError
 from saekit.sae.codes import NonFiniteActivationsError
+from saekit.sae.recipes import get_recipe
 from saekit.sae.trainer import (
     BatchSource,
     _common,
@@ -207,8 +208,9 @@ def train_to_folder(
     out = check_writable(out, "SAE")
     with folder_lock(out, "training 1 SAE"):
         tokens = kwargs.pop("tokens", "cls")
-        batch_size = kwargs.pop("batch_size", None) or resolved.recipe.batch_size
-        epochs = kwargs.pop("epochs", None) or resolved.recipe.epochs
+        recipe = get_recipe(resolved.recipe)
+        batch_size = kwargs.pop("batch_size", None) or recipe.batch_size
+        epochs = kwargs.pop("epochs", None) or recipe.epochs
         seed = kwargs.pop("seed", 0)
         check_data = kwargs.pop("check_data", True)
         checkpoint_dir = Path(kwargs.pop("checkpoint_dir", None) or out / CHECKPOINT_DIR)

@@ -43,6 +43,7 @@ from saekit.sae.codes import NonFiniteActivationsError
 from saekit.sae.recipes import (
     InputNormalizer,
     Recipe,
+    get_recipe,
     remove_parallel_grad_,
     renormalize_decoder_,
 )
@@ -99,7 +100,7 @@ def train_on_tensor(
             f"Expected activations [N, D] with N >= 2, got shape {tuple(acts_ND.shape)}."
         )
     spec = dataclasses.replace(spec, d_in=acts_ND.shape[1]).resolved()
-    batch_size = batch_size or spec.recipe.batch_size
+    batch_size = batch_size or get_recipe(spec.recipe).batch_size
     steps = math.ceil(len(acts_ND) / batch_size)
     return train_sae(spec, tensor_batches(acts_ND, batch_size, seed), steps, **kwargs)
 
@@ -211,7 +212,8 @@ def _step_record(
     for group, mse_n in zip(groups, mse, strict=True):
         lr = group.optimizer.param_groups[0]["lr"]
         for j, i in enumerate(group.members):
-            coef = specs[i].l1 if specs[i].l1 is not None else 0.0
+            l1 = specs[i].l1
+            coef = l1 if l1 is not None else 0.0
             record["lr"][labels[i]] = lr
             record["sparsity"][labels[i]] = coef * group.recipe.sparsity_at(step, total)
             record["mse"][labels[i]] = mse_n[j].item()
