@@ -3,12 +3,16 @@
 (function () {
   "use strict";
 
-  // The widget manager computes where its fonts live from its RequireJS module URL, which by
-  // default sits beside the page (book/@jupyter-widgets/html-manager/dist/...). The files are
-  // served from _static/widgets/, beside this script.
+  // Each bundle in embed-amd.js computes where its fonts live from its RequireJS module URL,
+  // which by default sits beside the page (book/@jupyter-widgets/...). The files are served from
+  // _static/widgets/, beside this script: give every bundle a URL in that folder.
   var here = (document.currentScript && document.currentScript.src) || document.baseURI;
   var widgets = new URL("widgets", here).href;
-  window.require.config({ paths: { "@jupyter-widgets/html-manager/dist": widgets } });
+  var paths = { "@jupyter-widgets/html-manager/dist": widgets };
+  ["base", "base7", "controls", "controls7", "html-manager"].forEach(function (name) {
+    paths["@jupyter-widgets/" + name] = widgets + "/" + name;
+  });
+  window.require.config({ paths: paths });
 
   // The widget manager typesets with MathJax 2's MathJax.Hub.Queue(["Typeset", hub, element]);
   // the site serves MathJax 3, whose global (set when its deferred script runs, after this one)

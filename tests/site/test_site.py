@@ -30,7 +30,8 @@ import yaml
 SITE = Path(os.environ.get("SAEKIT_SITE", "_build/html"))
 SCREENSHOTS = Path(os.environ.get("SAEKIT_SCREENSHOTS", "_build/screenshots"))
 CHAPTERS = sorted((SITE / "book").glob("[0-9][0-9]_*.html")) if SITE.is_dir() else []
-PAGES = [SITE / "index.html", *CHAPTERS] if SITE.is_dir() else []
+# The landing page and the chapters (index.html only redirects to the landing page).
+PAGES = [SITE / "book" / "intro.html", *CHAPTERS] if SITE.is_dir() else []
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
