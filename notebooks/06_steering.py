@@ -33,24 +33,27 @@
 # +5.8%, p < 0.0001, n = 100).
 #
 # **What the `mini` profile shows.** The book is built offline on a CPU, so the `mini` profile
-# runs a *miniature* Stable Diffusion (a real `StableDiffusionPipeline`: UNet, VAE, CLIP text
-# encoder, a BPE tokenizer trained offline, DDIM scheduler; small images) and two miniature
-# CLIPs, all with **random weights**: one CLIP names the features, a second one, seeded apart,
-# judges the names in Table 3, so the describer is never its own judge. Every step below runs
-# exactly as it would on Stable Diffusion v1.4, but the images are noise-like textures and the
-# attribute names and CLIP similarities are *mechanical*: they say that the machinery works, not
-# what SAE features of a trained text encoder mean. The `paper` profile is one parameter away
-# (`saekit book --profile paper --only 06_steering -p prompt_file prompts.txt`).
+# runs a *toy* Stable Diffusion trained on the toy world of chapter 00 (a real
+# `StableDiffusionPipeline`: a CLIP text encoder, VAE and UNet trained on 32-pixel toy images and
+# their captions, such as "a coarse dotted green fish", by `python -m saekit.mini.toy_t2i`;
+# weights shipped with saekit) and two toy CLIPs: the one its text encoder comes from names the
+# features, and a second one, trained with another seed on another toy world, judges the names
+# in Table 3, so the describer is never its own judge. Every step below runs exactly as it
+# would on Stable Diffusion v1.4. Because the toy world's captions name *planted* factors
+# (shape family, colour and texture, pattern frequency) and the toy ViT reads those factors
+# back out of any image, section 7 checks what the paper can only eyeball: whether a feature
+# that fires on "fish" or "red" steers the images towards fish or red. The `paper` profile is
+# one parameter away (`saekit book --profile paper --only 06_steering -p prompt_file prompts.txt`).
 
 # %% tags=["parameters"]
 profile = "mini"
-pipeline: str | None = None  # Stable Diffusion id or folder; None: mini SD (mini), SD v1.4 (paper)
-describer_clip: str | None = None  # CLIP naming features if describer="clip"; None: mini CLIP, L/14
-judge_clip: str | None = None  # CLIP judging Table 3; None: 2nd mini CLIP (mini), B/32 (paper)
-prompt_file: str | None = None  # prompts, one per line; None: shipped corpus (mini), none (paper)
+pipeline: str | None = None  # Stable Diffusion id or folder; None: toy SD (mini), SD v1.4 (paper)
+describer_clip: str | None = None  # CLIP naming features if describer="clip"; None: toy CLIP, L/14
+judge_clip: str | None = None  # CLIP judging Table 3; None: toy judge CLIP (mini), B/32 (paper)
+prompt_file: str | None = None  # prompts, one per line; None: toy captions (mini), none (paper)
 caption_file: str | None = None  # captions for descriptive features (paper: COCO); None: prompts
 describer: str | None = None  # "clip" (zero-shot over vocabulary) or an LMM id; None: clip, Qwen
-vocabulary: list[str] | None = None  # words for the CLIP describer; None: the mini corpus's words
+vocabulary: list[str] | None = None  # words for the CLIP describer; None: the toy factor words
 layer = -2  # text-encoder hidden state the SAE reads and steering moves (-2: penultimate)
 expansion = 8  # SAE width as a multiple of the text encoder's width
 l1: float | None = None  # SAE sparsity coefficient λ_1; None: mini 1, paper 10
@@ -63,9 +66,10 @@ n_features = 12  # descriptive features steered and named
 n_show = 4  # features in the Figure-5 grid
 n_sample_prompts = 8  # prompts steered per feature for naming it (4 per describer call)
 n_pairs = 40  # prompt-attribute pairs in Table 3 (the paper: 100)
-num_inference_steps: int | None = None  # denoising steps; None: mini 4, paper 50
+num_inference_steps: int | None = None  # denoising steps; None: mini 8, paper 50
 guidance_scale = 7.5  # classifier-free guidance weight w
-seed = 0  # seeds the SAE, the prompt order and every image
+n_planted_prompts = 24  # held-out prompts steered per feature in the planted check (toy SD only)
+seed = 0  # seeds the SAE, the prompt order, every image and the planted check's controls
 device: str | None = None  # where models run and the SAE trains; None: cuda when available
 
 # %%
@@ -84,6 +88,7 @@ from saekit.analysis import steering as st
 from saekit.analysis.widgets import switcher
 from saekit.sae import evaluate, metrics_table, train_or_load
 from saekit.studies import steering as study
+from saekit.studies import steering_planted as planted
 
 settings = study.SteeringSettings.for_profile(**chapter.params)
 pd.set_option("display.precision", 3)
@@ -92,10 +97,11 @@ pd.set_option("display.max_colwidth", 80)
 # %% [markdown]
 # ## Models, prompts and profile defaults
 #
-# In `mini` the pipeline and both CLIPs are built once into the work folder and reloaded with
-# `from_pretrained`; the prompt corpus is a set of generated Midjourney-like prompts shipped with
-# saekit. Because that corpus is small, the mini SAE trains with a larger learning rate and for
-# more epochs than the recipe's (its sizes and sparsity are printed below). The paper does not
+# In `mini` the toy pipeline and both toy CLIPs are loaded from saekit's package data with
+# `from_pretrained`, exactly as the paper's models are loaded from the hub; the prompt corpus is
+# 300 toy-world captions shipped with the pipeline (varied: some name only a few factors, some
+# add one after a comma). Because that corpus is small, the mini SAE trains with a larger
+# learning rate and for more epochs than the recipe's (its sizes and sparsity are printed below). The paper does not
 # state its SAE settings for this study, so the `paper` profile uses the `olson2025` recipe
 # unchanged (λ_1 = 10, lr 1e-4, 3 epochs) and names them as parameters to tune. It does not
 # state λ either: the default steering strength is 0.75 of the corpus's mean token-embedding
@@ -208,9 +214,9 @@ print(
 # Each descriptive feature steers the sample prompts; the describer sees 4 original and 4
 # steered images at a time and returns keywords; each feature's **attribute** is its keyword
 # with the highest tf·idf over all features' keywords, so a word every feature gets loses to
-# the feature's own. In `mini` the describer ranks the vocabulary by how much its CLIP
-# similarity rises from original to steered images (a random-weight CLIP, so the names are
-# mechanical); in `paper` it is Qwen2.5-VL, as in the paper.
+# the feature's own. In `mini` the describer ranks the toy world's factor words by how much its
+# CLIP similarity rises from original to steered images (the toy CLIP the pipeline's text
+# encoder comes from); in `paper` it is Qwen2.5-VL, as in the paper.
 
 # %%
 namer = study.load_namer(settings, models)
@@ -264,8 +270,8 @@ fig = study.steering_grid(
 plt.show()
 
 # %% [markdown]
-# With random weights the changes are textures rather than objects. How far each feature moved
-# the images, as the mean absolute pixel change (0–255) from the originals, per strength:
+# How far each feature moved the images, as the mean absolute pixel change (0–255) from the
+# originals, per strength:
 
 # %%
 st.steering_effect(grid_originals, sweep)
@@ -278,9 +284,9 @@ st.steering_effect(grid_originals, sweep)
 # that already name the attribute are passed over. The **judge** CLIP scores the original image
 # against the prompt, and the steered image against the prompt and against $t_{\mathrm{attr}}$;
 # the paired t-test (`scipy.stats.ttest_rel`) asks whether the last beats the second. The judge
-# is not the model that named the attributes (in `mini`, a second miniature CLIP with its own
-# seed; in `paper`, CLIP ViT-B/32 against Qwen2.5-VL's names), so the test cannot pass merely
-# because the namer agrees with itself.
+# is not the model that named the attributes (in `mini`, a toy CLIP trained with its own seed on
+# another toy world; in `paper`, CLIP ViT-B/32 against Qwen2.5-VL's names), so the test cannot
+# pass merely because the namer agrees with itself.
 
 # %%
 pairs = av.attribute_pairs(test_prompts, attributes, settings.n_pairs, seed=settings.seed)
@@ -307,3 +313,37 @@ plt.show()
 
 # %%
 sims.head(10)
+
+# %% [markdown]
+# ## 7. Planted truth: does a "fish" feature steer towards fish?
+#
+# Only the toy pipeline has an answer key. Its captions name planted factors, so an SAE feature
+# whose strongest tokens are mostly one factor word ("fish", "red", "coarse") has a known
+# meaning, and the toy ViT, trained on real toy images and never on generated ones, says which
+# shape family, style and frequency each generated image shows. Each such feature (the most
+# active per factor value, with at least 60% of its top tokens naming that value) steers
+# `n_planted_prompts` held-out prompts that do not already ask for its value, at the chapter's
+# λ. Two controls move the same prompts by the same λ: a random unit direction, and a random
+# other live SAE feature none of whose top words names the value. The table gives the share of
+# images the toy ViT assigns the feature's value in each case; the pattern frequency is left
+# out, since the toy pipeline does not draw it (its `training.json` scores it at chance). Below
+# the table, the feature that beats its best control by the widest margin steers four such
+# prompts at each strength of the explorer.
+
+# %%
+if study.has_planted_truth(models):
+    check = planted.planted_check(
+        pipe,
+        sae,
+        descriptive,
+        test_prompts[: settings.n_planted_prompts],
+        strength,
+        strengths,
+        seed=settings.seed,
+        config=config,
+    )
+    display(Markdown(check.summary))
+    display(check.table)
+    plt.show()
+else:
+    display(Markdown(f"`{models.pipeline}` is not the toy pipeline: it has no planted answer key."))

@@ -13,7 +13,7 @@ from transformers import CLIPModel
 from saekit.analysis.attribute_validation import table3
 from saekit.analysis.describers import ClipDescriber
 from saekit.analysis.steering import PAPER_CLIP, PAPER_PIPELINE
-from saekit.mini.diffusion import mini_prompt_file, mini_vocabulary
+from saekit.mini.toyworld import captions
 from saekit.runner import chapter_parameters
 from saekit.studies import steering as study
 
@@ -29,10 +29,12 @@ def test_settings_fields_are_exactly_the_chapters_parameters():
 
 def test_settings_resolve_each_profile():
     mini = study.SteeringSettings.for_profile("mini", device="cpu")
-    assert (mini.l1, mini.lr, mini.epochs, mini.num_inference_steps) == (1.0, 1e-3, 30, 4)
-    assert mini.pipeline is None and mini.judge_clip is None and mini.describer == "clip"
-    assert mini.prompt_file == str(mini_prompt_file()) == mini.captions_file
-    assert mini.vocabulary == tuple(mini_vocabulary())
+    assert (mini.l1, mini.lr, mini.epochs, mini.num_inference_steps) == (1.0, 1e-3, 30, 8)
+    assert mini.pipeline == str(study.TOY_PIPELINE) and mini.describer == "clip"
+    assert mini.judge_clip == str(study.TOY_JUDGE_CLIP)
+    assert mini.describer_clip == str(study.TOY_DESCRIBER_CLIP)
+    assert mini.prompt_file == str(study.TOY_PIPELINE / "prompts.txt") == mini.captions_file
+    assert mini.vocabulary == tuple(captions.vocabulary())
     paper = study.SteeringSettings.for_profile("paper", vocabulary=["neon", "sea"], epochs=None)
     assert (paper.pipeline, paper.judge_clip) == (PAPER_PIPELINE, PAPER_CLIP)
     assert paper.describer == study.PAPER_DESCRIBER and paper.describer_clip != PAPER_CLIP
@@ -40,26 +42,25 @@ def test_settings_resolve_each_profile():
     assert paper.prompt_file is None and paper.vocabulary == ("neon", "sea")
     assert paper.replace(caption_file="coco.txt").captions_file == "coco.txt"
     config = mini.replace(mode="amplify", layer=-1).generation()
-    assert (config.layer, config.mode, config.num_inference_steps) == (-1, "amplify", 4)
+    assert (config.layer, config.mode, config.num_inference_steps) == (-1, "amplify", 8)
     spec = mini.sae_spec().resolved()
     assert (spec.expansion, spec.l1, spec.recipe.lr, spec.name) == (8, 1.0, 1e-3, "text-sae")
 
 
-def test_mini_describer_and_judge_are_independently_seeded_clips(tmp_path):
+def test_mini_describer_and_judge_are_separately_trained_clips(tmp_path):
     settings = study.SteeringSettings.for_profile("mini", device="cpu")
     models = study.resolve_models(settings, tmp_path)
     assert models.describer_clip != models.judge_clip
+    assert study.has_planted_truth(models)
+    assert not study.has_planted_truth(study.SteeringModels("org/sd", None, "org/clip"))
     describer = CLIPModel.from_pretrained(models.describer_clip).state_dict()
     judge = CLIPModel.from_pretrained(models.judge_clip).state_dict()
     assert describer.keys() == judge.keys()
     differ = [k for k in describer if not torch.equal(describer[k], judge[k])]
     assert "text_projection.weight" in differ and "visual_projection.weight" in differ
-    # Built once: a second call finds the same folders and does not rebuild them.
-    stamp = Path(models.judge_clip, "config.json").stat().st_mtime_ns
-    assert study.resolve_models(settings, tmp_path) == models
-    assert Path(models.judge_clip, "config.json").stat().st_mtime_ns == stamp
     namer = study.load_namer(settings, models)
-    assert isinstance(namer, ClipDescriber) and list(namer.vocabulary) == list(mini_vocabulary())
+    assert isinstance(namer, ClipDescriber)
+    assert list(namer.vocabulary) == captions.vocabulary()
     text = study.who_judged(settings, models)
     assert models.judge_clip in text and models.describer_clip in text
 
@@ -120,7 +121,4 @@ def test_strengths_split_and_summaries():
     models = study.SteeringModels("sd", "describer", "judge")
     summary = study.table3_summary(table3(sims), settings, models)
     assert "+10.0%" in summary and "n = 3" in summary and "`judge`" in summary
-    assert "mechanical" in summary
-    assert "mechanical" not in study.table3_summary(
-        table3(sims), settings.replace(profile="paper"), models
-    )
+    assert "`describer`" in summary

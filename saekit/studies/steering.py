@@ -1,12 +1,13 @@
 """Chapter 06: steering Stable Diffusion with text-encoder SAE features (paper 003 §4).
 
 What only this chapter needs: its settings (`SteeringSettings`, which own the profile), the
-models it runs (`resolve_models`: in mini a miniature Stable Diffusion, the describer's CLIP and
-an independently seeded judge CLIP, built once in the work folder), the describer it names
-features with, its prompt split and strengths, and its tables and figures (the attribute table,
-Fig. 5's grid, Table 3's figure). The generic parts are `saekit.analysis.steering`,
-`saekit.analysis.attributes`, `saekit.analysis.describers` and
-`saekit.analysis.attribute_validation`.
+models it runs (`resolve_models`: in mini the toy text-to-image pipeline trained on the toy
+world, the toy CLIP its text encoder comes from as the describer, and a judge CLIP trained apart
+on another world, all shipped in ``saekit/mini/assets``), the describer it names features with,
+its prompt split and strengths, and its tables and figures (the attribute table, Fig. 5's grid,
+Table 3's figure). The planted-truth check of the mini profile is `steering_planted`. The
+generic parts are `saekit.analysis.steering`, `saekit.analysis.attributes`,
+`saekit.analysis.describers` and `saekit.analysis.attribute_validation`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import shutil
 import textwrap
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,7 +38,8 @@ from saekit.analysis.steering import (
     SteerMode,
     load_clip,
 )
-from saekit.mini.diffusion import build_mini_clip, mini_models, mini_prompt_file, mini_vocabulary
+from saekit.mini import toy_judge, toy_t2i
+from saekit.mini.toyworld import captions
 from saekit.sae import SAEMetrics, SAESpec, get_recipe
 from saekit.studies.settings import StudySettings
 
@@ -46,33 +47,36 @@ PAPER_DESCRIBER = "Qwen/Qwen2.5-VL-7B-Instruct"
 """The multimodal LM that names the features in the paper."""
 PAPER_DESCRIBER_CLIP = "openai/clip-vit-large-patch14"
 """The zero-shot describer's CLIP on paper (``describer="clip"``): not the judge's B/32."""
-MINI_DESCRIBER_SEED = 0
-"""Seed of the mini profile's describer CLIP (`mini_models` builds it)."""
-MINI_JUDGE_SEED = 1
-"""Seed of the mini profile's judge CLIP: another draw of weights than the describer's."""
+TOY_PIPELINE = toy_t2i.DEFAULT_OUT
+"""The mini profile's Stable Diffusion: trained on the toy world (`python -m saekit.mini.toy_t2i`)."""
+TOY_DESCRIBER_CLIP = toy_t2i.DEFAULT_OUT / toy_t2i.CLIP_FOLDER
+"""The toy CLIP whose text tower conditions the toy pipeline; mini's describer."""
+TOY_JUDGE_CLIP = toy_judge.DEFAULT_OUT
+"""The toy CLIP trained on another world with another seed (`python -m saekit.mini.toy_judge`);
+mini's judge."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SteeringSettings(StudySettings):
     """Chapter 06's parameters; field defaults are the mini profile's, `PAPER` the paper's."""
 
-    pipeline: str | None = None
-    """Stable Diffusion hub id or folder; None in mini: a miniature SD built in the work folder."""
-    describer_clip: str | None = None
-    """CLIP of the zero-shot describer (used when ``describer="clip"``); None in mini: a
-    miniature CLIP (seed 0) built in the work folder."""
-    judge_clip: str | None = None
-    """CLIP that scores Table 3; None in mini: a second miniature CLIP, seeded apart from the
-    describer's. It must not be the describer's CLIP, or Table 3 checks the namer against itself."""
-    prompt_file: str | None = str(mini_prompt_file())
-    """Prompts, one per line (SAE corpus, sample and test prompts); mini: the shipped corpus;
-    paper: no default (the paper used Midjourney prompts)."""
+    pipeline: str | None = str(TOY_PIPELINE)
+    """Stable Diffusion hub id or folder; mini: the toy pipeline trained on the toy world."""
+    describer_clip: str | None = str(TOY_DESCRIBER_CLIP)
+    """CLIP of the zero-shot describer (used when ``describer="clip"``); mini: the toy CLIP whose
+    text tower conditions the toy pipeline."""
+    judge_clip: str | None = str(TOY_JUDGE_CLIP)
+    """CLIP that scores Table 3; mini: a toy CLIP trained with another seed on another toy
+    world. It must not be the describer's CLIP, or Table 3 checks the namer against itself."""
+    prompt_file: str | None = str(toy_t2i.DEFAULT_OUT / toy_t2i.PROMPT_FILE)
+    """Prompts, one per line (SAE corpus, sample and test prompts); mini: the toy world's
+    captions shipped with the pipeline; paper: no default (the paper used Midjourney prompts)."""
     caption_file: str | None = None
     """Captions for finding descriptive features (paper: MS-COCO); None: the prompt file."""
     describer: str = "clip"
     """``"clip"`` (zero-shot over `vocabulary`) or a multimodal LM's hub id (paper: Qwen2.5-VL)."""
-    vocabulary: tuple[str, ...] = tuple(mini_vocabulary())
-    """Candidate attribute words for the CLIP describer (the mini corpus's words)."""
+    vocabulary: tuple[str, ...] = tuple(captions.vocabulary())
+    """Candidate attribute words for the CLIP describer (mini: the toy captions' factor words)."""
     layer: int = -2
     """Text-encoder hidden state the SAE reads and steering moves (-2: penultimate)."""
     expansion: int = 8
@@ -97,12 +101,14 @@ class SteeringSettings(StudySettings):
     """Prompts steered per feature for naming it (4 per describer call)."""
     n_pairs: int = 40
     """Prompt-attribute pairs in Table 3 (the paper: 100)."""
-    num_inference_steps: int = 4
+    num_inference_steps: int = 8
     """Denoising steps (paper profile: 50)."""
     guidance_scale: float = 7.5
     """Classifier-free guidance weight w."""
+    n_planted_prompts: int = 24
+    """Held-out prompts steered per feature in the planted-truth check (toy pipeline only)."""
     seed: int = 0
-    """Seeds the SAE, the prompt order and every image."""
+    """Seeds the SAE, the prompt order, every image and the planted check's random controls."""
     device: str | None = None
     """Where the models run and the SAE trains; None: "cuda" when available, else "cpu"."""
 
@@ -157,17 +163,6 @@ class SteeringModels:
     """The CLIP that scores Table 3."""
 
 
-def _built(target: Path, build: Callable[..., Path], seed: int) -> Path:
-    """``target``, built by ``build(path, seed=seed)`` in a scratch folder and renamed into place
-    on first use, so an interrupted build is redone rather than half-loaded."""
-    if not target.is_dir():
-        scratch = target.with_name(f".{target.name}.partial")
-        shutil.rmtree(scratch, ignore_errors=True)
-        build(scratch, seed=seed)
-        scratch.rename(target)
-    return target
-
-
 def same_model(a: str, b: str) -> bool:
     """Whether two hub ids or folders name the same model."""
     if Path(a).expanduser().is_dir() and Path(b).expanduser().is_dir():
@@ -175,34 +170,31 @@ def same_model(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def resolve_models(settings: SteeringSettings, workdir: Path) -> SteeringModels:
-    """The chapter's models; what the settings leave at None (mini) is built under
-    ``workdir/models`` once: the miniature SD and describer CLIP (`mini_models`, seed
-    `MINI_DESCRIBER_SEED`) and the judge CLIP (seed `MINI_JUDGE_SEED`).
+def resolve_models(settings: SteeringSettings, workdir: Path | None = None) -> SteeringModels:
+    """The chapter's models as the settings name them (mini: the shipped toy pipeline, describer
+    and judge; `workdir` is not needed and kept for callers that pass it).
 
     Refuses a judge that is the describer's CLIP: Table 3 would then test the names with the
     model that chose them, and pass by construction."""
-    folder = Path(workdir) / "models"
-    pipeline, describer_clip, judge_clip = (
-        settings.pipeline,
-        settings.describer_clip,
-        settings.judge_clip,
+    missing = [name for name in ("pipeline", "judge_clip") if getattr(settings, name) is None] + (
+        ["describer_clip"] if settings.describer == "clip" and not settings.describer_clip else []
     )
-    if pipeline is None or (describer_clip is None and settings.describer == "clip"):
-        mini_sd, mini_clip = mini_models(folder, seed=MINI_DESCRIBER_SEED)
-        pipeline = pipeline if pipeline is not None else str(mini_sd)
-        describer_clip = describer_clip if describer_clip is not None else str(mini_clip)
-    if judge_clip is None:
-        judge_clip = str(_built(folder / "mini-clip-judge", build_mini_clip, MINI_JUDGE_SEED))
-    if settings.describer != "clip":
-        describer_clip = None
-    elif same_model(describer_clip, judge_clip):
+    if missing:
+        raise ValueError(f"Set {', '.join(missing)}: this profile has no default for them.")
+    describer_clip = settings.describer_clip if settings.describer == "clip" else None
+    if describer_clip is not None and same_model(describer_clip, settings.judge_clip):
         raise ValueError(
-            f"describer_clip and judge_clip are both {judge_clip!r}: the CLIP that names the "
-            "attributes must not be the one that validates them (Table 3 would pass by "
+            f"describer_clip and judge_clip are both {settings.judge_clip!r}: the CLIP that names "
+            "the attributes must not be the one that validates them (Table 3 would pass by "
             "construction). Pass another judge_clip, e.g. openai/clip-vit-base-patch32."
         )
-    return SteeringModels(pipeline, describer_clip, judge_clip)
+    return SteeringModels(settings.pipeline, describer_clip, settings.judge_clip)
+
+
+def has_planted_truth(models: SteeringModels) -> bool:
+    """Whether the pipeline is the toy one, whose prompts name planted factors that the toy ViT
+    reads back from images (the check in `saekit.studies.steering_planted`)."""
+    return same_model(models.pipeline, str(TOY_PIPELINE))
 
 
 def load_namer(settings: SteeringSettings, models: SteeringModels) -> Describer:
@@ -235,14 +227,11 @@ def sae_summary(settings: SteeringSettings, n_rows: int, metrics: SAEMetrics, d_
 
 def table3_summary(result: Table3, settings: SteeringSettings, models: SteeringModels) -> str:
     """Table 3's test in one paragraph, beside the paper's numbers, saying who judged."""
-    text = (
+    return (
         f"cos(I_steer, t_attr) is {result.relative_increase:+.1%} relative to cos(I_steer, "
         f"t_orig); paired t = {result.t_statistic:.2f}, p = {result.p_value:.3g}, "
         f"n = {result.n} (the paper: +5.8%, p < 0.0001, n = 100). " + who_judged(settings, models)
     )
-    if settings.mini:
-        text += " With random-weight CLIPs this number is mechanical."
-    return text
 
 
 def chosen_features(descriptive: pd.DataFrame, n_features: int) -> list[int]:
