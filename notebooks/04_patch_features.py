@@ -100,17 +100,17 @@ from saekit.analysis.exemplar_plots import exemplar_rows
 from saekit.analysis.ontology import ClassSetRule
 from saekit.analysis.widgets import switcher
 from saekit.plan import model_shape
-from saekit.sae import evaluate, metrics_table
+from saekit.sae import metrics_table
 from saekit.studies.patch_features import (
     PatchFeaturesSettings,
     browsable_features,
     dominant_part,
-    eval_patches,
     ground_truth_note,
     lambda_note,
     matchable_features,
     object_features,
     part_shares,
+    patch_metrics,
     plot_part_shares,
     recipe_lambda_check,
     resource_needs,
@@ -158,7 +158,7 @@ options = dict(expansion=settings.expansion, l1=settings.lam, epochs=settings.ep
                batch_size=settings.batch_size, device=settings.device)  # fmt: skip
 sae = train_patch_sae(train, settings.layer, saes_root, seed=settings.seed, **options)
 # the first images of the validation store, up to 65,536 patches (all of them in mini)
-metrics = {label: evaluate(sae, eval_patches(val, settings.layer), normalized=True)}
+metrics = {label: patch_metrics(sae, val, settings.layer)}
 metrics_table(metrics)
 
 # %% [markdown]
@@ -314,7 +314,7 @@ val_b = chapter.store(settings.family_b, "val", layers=[settings.layer_b], token
 sae_b = train_patch_sae(train_b, settings.layer_b, saes_root, seed=settings.seed + 1, **options)
 scan_b = exemplars.scan_store(val_b, sae_b, settings.layer_b, k=settings.n_exemplars,
                               model=label_b)  # fmt: skip
-metrics[label_b] = evaluate(sae_b, eval_patches(val_b, settings.layer_b), normalized=True)
+metrics[label_b] = patch_metrics(sae_b, val_b, settings.layer_b)
 metrics_table(metrics)
 
 # %%

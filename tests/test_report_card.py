@@ -252,3 +252,12 @@ def test_pareto_frame_has_the_sae_and_baselines_with_exact_full_rank_pca(card_wo
     full = frame[(frame["method"] == "PCA") & (frame["L0"] == 24)]
     assert full["NMSE"].iloc[0] == pytest.approx(0.0, abs=1e-9)
     plot_pareto(frame)
+
+
+def test_report_card_refuses_an_sae_from_another_layer(card_world):
+    from saekit.analysis.report_card import report_card
+    from saekit.sae.codes import SAEStoreMismatchError
+
+    _, _, store, sae = card_world  # trained on layer 1
+    with pytest.raises(SAEStoreMismatchError, match="layer"):
+        report_card(sae, store, 2)

@@ -113,6 +113,8 @@ class _RowsView:
     def __init__(self, acts: Any, rows: np.ndarray) -> None:
         self.acts, self.rows = acts, rows
         self.shape = (len(rows), *acts.shape[1:])
+        # where the rows came from, so iter_codes can check the SAE against them
+        self.provenance = getattr(acts, "provenance", None)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -25,7 +25,7 @@ from transformers import BaseImageProcessor
 from saekit.activations import Store
 from saekit.analysis.exemplars import ExemplarScan
 from saekit.data import ImageDataset
-from saekit.sae.codes import iter_codes
+from saekit.sae.codes import check_sae_matches_store, iter_codes
 
 
 def model_view(image: Image.Image, processor: BaseImageProcessor | None = None) -> Image.Image:
@@ -54,6 +54,7 @@ def exemplar_patch_acts(
     rows, values = scan.exemplars(feature, k)
     if "patch" not in store.manifest["tokens"]:
         return rows, values, np.zeros((len(rows), 0), np.float32)
+    check_sae_matches_store(sae, store, scan.layer, "patch")
     order = np.argsort(rows)  # memory-mapped reads in store order
     patches_KPD = np.empty((len(rows), *store.patches(scan.layer).shape[1:]), np.float32)
     patches_KPD[order] = np.asarray(store.patches(scan.layer)[rows[order]], np.float32)

@@ -40,6 +40,7 @@ from saekit.analysis.stability import Matching, stability
 from saekit.data import ImageDataset
 from saekit.models import Encoder
 from saekit.sae import SAEMetrics, encode_in_batches, evaluate
+from saekit.sae.codes import check_sae_matches_store
 from saekit.taxonomy import Taxonomy
 
 
@@ -140,6 +141,7 @@ def report_card(
     ``dataset`` (the images the store was made from) and ``head`` (a classifier on the
     encoder's last-layer CLS token) give downstream fidelity on the first ``max_images`` images.
     """
+    check_sae_matches_store(sae, store, layer, "cls")
     acts_ND = store.cls(layer)
     labels_N = np.asarray(store.labels)
     card = ReportCard(

@@ -29,8 +29,8 @@ from saekit.analysis.exemplars import ExemplarScan, model_label, select_features
 from saekit.data import ImageDataset
 from saekit.masks import load_masks, patch_coverage
 from saekit.plan import SAENeed, StoreNeed
-from saekit.sae import SAESpec, evaluate, get_recipe, metrics_table, train_or_load
-from saekit.sae.codes import iter_codes
+from saekit.sae import SAEMetrics, SAESpec, evaluate, get_recipe, metrics_table, train_or_load
+from saekit.sae.codes import check_sae_matches_store, iter_codes
 from saekit.studies.settings import StudySettings
 
 RECIPE = "stevens2025"
@@ -189,6 +189,13 @@ def eval_patches(store: Store, layer: int, max_patches: int = 2**16) -> np.ndarr
     return np.asarray(acts[:n_images], np.float32).reshape(-1, acts.shape[-1])
 
 
+def patch_metrics(sae: SAE, store: Store, layer: int, max_patches: int = 2**16) -> SAEMetrics:
+    """Paper 002's metrics of a patch SAE on `eval_patches`, in the space it was trained in,
+    after checking that the SAE was trained on this store's model, layer and patch tokens."""
+    check_sae_matches_store(sae, store, layer, "patch")
+    return evaluate(sae, eval_patches(store, layer, max_patches), normalized=True)
+
+
 def recipe_lambda_check(
     settings: PatchFeaturesSettings, train: Store, val: Store, root: str | Path
 ) -> pd.DataFrame:
@@ -201,13 +208,9 @@ def recipe_lambda_check(
         return pd.DataFrame()
     options = dict(expansion=settings.expansion, epochs=settings.epochs,
                    batch_size=settings.batch_size, seed=settings.seed, device=settings.device)  # fmt: skip
-    patches = eval_patches(val, settings.layer)
     metrics = {
-        name: evaluate(
-            train_patch_sae(train, settings.layer, root, l1=lam, **options),
-            patches,
-            normalized=True,
-        )  # fmt: skip
+        name: patch_metrics(train_patch_sae(train, settings.layer, root, l1=lam, **options),
+                            val, settings.layer)  # fmt: skip
         for name, lam in (("chosen", settings.lam), ("recipe", recipe_lam))
     }
     return metrics_table(metrics).assign(λ=[settings.lam, recipe_lam])
