@@ -41,17 +41,19 @@
 # persist while layer 6 recruits extra patches.
 #
 # ```{note}
-# The `mini` profile runs a *miniature* LLaVA: a real `LlavaForConditionalGeneration` (a few
-# Llama blocks and a small CLIP vision tower; its sizes are printed below) built offline
-# **with random weights**. It cannot describe an image or define a word; its answers are
-# arbitrary tokens. Every number and figure below is therefore *mechanical*: it shows that the
-# pipeline runs end to end and how to read its outputs, not what LLaVA does. The findings need
-# the `paper` profile (`llava-hf/llava-1.5-7b-hf` and ImageNet validation images, on a GPU).
+# The `mini` profile runs a *toy* LLaVA: a real `LlavaForConditionalGeneration` whose vision
+# tower is the toy ViT of chapter 00 and whose language model is a small Llama (its sizes are
+# printed below), trained on the toy world by `python -m saekit.mini.toy_llava` to describe a
+# toy image by its planted factors ("a coarse dotted green fish") and to answer "What is a
+# great white shark?" the same way. Its world is a toy, but its answers are learned, and
+# because the toy world's classes are planted, section 6 checks the overlap against the answer
+# key. What LLaVA-1.5 itself does needs the `paper` profile (`llava-hf/llava-1.5-7b-hf` and
+# ImageNet validation images, on a GPU).
 # ```
 
 # %% tags=["parameters"]
 profile = "mini"
-model: str | None = None  # LLaVA hub id or folder; None: mini builds one from seed, paper 7B
+model: str | None = None  # LLaVA hub id or folder; None: toy LLaVA (mini), LLaVA-1.5-7B (paper)
 layer: int | None = None  # block read for the overlap; None: mini 2 of 4, paper 16 of 32
 evolution_layer: int | None = None  # block set against the projector; None: mini 1, paper 6
 n_classes = 10  # classes studied, spread evenly over the dataset's classes
@@ -65,7 +67,7 @@ sae_l1 = 0.3  # λ of the ReLU SAEs, on normalised inputs
 sae_lr: float | None = None  # Adam learning rate; None: mini 1e-3, paper 1e-4
 sae_epochs: int | None = None  # passes over the activations; None: mini 50, paper 3
 n_permutations = 1000  # mismatched class pairings drawn for the chance level
-seed = 0  # seeds the miniature's weights, the SAEs and the permutations
+seed = 0  # seeds the SAEs and the permutations
 imagenet_val: str | None = None  # paper: ImageNet-1k validation folder (one sub-folder per wnid)
 device: str | None = None  # where LLaVA runs and the SAEs train; None: cuda when available
 
@@ -85,6 +87,7 @@ from saekit.analysis import patch_evolution as pe
 from saekit.analysis.widgets import switcher
 from saekit.sae import evaluate, metrics_table
 from saekit.studies import llava as study
+from saekit.studies import llava_planted as planted
 
 settings = study.LlavaSettings.for_profile(**chapter.params)
 answers_cfg = settings.answers()
@@ -94,10 +97,10 @@ pd.set_option("display.precision", 3)
 # %% [markdown]
 # ## Setting up
 #
-# The profile fills in what the parameters leave at `None`. In `mini`: the miniature LLaVA
-# (rebuilt from `seed`, its tokenizer trained on the class names so they are whole tokens),
-# short answers, top sets of a larger share of the features than the paper's 1% (the miniature's
-# SAE is small), and the toy world's validation images. In `paper`: LLaVA-1.5-7B on the GPU (in
+# The profile fills in what the parameters leave at `None`. In `mini`: the toy LLaVA shipped
+# with saekit (loaded with `from_pretrained` like the paper's checkpoint), short answers, top
+# sets of a larger share of the features than the paper's 1% (the toy model's SAE is small),
+# and the toy world's validation images. In `paper`: LLaVA-1.5-7B on the GPU (in
 # float16 there), the middle block for the overlap and block 6 for the evolution as in the paper,
 # 48-token answers, 1% top sets and the ImageNet validation folder.
 #
@@ -122,7 +125,7 @@ images = [dataset.load(int(i)) for i in image_indices]
 print(f"{len(images)} images of {len(class_names)} classes: {', '.join(class_names)}")
 
 # %%
-llava, processor, source = study.load_model(settings, chapter.workdir, dataset.class_names)
+llava, processor, source = study.load_model(settings)
 grid = mm.patch_grid(llava, processor)
 n_blocks = len(mm.language_layers(llava))
 display(
@@ -142,8 +145,8 @@ display(
 # Greedy generation; a forward hook on block `layer` keeps, at every generation step, the
 # residual stream at the position that produces the next token, so the activations are exactly
 # those computed while the answer was written, up to the end-of-sequence token. The text prompt
-# names the class; the image prompt never does. (The miniature's answers are random tokens,
-# often byte fragments; in `paper` this table shows LLaVA's definitions and descriptions.)
+# names the class; the image prompt never does. (In `mini` the answers are the toy LLaVA's
+# captions; in `paper` this table shows LLaVA's definitions and descriptions.)
 
 # %%
 text = mm.text_responses(llava, processor, class_names, answers_cfg)
@@ -336,14 +339,56 @@ switcher(
 )
 
 # %% [markdown]
+# ## 6. Planted truth: an image of a fish and the word "fish"
+#
+# Only the toy world has an answer key. Each toy class has a planted shape family (the top of
+# its hierarchy), a style (colour and texture) and a pattern frequency, and the toy LLaVA was
+# taught to name them. First, how often this run's answers name the true factors of their
+# class (image answers: held-out validation images; text answers: the class name alone):
+
+# %%
+if planted.has_planted_truth(dataset.wnids):
+    class_wnids = [dataset.wnids[c] for c in classes_C]
+    display(
+        pd.DataFrame(
+            {
+                "image answers": planted.answer_scores(image, class_wnids),
+                "text answers": planted.answer_scores(text, class_wnids),
+            }
+        ).T
+    )
+else:
+    display(Markdown("These classes are not toy-world classes: there is no answer key."))
+
+# %% [markdown]
+# Then the overlap test of section 3 at each planted level: the study's classes are pooled by
+# shape family (and by style), text and image top sets are taken per pooled value, and the
+# matched Jaccard is set against mismatched pairings as before. If the features shared by the
+# two modalities carry the planted classes, the matched pairing beats the null at the level of
+# shape families as well as of classes.
+
+# %%
+if planted.has_planted_truth(dataset.wnids):
+    planted_table = planted.planted_overlap(
+        sae,
+        text,
+        image,
+        class_wnids,
+        settings.top_fraction,
+        settings.n_permutations,
+        settings.seed,
+    )
+    display(Markdown(planted.planted_summary(planted_table)))
+    display(planted_table)
+
+# %% [markdown]
 # ## What this shows
 #
-# With the `mini` profile the model's weights are random, so the overlap above is whatever two
-# unrelated token streams happen to share, and the permutation test says how that compares with
-# mismatched classes; a patch map shows where one random direction happens to fire. What the
-# chapter does establish is the machinery: answers recorded at the exact positions that produced
-# them, one SAE over both modalities, top-$K$ sets, overlap and Jaccard with a chance level the
-# paper did not report, and image tokens mapped back to their patches at two depths.
+# The chapter's machinery: answers recorded at the exact positions that produced them, one SAE
+# over both modalities, top-$K$ sets, overlap and Jaccard with a chance level the paper did not
+# report, and image tokens mapped back to their patches at two depths. In `mini` it runs on a
+# toy LLaVA whose answers are learned, and section 6 compares the overlap with the planted
+# classes; the patch maps show where the dominant feature of each SAE fires on the toy images.
 #
 # The paper, on LLaVA-1.5-7B, reports a large overlap between the text and image top sets for
 # nearly every class it examined (Fig. 6) and, at layer 6, the projector's active regions

@@ -17,6 +17,7 @@ from PIL import Image
 from saekit.analysis import modality_overlap as mo
 from saekit.analysis import patch_evolution as pe
 from saekit.analysis.multimodal import PAPER_MODEL, Responses
+from saekit.mini import toy_llava
 from saekit.runner import chapter_parameters
 from saekit.sae import evaluate
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
@@ -36,7 +37,8 @@ def test_settings_fields_are_exactly_the_chapters_parameters():
 
 def test_settings_resolve_each_profile_and_derive_the_dtype_from_the_device():
     mini = study.LlavaSettings.for_profile("mini", device="cpu")
-    assert (mini.model, mini.layer, mini.top_fraction, mini.sae_epochs) == (None, 2, 0.05, 50)
+    assert (mini.layer, mini.top_fraction, mini.sae_epochs) == (2, 0.05, 50)
+    assert mini.model == str(toy_llava.DEFAULT_OUT)
     assert mini.dtype == "float32"
     paper = study.LlavaSettings.for_profile("paper", layer=None, device="cuda")
     assert (paper.model, paper.layer, paper.evolution_layer) == (PAPER_MODEL, 16, 6)
@@ -51,11 +53,14 @@ def test_settings_resolve_each_profile_and_derive_the_dtype_from_the_device():
     assert spec.recipe.normalize_inputs
 
 
-def test_mini_model_is_built_from_the_seed(tmp_path):
+def test_mini_model_is_the_shipped_toy_llava():
     settings = study.LlavaSettings.for_profile("mini", device="cpu")
-    model, processor, source = study.load_model(settings, tmp_path, ["clock"])
-    assert source == str(tmp_path / "llava-mini") and model.dtype == torch.float32
-    assert len(processor.tokenizer.tokenize("clock")) == 1
+    model, processor, source = study.load_model(settings)
+    assert source == str(toy_llava.DEFAULT_OUT) and model.dtype == torch.float32
+    # The toy world's caption words are whole tokens, so an answer reads word by word.
+    assert len(processor.tokenizer.tokenize("a coarse dotted green fish")) == 5
+    with pytest.raises(ValueError, match="Set model"):
+        study.load_model(settings.replace(model=None))
 
 
 def test_study_images_spreads_classes_and_takes_first_per_class():

@@ -1,7 +1,8 @@
 """Chapter 07: LLaVA, do images and words share SAE features? (paper 003 §5)
 
 What only this chapter needs: its settings (`LlavaSettings`, which own the profile), the model
-it studies, which images it shows and captions, its three ReLU SAEs (trained once and cached by
+it studies (in mini the toy LLaVA trained on the toy world, shipped in ``saekit/mini/assets``;
+its planted-truth check is `llava_planted`), which images it shows and captions, its three ReLU SAEs (trained once and cached by
 `saekit.sae.train_or_load`), the per-image evolution table, and its figures (Fig. 6 as a
 heatmap, the Jaccard matrix and permutation null, Fig. 7 overlays, a per-class view). The
 generic parts are `saekit.analysis.multimodal` (answers and image tokens),
@@ -35,7 +36,7 @@ from saekit.analysis.modality_overlap import (
 )
 from saekit.analysis.multimodal import PAPER_MODEL, AnswerConfig, Responses, load_llava
 from saekit.analysis.patch_evolution import Evolution
-from saekit.mini.llava import build_mini_llava
+from saekit.mini import toy_llava
 from saekit.sae import SAESpec, get_recipe, train_or_load
 from saekit.studies.settings import StudySettings
 
@@ -44,8 +45,9 @@ from saekit.studies.settings import StudySettings
 class LlavaSettings(StudySettings):
     """Chapter 07's parameters; field defaults are the mini profile's, `PAPER` the paper's."""
 
-    model: str | None = None
-    """LLaVA hub id or folder; None in mini: a miniature built from `seed` in the work folder."""
+    model: str | None = str(toy_llava.DEFAULT_OUT)
+    """LLaVA hub id or folder; mini: the toy LLaVA (the toy ViT as vision tower, a small Llama)
+    trained to caption the toy world (`python -m saekit.mini.toy_llava`)."""
     layer: int = 2
     """Language-model block read for the overlap (mini: 2 of 4; paper: 16 of 32, the middle)."""
     evolution_layer: int = 1
@@ -73,7 +75,7 @@ class LlavaSettings(StudySettings):
     n_permutations: int = 1000
     """Mismatched class pairings drawn for the chance level."""
     seed: int = 0
-    """Seeds the miniature's weights, the SAEs and the permutations."""
+    """Seeds the SAEs and the permutations."""
     imagenet_val: str | None = None
     """Paper profile: ImageNet-1k validation folder (one sub-folder per wnid)."""
     device: str | None = None
@@ -124,18 +126,13 @@ class LlavaSettings(StudySettings):
 
 
 def load_model(
-    settings: LlavaSettings, workdir: Path, words: Sequence[str] = ()
+    settings: LlavaSettings,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, str]:
-    """The LLaVA the chapter studies, its processor and where it came from. With ``model=None``
-    (mini) the miniature is built under ``workdir`` from ``seed``, its tokenizer trained with
-    ``words`` (the dataset's class names) so that they are whole tokens."""
-    source = settings.model
-    if source is None:
-        source = str(
-            build_mini_llava(workdir / "llava-mini", seed=settings.seed, extra_words=words)
-        )
-    model, processor = load_llava(source, device=settings.device, dtype=settings.dtype)
-    return model, processor, source
+    """The LLaVA the chapter studies, its processor and where it came from."""
+    if settings.model is None:
+        raise ValueError("Set model: this profile has no default LLaVA.")
+    model, processor = load_llava(settings.model, device=settings.device, dtype=settings.dtype)
+    return model, processor, settings.model
 
 
 def train_sae(acts_ND: torch.Tensor, settings: LlavaSettings, name: str, root: Path) -> SAE:
