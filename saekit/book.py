@@ -60,6 +60,8 @@ STORE_DTYPE = {"mini": "float32", "paper": "float16"}
 
 #: Set by ``saekit book --plan`` to the file where `Chapter.plan` records the chapter's plan.
 PLAN_ENV = "SAEKIT_PLAN_FILE"
+#: Set by the book runner to the executing chapter's name (`Chapter.name`).
+CHAPTER_ENV = "SAEKIT_CHAPTER"
 
 #: Environment for the chapters' kernels: no progress-bar widgets saved into the pages.
 QUIET_PAGES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -202,6 +204,8 @@ class Chapter:
     """Every parameter of the chapter with the value it runs with."""
     workdir: Path = field(default_factory=Path)
     """Folder for stores, SAEs and tables; shared by chapters of one profile so work is reused."""
+    name: str = ""
+    """The chapter's name (e.g. ``02_ood``) when the book runner executes it."""
     _encoders: dict[str, Encoder] = field(default_factory=dict, repr=False, compare=False)
     """Encoders loaded so far, by family (`encoder` loads each once per chapter)."""
 
@@ -354,6 +358,7 @@ class Chapter:
 
         needs = [StoreNeed.of(s) for s in stores]
         plan = make_plan(self, needs, list(saes), models, notes, STORE_DTYPE[self.profile])
+        plan.chapter = self.name
         plan_file = os.environ.get(PLAN_ENV)
         if plan_file or self.profile == "paper":
             _display_plan(plan)
@@ -453,7 +458,9 @@ def setup(namespace: dict[str, Any] | None = None, *, show: bool = True) -> Chap
     profile = params.get("profile", "mini")
     workdir = Path(os.environ.get("SAEKIT_WORKDIR", REPO_ROOT / "runs")) / profile
     workdir.mkdir(parents=True, exist_ok=True)
-    chapter = Chapter(profile=profile, params=params, workdir=workdir)
+    chapter = Chapter(
+        profile=profile, params=params, workdir=workdir, name=os.environ.get(CHAPTER_ENV, "")
+    )
     if show:
         _show_banner(chapter)
         _inline_figures()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.book import (
+    CHAPTER_ENV,
     EXECUTED_DIR,
     NOTEBOOK_DIR,
     PLAN_ENV,
@@ -136,7 +137,8 @@ def run_chapter(
     failed = failed_dir / f"{source.stem}.ipynb"
     # Progress bars would be saved into the page as dozens of finished widgets; the runner shows
     # the chapter's progress in the terminal instead. Set TQDM_DISABLE=0 to keep them.
-    kernel_env = {k: v for k, v in QUIET_PAGES.items() if k not in os.environ} | (env or {})
+    kernel_env = {k: v for k, v in QUIET_PAGES.items() if k not in os.environ}
+    kernel_env |= {CHAPTER_ENV: source.stem} | (env or {})
     previous = {key: os.environ.get(key) for key in kernel_env}
     os.environ.update(kernel_env)
     try:

@@ -17,6 +17,7 @@ prints what a full run will need, and ``saekit book --profile paper --only CHAPT
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -74,6 +75,15 @@ def data_parameters(hf_home: Path, data: Path) -> dict[str, object]:
     params: dict[str, object] = dict(book_parameters(write_imagenet(data)))
     params["segmentation_classes"] = len(PART_NAMES)
     params["prompt_file"] = str(mini_prompt_file())  # stands in for Midjourney prompts
+    if importlib.util.find_spec("torchvision") is None:
+        # transformers builds Qwen2.5-VL's processor with a video processor that needs
+        # torchvision; without it the paper's describer cannot load (nor would it for a user)
+        print(
+            "[rehearse] torchvision is not installed, so chapter 06's paper describer "
+            "(Qwen2.5-VL, whose processor needs it) cannot load: rehearsing describer='clip'",
+            flush=True,
+        )
+        params["describer"] = "clip"
     return params
 
 

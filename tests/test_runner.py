@@ -77,7 +77,7 @@ profile = "mini"
 import saekit.book
 chapter = saekit.book.setup(globals(), show=False)
 # %%
-chapter.plan(stores=[("toyvit", "val", [5], "patch", 2)], notes=["a toy plan"])
+plan = chapter.plan(stores=[("toyvit", "val", [5], "patch", 2)], notes=["a toy plan"])
 # %%
 open("ran-past-the-plan", "w").write("x")
 """
