@@ -20,7 +20,7 @@ train split (world seed 0, 32-pixel images) and its captions (`toyworld.captions
    ``pipe(prompt=...)`` feeds) and half on the penultimate one through the final layer norm
    (what chapter 06 steers, diffusers' ``clip_skip=1``), so both give the prompted images.
 
-Quality is measured, not eyeballed: ``toy_t2i_eval.evaluate`` generates images for every
+Quality is measured, not eyeballed: `saekit.mini.toy_t2i_eval.evaluate` generates images for every
 class's caption and has the shipped toy ViT classify them; how often its pick has the prompted
 shape family (group) and palette (style) lands in ``training.json``.
 
@@ -45,17 +45,22 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
-from saekit.mini import toy_eval, toy_judge
+from saekit.mini import toy_judge
+from saekit.mini.toy_t2i_eval import (
+    NOTES,
+    PROMPT_FILE,
+    condition,
+    encode_latents,
+    evaluate,
+    reconstruction_accuracy,
+)
 from saekit.mini.toyworld import captions as cap
-from saekit.mini.toyworld.taxonomy import N_CLASSES
 from saekit.mini.toyworld.world import ToyWorld
 
 DEFAULT_OUT = toy_judge.ASSETS / "toy_t2i"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "saekit-toy-t2i"
 CLIP_FOLDER = "clip"
 """Sub-folder of the pipeline folder holding the whole toy CLIP its text encoder comes from."""
-PROMPT_FILE = "prompts.txt"
-"""Prompt corpus shipped beside the pipeline (one varied caption per line)."""
 
 
 @dataclass
@@ -177,23 +182,6 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     return encoder.eval()
 
 
-@torch.inference_mode()
-def condition(
-    encoder: CLIPTextModel, tokenizer: CLIPTokenizer, texts: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token states the UNet reads, [N, T, D], at the last layer and at the penultimate layer
-    through the final layer norm, each padded to the tokenizer's full length as pipelines do."""
-    enc = tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    out = encoder(enc.input_ids, output_hidden_states=True)
-    return out.last_hidden_state, encoder.final_layer_norm(out.hidden_states[-2])
-
-
 # ----------------------------------------------------------------------------- stage 2
 
 
@@ -258,25 +246,6 @@ def train_vae(cfg: T2IConfig, images: np.ndarray, work: Path) -> tuple[Path, dic
     }
     _finish(folder, scratch, record)
     return folder, record
-
-
-@torch.inference_mode()
-def encode_latents(vae, images: np.ndarray, scale: float | None = None) -> torch.Tensor:
-    """Posterior means of `images` times the VAE's scaling factor (or `scale`), [N, C, h, w]."""
-    scale = vae.config.scaling_factor if scale is None else scale
-    chunks = [
-        vae.encode(toy_judge.to_pixels(images[s : s + 256])).latent_dist.mean
-        for s in range(0, len(images), 256)
-    ]
-    return torch.cat(chunks) * scale
-
-
-@torch.inference_mode()
-def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
-    """uint8 images [N, H, W, 3] from scaled latents."""
-    x = vae.decode(latents / vae.config.scaling_factor).sample
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
 
 
 # ----------------------------------------------------------------------------- stage 3
@@ -426,73 +395,6 @@ def assemble(clip_dir: Path, vae_dir: Path, unet_dir: Path, out: Path) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-NOTES = (
-    "Generated images are classified by the shipped toy ViT (saekit/mini/assets/toyvit, its "
-    "30-way head; images resized 32 -> 48 by its processor); a factor counts as right when the "
-    "ViT's class has the prompted value. 'prompted': every class's canonical caption x "
-    "n_eval_seeds seeds, conditioned on the penultimate layer (chapter 06's layer=-2) or the "
-    "last (pipe(prompt=...)), at guidance 7.5 with eval_steps and 4 DPM-Solver steps. "
-    "'corpus': the shipped prompts.txt (varied, partial captions), each factor scored over the "
-    "prompts that name it. Chance: 1/5 for group and style, 1/3 for frequency, 1/30 for the "
-    "class. 'real' and vae 'val' are the same scores on real val images and their VAE "
-    "reconstructions: the ceiling for generated ones."
-)
-
-
-def generate(pipe, prompts: list[str], seed: int, steps: int, layer: int, guidance: float = 7.5):
-    """One image per prompt (each from its own generator seeded `seed`), conditioned on the
-    text encoder's `layer` (-1 last, -2 penultimate through the final layer norm)."""
-    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
-    last, penultimate = condition(encoder, tokenizer, prompts)
-    empty_last, empty_penultimate = condition(encoder, tokenizer, [""] * len(prompts))
-    positive, negative = (last, empty_last) if layer == -1 else (penultimate, empty_penultimate)
-    return pipe(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=[torch.Generator().manual_seed(seed) for _ in prompts],
-    ).images
-
-
-def reconstruction_accuracy(vae, cfg: T2IConfig, n: int = 300) -> dict[str, dict[str, float]]:
-    """Toy-ViT scores of real val images and of their VAE reconstructions."""
-    images, _, labels = ToyWorld(cfg.seed, cfg.image_size).sample_arrays(n, "val")
-    prompts = [cap.canonical_caption(int(c)) for c in labels]
-    recon = decode_latents(vae, encode_latents(vae, images))
-    return {
-        "real": toy_eval.score_images(images, prompts),
-        "reconstructed": toy_eval.score_images(recon, prompts),
-    }
-
-
-def evaluate(folder: Path, cfg: T2IConfig) -> dict:
-    """Score the saved pipeline: prompted images classified by the toy ViT (see `NOTES`)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    canonical = [cap.canonical_caption(c) for c in range(N_CLASSES)]
-    results: dict[str, dict] = {}
-    for name, layer, steps in (
-        ("penultimate", -2, cfg.eval_steps),
-        ("last", -1, cfg.eval_steps),
-        (f"penultimate_{4}_steps", -2, 4),
-    ):
-        images, prompts = [], []
-        for seed in range(cfg.n_eval_seeds):
-            images += generate(pipe, canonical, seed, steps, layer)
-            prompts += canonical
-        results[f"prompted/{name}"] = toy_eval.score_images(images, prompts)
-    corpus = (folder / PROMPT_FILE).read_text().splitlines()[:90]
-    results["corpus/penultimate"] = toy_eval.score_images(
-        generate(pipe, corpus, 0, cfg.eval_steps, -2), corpus
-    )
-    return results
-
-
 def train(cfg: T2IConfig) -> dict:
     """Train (or reuse) every stage, assemble, evaluate and save; returns the training record."""
     torch.set_num_threads(1)
@@ -507,7 +409,7 @@ def train(cfg: T2IConfig) -> dict:
     tokenizer = CLIPProcessor.from_pretrained(clip_dir).tokenizer
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     latents = encode_latents(vae, images)
-    vae_record["val"] = reconstruction_accuracy(vae, cfg)
+    vae_record["val"] = reconstruction_accuracy(vae, cfg.seed, cfg.image_size)
     unet_dir, unet_record = train_unet(
         cfg,
         latents,
@@ -518,7 +420,7 @@ def train(cfg: T2IConfig) -> dict:
         (clip_dir.name, vae_dir.name),
     )
     out = assemble(clip_dir, vae_dir, unet_dir, Path(cfg.out))
-    results = evaluate(out, cfg)
+    results = evaluate(out, cfg.n_eval_seeds, cfg.eval_steps)
     record = {
         "command": toy_judge.command_line("saekit.mini.toy_t2i", cfg),
         "config": dataclasses.asdict(cfg) | {"out": Path(cfg.out).name, "work": "(cache)"},
