@@ -19,13 +19,13 @@ from saekit.sae import (
 from saekit.sae.recipes import InputNormalizer
 from saekit.sae.stacked import StackedSAEs
 
-ARCHS = ["relu", "topk", "batchtopk", "gated", "jumprelu"]
+ARCHS = ["relu", "topk", "batchtopk", "gated", "jumprelu", "matryoshka"]
 D = 16
 
 
 def _members(arch):
     """Two SAEs of one architecture with different λ / k and perturbed (non-trivial) weights."""
-    k_arch = arch in ("topk", "batchtopk")
+    k_arch = arch in ("topk", "batchtopk", "matryoshka")
     specs = [
         SAESpec(arch=arch, d_in=D, expansion=4, seed=seed, **({"k": k} if k_arch else {"l1": l1}))
         for seed, l1, k in ((1, 0.3, 5), (2, 0.7, 3))
@@ -66,7 +66,7 @@ def test_stacked_losses_and_gradients_equal_saelens(arch):
         assert torch.allclose(out.codes_nBS[i], theirs.feature_acts, atol=1e-6)
         for name, p in sae.named_parameters():
             assert torch.allclose(stacked.get_parameter(name).grad[i], p.grad, atol=1e-6), name
-        if arch == "batchtopk":  # the running threshold is updated as SAELens does
+        if arch in ("batchtopk", "matryoshka"):  # the running threshold is updated as SAELens does
             assert stacked.topk_threshold[i].item() == pytest.approx(sae.topk_threshold.item())
 
 
@@ -166,3 +166,50 @@ def test_unsupported_saelens_options_are_refused():
     sae.cfg.jumprelu_sparsity_loss_mode = "tanh"
     with pytest.raises(NotImplementedError, match="SAETrainer"):
         StackedSAEs([sae])
+
+
+def test_no_dead_latents_means_no_auxiliary_loss_and_still_saelens_loss():
+    specs, saes = _members("topk")
+    stacked = StackedSAEs(copy.deepcopy(saes))
+    x = torch.randn(2, 32, D, generator=torch.Generator().manual_seed(3))
+    dead = torch.zeros(2, 64, dtype=torch.bool)
+    hidden_pre, dec_norm = stacked._topk_pre(x)
+    aux = stacked._topk_aux(x, torch.zeros_like(x), hidden_pre, dec_norm, dead)
+    assert torch.equal(aux, torch.zeros(2))
+    out = stacked.forward_loss(x, 1.0, dead)
+    for i, sae in enumerate(saes):
+        step = TrainStepInput(sae_in=x[i], coefficients={}, dead_neuron_mask=dead[i],
+                              n_training_steps=0, is_logging_step=False)  # fmt: skip
+        assert out.loss_n[i].item() == pytest.approx(sae.training_forward_pass(step).loss.item())
+
+
+def test_matryoshka_prefixes_reconstruct_alone_where_batchtopk_prefixes_do_not():
+    """The defining property: every nested prefix is trained to reconstruct, so the first
+    eighth of a Matryoshka dictionary explains far more than the first eighth of a plain
+    BatchTopK one trained on the same planted data in the same sweep."""
+    from saekit.sae import get_recipe, sweep, tensor_batches
+    from saekit.sae.architectures import matryoshka_widths
+    from saekit.sae.synthetic import atom_recovery, planted_dictionary
+
+    assert matryoshka_widths(128) == [16, 32, 64, 128]
+    width = 32
+    data = planted_dictionary(n_rows=8192, d_in=width, n_atoms=64, active=3, noise=0.01, seed=0)
+    recipe = get_recipe("stevens2025", lr=1e-2, lr_warmup_steps=50, sparsity_warmup_steps=50,
+                        batch_size=128, epochs=10, norm_sample_rows=4096,
+                        dead_feature_window=50)  # fmt: skip
+    specs = [SAESpec(arch=a, d_in=width, expansion=4, k=4, recipe=recipe)
+             for a in ("batchtopk", "matryoshka")]  # fmt: skip
+    plain, nested = sweep(specs, tensor_batches(data.acts_ND, 128), 64, progress=False)
+    assert isinstance(nested, sae_lens.JumpReLUSAE)  # saved as SAELens saves a Matryoshka SAE
+    x = data.acts_ND[:2000]
+    total = (x - x.mean(0)).pow(2).sum()
+
+    def explained(sae, prefix):
+        with torch.no_grad():
+            codes = sae.encode(x)
+            codes[:, prefix:] = 0
+            return float(1 - (sae.decode(codes) - x).pow(2).sum() / total)
+
+    assert explained(nested, 128) > 0.85 and atom_recovery(nested.W_dec, data.atoms_AD) >= 0.5
+    assert explained(nested, 16) > 2 * explained(plain, 16)
+    assert explained(nested, 32) > 2 * explained(plain, 32)

@@ -25,6 +25,7 @@ from saekit.sae.architectures import (
     to_inference,
 )
 from saekit.sae.cache import CacheMismatchError, train_or_load
+from saekit.sae.codes import SAEStoreMismatchError, check_sae_matches_store, iter_codes
 from saekit.sae.metrics import SAEMetrics, evaluate, frequency_histogram, metrics_table
 from saekit.sae.recipes import RECIPES, Recipe, get_recipe
 from saekit.sae.synthetic import atom_recovery, planted_dictionary
@@ -48,12 +49,15 @@ __all__ = [
     "Recipe",
     "SAEMetrics",
     "SAESpec",
+    "SAEStoreMismatchError",
     "atom_recovery",
     "build_training_sae",
+    "check_sae_matches_store",
     "encode_in_batches",
     "evaluate",
     "frequency_histogram",
     "get_recipe",
+    "iter_codes",
     "load_sae",
     "load_sweep",
     "metrics_table",

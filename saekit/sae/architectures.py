@@ -16,7 +16,15 @@ topk       z = TopK(W_enc (x − b_dec) + b_enc)          exactly k active      
 batchtopk  top k·B pre-activations over the batch        k active on average        batchtopk
 gated      1[π_gate > 0] ⊙ ReLU(π_mag) (Eq. 5)           λ‖ReLU(π_gate)‖₁ + aux     gated
 jumprelu   z ⊙ 1[z > θ], θ learned                       λ‖z‖₀ (straight-through)   jumprelu
+matryoshka batchtopk codes; every prefix of the          k active on average        matryoshka
+           dictionary also reconstructs x                                          _batchtopk
 ========== ============================================ ========================== =========
+
+Matryoshka SAEs (Bussmann et al. 2025; SAELens's MatryoshkaBatchTopK, saev's default) add one
+reconstruction loss per nested prefix of the dictionary, so early latents learn general
+features that later ones refine rather than absorb. saekit nests ``MATRYOSHKA_LEVELS`` prefixes
+of ``d_sae / 8, d_sae / 4, d_sae / 2`` and the whole dictionary (a fixed ladder, so a spec needs
+no extra field); like batchtopk, a trained one saves as a jumprelu SAE.
 
 SAELens subtracts b_dec from the input before encoding (``apply_b_dec_to_input``), a
 reparametrisation of Eq. 1's b_enc that the papers' SAELens runs shared. A trained batchtopk SAE
@@ -41,6 +49,8 @@ from sae_lens import (
     GatedTrainingSAEConfig,
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
     TopKTrainingSAE,
@@ -59,11 +69,21 @@ ARCHITECTURES: dict[str, tuple[type[TrainingSAE], type[Any]]] = {
     "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
     "gated": (GatedTrainingSAE, GatedTrainingSAEConfig),
     "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+    "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
 }
 #: Other names accepted for an architecture (SAELens calls the ReLU SAE "standard").
-ARCH_ALIASES = {"standard": "relu", "l1": "relu"}
+ARCH_ALIASES = {"standard": "relu", "l1": "relu", "matryoshka_batchtopk": "matryoshka"}
 #: Architectures whose sparsity is set by k rather than by λ.
-K_ARCHS = ("topk", "batchtopk")
+K_ARCHS = ("topk", "batchtopk", "matryoshka")
+#: Nested prefixes of a Matryoshka SAE: d_sae // 2**j for j = levels-1, ..., 0.
+MATRYOSHKA_LEVELS = 4
+
+
+def matryoshka_widths(d_sae: int, levels: int = MATRYOSHKA_LEVELS) -> list[int]:
+    """The nested prefix widths of a Matryoshka SAE, smallest first, ending at ``d_sae``."""
+    widths = sorted({max(1, d_sae >> j) for j in range(levels)})
+    return widths
+
 
 SAE_CFG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -84,7 +104,8 @@ class SAESpec:
     """One SAE to train: what it is. How it is trained lives in its recipe."""
 
     arch: str = "relu"
-    """Architecture: relu, topk, batchtopk, gated or jumprelu (SAELens's "standard" = relu)."""
+    """Architecture: relu, topk, batchtopk, gated, jumprelu or matryoshka (SAELens's "standard"
+    = relu; matryoshka = SAELens's matryoshka_batchtopk)."""
     d_in: int | None = None
     """Input width; the store helpers fill it from the store (must match the activations)."""
     expansion: int | None = None
@@ -92,7 +113,8 @@ class SAESpec:
     l1: float | None = None
     """Sparsity coefficient λ: L1 weight for relu/gated, L0 weight for jumprelu (None: recipe's)."""
     k: float | None = None
-    """Active latents for topk (per input) or batchtopk (average per input) (None: recipe's)."""
+    """Active latents for topk (per input) or batchtopk/matryoshka (average per input) (None:
+    recipe's)."""
     layer: int | str | None = None
     """Which activations to train on: a key of the batches' dict, or a store layer."""
     recipe: str | Recipe = "olson2025"
@@ -199,6 +221,8 @@ def build_training_sae(spec: SAESpec, device: str | torch.device = "cpu") -> Tra
     else:
         kwargs["k"] = int(spec.k) if spec.arch == "topk" else float(spec.k)  # type: ignore[arg-type]
         kwargs["aux_loss_coefficient"] = recipe.aux_loss_coefficient
+    if spec.arch == "matryoshka":
+        kwargs["matryoshka_widths"] = matryoshka_widths(spec.d_sae)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         sae = sae_cls(cfg_cls(**kwargs))

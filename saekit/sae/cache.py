@@ -32,6 +32,7 @@ import torch
 from sae_lens import SAE
 
 from saekit.sae.architectures import SAE_CFG_FILE, SAESpec, load_sae, save_sae
+from saekit.sae.recipes import get_recipe
 from saekit.sae.train import layer_width, sweep_from_store, train_on_tensor
 
 REQUEST_FILE = "request.json"
@@ -118,12 +119,13 @@ def make_request(
         spec = dataclasses.replace(spec, d_in=int(data.shape[1]))
         tokens = "rows"
     spec = spec.resolved()
+    recipe = get_recipe(spec.recipe)
     return Request(
         spec=spec,
         data=_data_identity(data),
         tokens=tokens,
-        epochs=int(epochs if epochs is not None else spec.recipe.epochs),
-        batch_size=int(batch_size if batch_size is not None else spec.recipe.batch_size),
+        epochs=int(epochs if epochs is not None else recipe.epochs),
+        batch_size=int(batch_size if batch_size is not None else recipe.batch_size),
         seed=int(seed),
     )
 
@@ -172,7 +174,7 @@ def train_or_load(
     each in its own folder named by its request.
     """
     single = isinstance(specs, SAESpec)
-    spec_list = [specs] if single else list(specs)
+    spec_list: list[SAESpec] = [specs] if isinstance(specs, SAESpec) else list(specs)
     root = Path(root)
     requests = [
         make_request(s, data, tokens=tokens, epochs=epochs, batch_size=batch_size, seed=seed)

@@ -60,7 +60,8 @@ class Recipe:
     l1: float = 1.0
     """Default sparsity coefficient λ (L1 weight for relu/gated, L0 weight for jumprelu)."""
     k: float = 32
-    """Default number of active latents for topk (per input) and batchtopk (average per input)."""
+    """Default number of active latents for topk (per input) and batchtopk/matryoshka (average
+    per input)."""
     batch_size: int = 64
     """Minibatch size (rows of activations per step)."""
     epochs: int = 1

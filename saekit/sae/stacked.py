@@ -84,6 +84,7 @@ class StackedSAEs(nn.Module):
         self.aux_coef = float(getattr(cfg, "aux_loss_coefficient", 0.0))
         self.topk_threshold_lr = float(getattr(cfg, "topk_threshold_lr", 0.0))
         self.bandwidth = float(getattr(cfg, "jumprelu_bandwidth", 0.0))
+        self.matryoshka_widths = list(getattr(cfg, "matryoshka_widths", []) or [])
 
     # --- conversion back to SAELens -----------------------------------------------------------
 
@@ -174,6 +175,22 @@ class StackedSAEs(nn.Module):
         self._update_topk_threshold(codes.detach())
         return out
 
+    def _forward_matryoshka(self, x, sparsity_scale, dead_nS):
+        """BatchTopK, plus one reconstruction loss per nested prefix of the dictionary (every
+        prefix but the whole, whose loss BatchTopK already counts), as SAELens's
+        MatryoshkaBatchTopK computes them."""
+        out = self._forward_batchtopk(x, sparsity_scale, dead_nS)
+        codes = out.codes_nBS
+        if self.rescale:
+            codes = codes * (1 / self._dec_norm())
+        decoded = self.b_dec[:, None, :].expand_as(x)
+        previous, inner = 0, x.new_zeros(self.n)
+        for width in self.matryoshka_widths[:-1]:
+            decoded = decoded + torch.bmm(codes[..., previous:width], self.W_dec[:, previous:width])
+            inner = inner + self._mse(decoded, x)
+            previous = width
+        return StepOutput(out.loss_n + inner, out.mse_n, out.codes_nBS)
+
     def _topk_pre(self, x):
         hidden_pre = self._project(x, self.b_enc)
         dec_norm = self._dec_norm()
@@ -192,18 +209,25 @@ class StackedSAEs(nn.Module):
         return StepOutput(mse + self._topk_aux(x, x_hat, hidden_pre, dec_norm, dead_nS), mse, codes)
 
     def _topk_aux(self, x, x_hat, hidden_pre, dec_norm, dead_nS):
-        """SAELens's TopK auxiliary loss: the top dead latents reconstruct the residual."""
-        n_dead = dead_nS.sum(-1).tolist()
-        if not any(n_dead):
-            return x.new_zeros(self.n)
+        """SAELens's TopK auxiliary loss: the top dead latents reconstruct the residual.
+
+        Each member keeps its ``min(d_in / 2, n_dead)`` strongest dead latents. The counts stay
+        on the device (a rank mask over one top-k at ``d_in / 2``), so the step never waits for
+        the host; with no dead latent the mask is empty and the term is exactly zero.
+        """
+        n_dead_n = dead_nS.sum(-1)
         k_aux_max = self.d_in // 2
-        k_aux = [min(k_aux_max, int(d)) for d in n_dead]
-        scale = x.new_tensor([min(d / k_aux_max, 1.0) for d in n_dead])
+        k_aux_n = n_dead_n.clamp(max=k_aux_max)
+        scale_n = (n_dead_n.to(x.dtype) / k_aux_max).clamp(max=1.0)
         dead_only = torch.where(dead_nS[:, None, :], hidden_pre, -torch.inf)
-        aux_codes = _masked_topk_scatter(dead_only, k_aux, relu=False)
+        top = dead_only.topk(min(k_aux_max, dead_only.shape[-1]), dim=-1, sorted=True)
+        ranks = torch.arange(top.values.shape[-1], device=x.device)
+        keep = ranks < k_aux_n[:, None, None]
+        kept = torch.where(keep, top.values, torch.zeros_like(top.values))
+        aux_codes = torch.zeros_like(hidden_pre).scatter(-1, top.indices, kept)
         recon = self._times_W_dec(aux_codes, dec_norm)
         residual = (x - x_hat).detach()
-        return self.aux_coef * scale * self._mse(recon, residual)
+        return self.aux_coef * scale_n * self._mse(recon, residual)
 
     @torch.no_grad()
     def _update_topk_threshold(self, codes_nBS: torch.Tensor) -> None:
