@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from saekit.models import Encoder
+from saekit.store_iterator import DEFAULT_BLOCK_ROWS, DEFAULT_BUDGET, store_batches
 
 TOKEN_KINDS = ("cls", "patch")
 
@@ -345,15 +346,20 @@ class ActivationStore:
         seed: int = 0,
         epoch: int = 0,
         shuffle: bool = True,
-        buffer_rows: int = 1 << 20,
         drop_last: bool = False,
+        budget: int = DEFAULT_BUDGET,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        window_rows: int | None = None,
     ) -> Iterator[torch.Tensor] | Iterator[dict[int, torch.Tensor]]:
         """Shuffled float32 batches ``[B, D]`` (or ``{layer: [B, D]}`` for several layers).
 
-        Every row appears exactly once per epoch. Shuffling is block-wise so reads stay
-        sequential: shards are visited in a random order and pooled into a buffer of up to
-        `buffer_rows` rows, which is permuted; the store is never loaded into RAM whole. Patch
-        tokens are flattened, one row per (image, patch).
+        Every row appears exactly once per epoch; patch tokens are flattened, one row per
+        (image, patch). Memory stays within `budget` bytes across all layers whatever the
+        store's size: rows are read in blocks of `block_rows` contiguous rows by a background
+        thread, the blocks visited in a random order, and a window of blocks that fits the
+        budget is permuted (see `saekit.store_iterator`). The order is a function of ``(seed,
+        epoch)`` and of the window, which the budget sets from the bytes per row of the layers
+        read together; give `window_rows` to fix it.
         """
         if tokens not in TOKEN_KINDS:
             raise ValueError(f"tokens must be 'cls' or 'patch', not {tokens!r}.")
@@ -366,47 +372,12 @@ class ActivationStore:
                 f"({rows_per_image}), so their rows cannot be batched together; ask for one "
                 "layer at a time."
             )
-        rng = np.random.default_rng([seed, epoch])
-        order = (
-            rng.permutation(len(self.shard_dirs)) if shuffle else np.arange(len(self.shard_dirs))
-        )
-
-        def shard_rows(ly: int, shard: int) -> np.ndarray:
-            part = arrays[ly].parts[shard]
-            return part.reshape(-1, part.shape[-1])
-
-        pending: dict[int, np.ndarray] | None = None
-        group: list[int] = []
-        group_rows = 0
-        for position, shard in enumerate(order):
-            group.append(shard)
-            group_rows += len(shard_rows(layers[0], shard))
-            if group_rows < buffer_rows and position + 1 < len(order):
-                continue
-            buffer = {ly: np.concatenate([shard_rows(ly, s) for s in group]) for ly in layers}
-            if pending is not None:  # rows left over from the previous buffer come first
-                buffer = {ly: np.concatenate([pending[ly], buffer[ly]]) for ly in layers}
-            perm = (
-                rng.permutation(len(buffer[layers[0]]))
-                if shuffle
-                else np.arange(len(buffer[layers[0]]))
-            )
-            last = position + 1 == len(order)
-            n_full = len(perm) // batch_size * batch_size
-            for start in range(0, n_full, batch_size):
-                yield self._as_batch(buffer, layers, perm[start : start + batch_size], layer)
-            rest = perm[n_full:]
-            if last:
-                if len(rest) and not drop_last:
-                    yield self._as_batch(buffer, layers, rest, layer)
-            else:
-                pending = {ly: buffer[ly][rest] for ly in layers}
-            group, group_rows = [], 0
-
-    @staticmethod
-    def _as_batch(buffer, layers, picked, layer):
-        tensors = {ly: torch.from_numpy(buffer[ly][picked].astype(np.float32)) for ly in layers}
-        return tensors[layers[0]] if isinstance(layer, int | np.integer) else tensors
+        files = {ly: [d / f"L{ly}_{tokens}.npy" for d in self.shard_dirs] for ly in layers}
+        return store_batches(
+            files, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last,
+            budget=budget, block_rows=block_rows, window_rows=window_rows,
+            as_dict=not isinstance(layer, int | np.integer),
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return (

@@ -223,10 +223,10 @@ def test_batches_yield_every_row_once_per_epoch(encoder, image_folder, tmp_path)
         progress=False,
     )
     reference = np.asarray(store.cls(1))
-    # A buffer smaller than the store forces carry-over between buffers.
+    # A window smaller than the store forces carry-over between windows.
     epochs = []
     for epoch in range(2):
-        batches = list(store.batches(1, 3, seed=0, epoch=epoch, buffer_rows=5))
+        batches = list(store.batches(1, 3, seed=0, epoch=epoch, block_rows=2, window_rows=5))
         rows = np.concatenate([b.numpy() for b in batches])
         assert rows.shape == reference.shape
         # Each stored row appears exactly once.
@@ -234,7 +234,8 @@ def test_batches_yield_every_row_once_per_epoch(encoder, image_folder, tmp_path)
         assert (matches.sum(0) == 1).all() and (matches.sum(1) == 1).all()
         epochs.append(rows)
     assert not np.array_equal(epochs[0], epochs[1])  # the epoch reshuffles
-    again = np.concatenate([b.numpy() for b in store.batches(1, 3, seed=0, epoch=0, buffer_rows=5)])
+    again = store.batches(1, 3, seed=0, epoch=0, block_rows=2, window_rows=5)
+    again = np.concatenate([b.numpy() for b in again])
     np.testing.assert_array_equal(again, epochs[0])  # and is deterministic
 
     # Several layers come out with the same row order.

@@ -236,6 +236,10 @@ def _drop_checkpoint(checkpoint_dir: Path, out: Path) -> None:
         remove_file(checkpoint_dir / CHECKPOINT_FILE)
 
 
+#: Names the order `ActivationStore.batches` yields rows in, recorded with checkpoints.
+BATCH_ORDER = "block-shuffle/1"
+
+
 def _train_on_store(
     store: Any,
     filled: list[SAESpec],
@@ -266,6 +270,9 @@ def _train_on_store(
         "tokens": tokens,
         "batch_size": batch_size,
         "data_seed": seed,
+        # The store's batch order (bounded-memory block shuffle); a checkpoint written under
+        # another order does not resume into this one.
+        "batch_order": BATCH_ORDER,
     }
     return sweep(
         filled,
