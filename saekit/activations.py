@@ -23,6 +23,7 @@ folder (a lock file; the second gets `FolderLockedError`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from saekit import distributed
 from saekit.activation_store import (
     TOKEN_KINDS,
     ActivationStore,
@@ -192,15 +194,55 @@ def extract(
     kinds = _token_kinds(tokens)
     layer_ids = encoder.resolve_layers(layers)
     out = Path(out).expanduser()
+    ranks = distributed.current()
+    args = (encoder, dataset, layer_ids, kinds, out, dtype, batch_size, shard_images)
+    if ranks.world > 1:
+        return _extract_on_ranks(ranks, args, num_workers, progress)
     check_output_folder(out)
     with folder_lock(out, "saekit extract"):
-        return _extract_locked(
-            encoder, dataset, layer_ids, kinds, out, dtype, batch_size, shard_images,
-            num_workers, progress,
-        )  # fmt: skip
+        manifest, shard_images = _prepare(*args)
+        if not manifest["complete"]:
+            _extract_shards(args, manifest, shard_images, num_workers, progress, ranks)
+            _finish(out, manifest, len(dataset))
+    return ActivationStore.open(out)
 
 
-def _extract_locked(
+def _extract_on_ranks(
+    ranks: distributed.Ranks, args: tuple, num_workers: int, progress: bool
+) -> ActivationStore:
+    """One rank's share of a multi-process extraction (under torchrun).
+
+    Rank 0 holds the folder lock, checks or starts the manifest and recovers an interrupted
+    run; every rank then writes the shards it owns (shard ``i`` is rank ``i % world``'s) and
+    commits them by renaming, as one process would; rank 0 finally enters them all in the
+    manifest from their ``shard.json``. The shards are the ones a single process writes (same
+    images per shard), so the store is the same; a rerun resumes each rank's missing shards.
+    """
+    out = args[4]
+    with contextlib.ExitStack() as held:
+        prepared: Any = None
+        if ranks.is_main:
+            try:
+                check_output_folder(out)
+                held.enter_context(folder_lock(out, f"saekit extract ({ranks.world} ranks)"))
+                prepared = _prepare(*args)
+            except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
+                prepared = err
+        prepared = distributed.broadcast(prepared, ranks)
+        if isinstance(prepared, Exception):
+            raise prepared
+        manifest, shard_images = prepared
+        if not manifest["complete"]:
+            _extract_shards(args, manifest, shard_images, num_workers, progress, ranks)
+            distributed.barrier(ranks)
+            if ranks.is_main:
+                _recover_shards(out, manifest, shard_images)  # enters the other ranks' shards
+                _finish(out, manifest, len(args[1]))
+        distributed.barrier(ranks)
+    return ActivationStore.open(out)
+
+
+def _prepare(
     encoder: Encoder,
     dataset: ImageDataset,
     layer_ids: list[int],
@@ -209,9 +251,9 @@ def _extract_locked(
     dtype: str,
     batch_size: int,
     shard_images: int | None,
-    num_workers: int,
-    progress: bool,
-) -> ActivationStore:
+) -> tuple[dict, int]:
+    """The store's manifest, checked against these arguments or started, after recovering an
+    interrupted run; and the images per shard."""
     np_dtype = np.dtype(dtype)
     if shard_images is None:
         shard_images = _default_shard_images(
@@ -232,7 +274,7 @@ def _extract_locked(
         if manifest["identity"] != identity:
             raise StoreMismatchError(_mismatch_message(out, manifest["identity"], identity))
         if manifest["complete"]:
-            return ActivationStore.open(out)
+            return manifest, shard_images
     else:
         write_json_atomic(out / "image_ids.json", list(dataset.image_ids))
         model_path = Path(encoder.model_id).expanduser()
@@ -258,33 +300,48 @@ def _extract_locked(
         write_json_atomic(manifest_path, manifest)
 
     _recover_shards(out, manifest, shard_images)
+    return manifest, shard_images
+
+
+def _extract_shards(
+    args: tuple, manifest: dict, shard_images: int, num_workers: int, progress: bool,
+    ranks: distributed.Ranks,
+) -> None:  # fmt: skip
+    """Write this rank's missing shards (every shard in a single process); rank 0 enters
+    each in the manifest as it commits it."""
+    encoder, dataset, layer_ids, kinds, out, dtype, batch_size, _ = args
     n_shards = -(-len(dataset) // shard_images)
     done = {shard["index"] for shard in manifest["shards"]}
-    images_done = sum(min(shard_images, len(dataset) - i * shard_images) for i in done)
+    mine = [i for i in range(n_shards) if ranks.owns(i)]
+    images = {i: range(i * shard_images, min((i + 1) * shard_images, len(dataset))) for i in mine}
+    rank = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
     bar = tqdm(
-        total=len(dataset),
-        initial=images_done,
-        desc=f"extract {Path(encoder.model_id).name}",
+        total=sum(len(r) for r in images.values()),
+        initial=sum(len(images[i]) for i in mine if i in done),
+        desc=f"extract {Path(encoder.model_id).name}{rank}",
         unit="img",
         disable=not progress,
     )
-    writer = _ShardWriter(encoder, dataset, layer_ids, kinds, np_dtype, batch_size, out, bar)
+    writer = _ShardWriter(encoder, dataset, layer_ids, kinds, np.dtype(dtype), batch_size, out, bar)
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for index in range(n_shards):
+        for index in mine:
             if index in done:
                 continue
-            start, stop = index * shard_images, min((index + 1) * shard_images, len(dataset))
-            record = writer.write(index, range(start, stop), pool)
-            _add_shard(manifest, record)
-            _save_manifest(out, manifest)
+            record = writer.write(index, images[index], pool)
+            if ranks.is_main:
+                _add_shard(manifest, record)
+                _save_manifest(out, manifest)
     bar.close()
+
+
+def _finish(out: Path, manifest: dict, n_images: int) -> None:
+    """Count the rows and mark the store complete."""
     manifest["n_rows"] = sum(shard["rows"] for shard in manifest["shards"])
     if manifest["n_rows"] == 0:
         first = "; ".join(f"{s['id']}: {s['error']}" for s in manifest["skipped"][:3])
-        raise ValueError(f"None of the {len(dataset)} images could be read ({first} ...).")
+        raise ValueError(f"None of the {n_images} images could be read ({first} ...).")
     manifest["complete"] = True
     _save_manifest(out, manifest)
-    return ActivationStore.open(out)
 
 
 def _add_shard(manifest: dict, record: dict) -> None:

@@ -77,24 +77,34 @@ def _layers_arg(text: str) -> str:
 def _extract(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from saekit import distributed
     from saekit.activations import check_output_folder, extract
     from saekit.data import load_dataset
     from saekit.models import load_encoder
 
-    # Cheap checks first: a bad data or output folder is reported before the model loads.
-    dataset = load_dataset(args.data)
-    check_output_folder(Path(args.out).expanduser())
-    encoder = load_encoder(args.model, device=args.device)
-    store = extract(
-        encoder,
-        dataset,
-        layers=args.layers,
-        tokens=args.tokens,
-        out=args.out,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-    )
+    # Under torchrun every rank extracts its share of the shards (saekit.distributed).
+    ranks = distributed.init_from_env(args.device)
+    try:
+        # Cheap checks first: a bad data or output folder is reported before the model loads.
+        dataset = load_dataset(args.data)
+        if ranks.is_main:
+            check_output_folder(Path(args.out).expanduser())
+        encoder = load_encoder(args.model, device=distributed.rank_device(args.device, ranks))
+        store = extract(
+            encoder,
+            dataset,
+            layers=args.layers,
+            tokens=args.tokens,
+            out=args.out,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            shard_images=args.shard_images,
+            num_workers=args.workers,
+        )
+    finally:
+        distributed.shutdown()
+    if not ranks.is_main:
+        return 0
     print(store)
     if store.skipped:
         print(
@@ -168,6 +178,13 @@ def _add_extract(commands: Any) -> None:
         default=64,
         help="images per forward pass (default: 64); also sets the shard size, so resume with "
         "the same value",
+    )
+    extract.add_argument(
+        "--shard-images",
+        type=int,
+        default=None,
+        help="images per shard (default: about 256 MB of activations, a multiple of the batch "
+        "size); under torchrun the shards are dealt to the ranks in turn",
     )
     extract.add_argument(
         "--workers", type=int, default=4, help="image-decoding threads (default: 4)"

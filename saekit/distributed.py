@@ -1,0 +1,105 @@
+"""Running one saekit command over several processes with ``torch.distributed``.
+
+saekit writes no scheduler: ``torchrun`` starts the processes (one per GPU, or several on a
+CPU) and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; `init_from_env`
+joins the process group it describes (NCCL on GPUs, gloo otherwise). Work is split by a fixed
+rule (`owns`: item ``i`` belongs to rank ``i % world``), so a rerun gives every rank the same
+part and each resumes its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job."""
+
+    rank: int
+    """Global rank, 0 to world - 1."""
+    world: int
+    """Number of processes."""
+    local_rank: int = 0
+    """Rank on this node (which GPU it drives)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes what is shared (manifests, sweep files)."""
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether item `index` (a shard, an SAE) is this rank's to do."""
+        return index % self.world == self.rank
+
+
+def current() -> Ranks:
+    """The running job's ranks (one process, rank 0, when no process group is up)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(0, 1)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or Slurm through it) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str | None = None) -> Ranks:
+    """Join the process group torchrun describes (no-op for a single process); returns the
+    ranks. NCCL when `device` is a CUDA device, else gloo."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return current()
+    if not dist.is_available():
+        raise RuntimeError(
+            "torchrun started several processes but this torch build has no torch.distributed; "
+            "install a torch with distributed support or run one process."
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = device is not None and str(device).startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return current()
+
+
+def rank_device(device: str | None, ranks: Ranks) -> str | None:
+    """The device this rank drives: ``cuda`` becomes ``cuda:LOCAL_RANK`` in a multi-process job."""
+    if ranks.world > 1 and device == "cuda":
+        return f"cuda:{ranks.local_rank}"
+    return device
+
+
+def broadcast(obj: Any, ranks: Ranks) -> Any:
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if ranks.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if ranks.world == 1:
+        return [obj]
+    boxes: list[Any] = [None] * ranks.world
+    dist.all_gather_object(boxes, obj)
+    return boxes
+
+
+def barrier(ranks: Ranks) -> None:
+    """Wait until every rank gets here."""
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
