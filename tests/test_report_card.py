@@ -174,6 +174,20 @@ def test_an_exact_reconstruction_changes_nothing(vit):
 
 
 @torch.no_grad()
+def test_splicing_the_layer_the_head_reads(vit):
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    head = _head(vit.d_model)
+    last = vit.n_layers - 1
+    labels = head(vit.forward_pixels(pixels, layers=[last]).cls[last]).argmax(-1)
+    result = downstream_fidelity(vit, pixels, labels, exact_sae(vit.d_model), last, head)
+    assert result.accuracy["reconstructed"] == 1.0
+    # a zeroed CLS token gives the head's bias: one class for every image
+    constant = head(torch.zeros(1, vit.d_model)).argmax(-1).item()
+    assert result.accuracy["zero-ablated"] == pytest.approx((labels == constant).float().mean())
+    assert result.kl["zero-ablated"] > 0
+
+
+@torch.no_grad()
 def test_zero_ablation_matches_a_hand_written_forward(vit):
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     head = _head(vit.d_model)

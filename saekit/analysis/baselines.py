@@ -22,7 +22,7 @@ import torch
 
 
 def _matrix(acts_ND: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(acts_ND), dtype=torch.float64)
+    return torch.from_numpy(np.array(acts_ND, dtype=np.float64))
 
 
 def nmse(acts_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:

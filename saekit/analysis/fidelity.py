@@ -127,9 +127,19 @@ def downstream_fidelity(
         batch = images[start : start + batch_size]
         pixels = batch if torch.is_tensor(batch) else encoder.preprocess(batch)
         for name in VARIANTS:
-            with replace_block_output(encoder, layer, splice(sae, tokens, first_patch, name)):
+            replace = splice(sae, tokens, first_patch, name)
+            spliced: list[torch.Tensor] = []
+
+            def record(tokens_BTD: torch.Tensor, replace=replace, spliced=spliced) -> torch.Tensor:
+                spliced.append(replace(tokens_BTD))
+                return spliced[-1]
+
+            with replace_block_output(encoder, layer, record):
                 out = encoder.forward_pixels(pixels, layers=[readout])
-            logits[name].append(head(out.cls[readout]).float().cpu())
+            # The encoder's hidden states record a block's output before forward hooks change
+            # it, so a head on the spliced layer itself reads the spliced tokens directly.
+            cls_BD = spliced[-1][:, 0] if readout == layer else out.cls[readout]
+            logits[name].append(head(cls_BD).float().cpu())
     joined = {name: torch.cat(parts) for name, parts in logits.items()}
     reference = F.log_softmax(joined["original"], dim=-1)
     accuracy, kl = {}, {}

@@ -35,7 +35,11 @@ from saekit.activations import Store
 from saekit.analysis.absorption import absorption_table
 from saekit.analysis.baselines import baseline_front
 from saekit.analysis.fidelity import Fidelity, downstream_fidelity
-from saekit.analysis.sparse_probing import DEFAULT_KS, sparse_probing_summary
+from saekit.analysis.sparse_probing import (
+    DEFAULT_KS,
+    mean_sparse_probing,
+    sparse_probing_summary,
+)
 from saekit.analysis.stability import Matching, stability
 from saekit.data import ImageDataset
 from saekit.models import Encoder
@@ -129,6 +133,7 @@ def report_card(
     dataset: ImageDataset | None = None,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    neurons: pd.Series | None = None,
     max_images: int = 256,
     name: str | None = None,
     seed: int = 0,
@@ -140,6 +145,8 @@ def report_card(
     (default: from the store's WordNet ids when it has them) gives absorption. ``encoder``,
     ``dataset`` (the images the store was made from) and ``head`` (a classifier on the
     encoder's last-layer CLS token) give downstream fidelity on the first ``max_images`` images.
+    ``neurons`` is the neuron row of sparse probing when computed before (`neuron_probing`: the
+    same for every SAE on one layer).
     """
     check_sae_matches_store(sae, store, layer, "cls")
     acts_ND = store.cls(layer)
@@ -149,17 +156,10 @@ def report_card(
         fidelity=evaluate(sae, acts_ND),
         sparse_probing=pd.DataFrame(),
     )
-    if train_store is not None:
-        train_x = torch.as_tensor(np.asarray(train_store.cls(layer)), dtype=torch.float32)
-        train_y, eval_x, eval_y = np.asarray(train_store.labels), acts_ND, labels_N
-    else:
-        fit, held = _split_rows(len(labels_N))
-        all_x = torch.from_numpy(np.array(acts_ND, dtype=np.float32))
-        train_x, train_y, eval_x, eval_y = all_x[fit], labels_N[fit], all_x[held], labels_N[held]
-    eval_x = torch.as_tensor(np.asarray(eval_x), dtype=torch.float32)
+    train_x, train_y, eval_x, eval_y = _probe_split(store, layer, train_store)
     card.sparse_probing = sparse_probing_summary(
         (encode_in_batches(sae, train_x), encode_in_batches(sae, eval_x)),
-        (train_x, eval_x),
+        neurons if neurons is not None else (train_x, eval_x),
         train_y,
         eval_y,
         ks=ks,
@@ -184,6 +184,33 @@ def report_card(
     else:
         card.notes.append("downstream fidelity: needs encoder, dataset and head")
     return card
+
+
+def _probe_split(
+    store: Store, layer: int, train_store: Store | None
+) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
+    """(train features, labels, eval features, labels) as `report_card` splits them."""
+    acts = torch.from_numpy(np.array(store.cls(layer), dtype=np.float32))
+    labels = np.asarray(store.labels)
+    if train_store is not None:
+        train = torch.from_numpy(np.array(train_store.cls(layer), dtype=np.float32))
+        return train, np.asarray(train_store.labels), acts, labels
+    fit, held = _split_rows(len(labels))
+    return acts[fit], labels[fit], acts[held], labels[held]
+
+
+def neuron_probing(
+    store: Store,
+    layer: int,
+    *,
+    train_store: Store | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    seed: int = 0,
+) -> pd.Series:
+    """The neuron row of sparse probing on ``layer`` (what `report_card` compares SAE features
+    with), to compute once for many SAEs of one layer."""
+    train_x, train_y, eval_x, eval_y = _probe_split(store, layer, train_store)
+    return mean_sparse_probing(train_x, train_y, eval_x, eval_y, ks=ks, seed=seed)
 
 
 def cards_table(cards: Sequence[ReportCard]) -> pd.DataFrame:

@@ -97,25 +97,44 @@ def sparse_probing(
     return frame
 
 
+def mean_sparse_probing(
+    train_ND: torch.Tensor,
+    train_labels_N: np.ndarray,
+    eval_ND: torch.Tensor,
+    eval_labels_N: np.ndarray,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    seed: int = 0,
+) -> pd.Series:
+    """Mean balanced accuracy over classes at each k (the k no larger than the width)."""
+    ks_here = [k for k in ks if k <= train_ND.shape[1]]
+    per_class = sparse_probing(
+        train_ND, train_labels_N, eval_ND, eval_labels_N, ks=ks_here, seed=seed
+    )
+    return per_class.mean(axis=0)
+
+
 def sparse_probing_summary(
     codes: tuple[torch.Tensor, torch.Tensor],
-    neurons: tuple[torch.Tensor, torch.Tensor],
+    neurons: tuple[torch.Tensor, torch.Tensor] | pd.Series,
     train_labels_N: np.ndarray,
     eval_labels_N: np.ndarray,
     *,
     ks: Sequence[int] = DEFAULT_KS,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Mean balanced accuracy over classes at each k, for SAE features and for neurons:
-    rows ``SAE features`` and ``neurons``, one column per k. ``codes`` and ``neurons`` are
-    ``(train, eval)`` feature matrices of the same images."""
-    rows = {}
-    for name, (train, evaluation) in {"SAE features": codes, "neurons": neurons}.items():
-        ks_here = [k for k in ks if k <= train.shape[1]]
-        per_class = sparse_probing(
-            train, train_labels_N, evaluation, eval_labels_N, ks=ks_here, seed=seed
+    """`mean_sparse_probing` for SAE features and for neurons: rows ``SAE features`` and
+    ``neurons``, one column per k. ``codes`` and ``neurons`` are ``(train, eval)`` feature
+    matrices of the same images; ``neurons`` may instead be the neuron row computed before
+    (it is the same for every SAE on one layer)."""
+    rows = {"SAE features": mean_sparse_probing(*codes[:1], train_labels_N, codes[1],
+                                                eval_labels_N, ks=ks, seed=seed)}  # fmt: skip
+    if isinstance(neurons, pd.Series):
+        rows["neurons"] = neurons
+    else:
+        rows["neurons"] = mean_sparse_probing(
+            neurons[0], train_labels_N, neurons[1], eval_labels_N, ks=ks, seed=seed
         )
-        rows[name] = per_class.mean(axis=0)
     frame = pd.DataFrame(rows).T
     frame.columns.name = "k"
     return frame
