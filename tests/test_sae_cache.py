@@ -87,6 +87,13 @@ def test_everything_that_sets_the_weights_changes_the_folder(change):
     assert make_request(_specs()[0], store, **change).key != base.key
 
 
+def test_another_batch_order_changes_the_folder(monkeypatch):
+    store = _store()
+    base = make_request(_specs()[0], store)
+    monkeypatch.setattr(sae_cache, "BATCH_ORDER", "some-other-order/2")
+    assert make_request(_specs()[0], store).key != base.key
+
+
 def test_another_store_or_another_lambda_changes_the_folder():
     store = _store()
     base = make_request(_specs()[0], store)

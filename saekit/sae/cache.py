@@ -2,7 +2,8 @@
 
 A request is an `SAESpec` (resolved: recipe, width, sparsity, seed) plus everything else that
 determines the weights: the data (an activation store's identity, or a hash of an in-memory
-matrix), the layer and token kind, the epochs, the batch size and the data-order seed. Its hash
+matrix), the layer and token kind, the epochs, the batch size, the data-order seed and the
+version of the batch order. Its hash
 names the folder (``<root>/<spec label>-<hash>``), so two chapters that ask for the same SAE get
 the same folder and nobody types a cache path. Where the device is does not change the weights
 and is not part of the request.
@@ -33,9 +34,11 @@ from sae_lens import SAE
 
 from saekit.sae.architectures import SAE_CFG_FILE, SAESpec, load_sae, save_sae
 from saekit.sae.recipes import get_recipe
-from saekit.sae.train import layer_width, sweep_from_store, train_on_tensor
+from saekit.sae.train import BATCH_ORDER, layer_width, sweep_from_store, train_on_tensor
 
 REQUEST_FILE = "request.json"
+TENSOR_ORDER = "tensor-batches/1"
+"""Version of `saekit.sae.tensor_batches`' order for in-memory matrices."""
 
 
 class CacheMismatchError(RuntimeError):
@@ -73,6 +76,9 @@ class Request:
     """Rows per step."""
     seed: int
     """Seed of the data order."""
+    order: str
+    """How batches are drawn from the data for a seed (the store iterator's or the in-memory
+    shuffle's version): a new order trains new SAEs."""
 
     def to_json(self) -> dict[str, Any]:
         """The request as JSON-ready data (what ``request.json`` holds)."""
@@ -118,6 +124,7 @@ def make_request(
             raise ValueError(f"expected an [N, D] matrix, got shape {tuple(data.shape)}")
         spec = dataclasses.replace(spec, d_in=int(data.shape[1]))
         tokens = "rows"
+    order = BATCH_ORDER if manifest is not None else TENSOR_ORDER
     spec = spec.resolved()
     recipe = get_recipe(spec.recipe)
     return Request(
@@ -127,6 +134,7 @@ def make_request(
         epochs=int(epochs if epochs is not None else recipe.epochs),
         batch_size=int(batch_size if batch_size is not None else recipe.batch_size),
         seed=int(seed),
+        order=order,
     )
 
 
