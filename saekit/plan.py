@@ -287,6 +287,7 @@ def make_plan(
             "on_disk": _complete(manifest),
             "_patches": {i: shape.patches[i] for i in layers},
             "_widths": {i: shape.widths[i] for i in layers},
+            "_n_layers": shape.n_layers,
         }
         rows_of[need] = row
         plan.stores.append(row)
@@ -301,7 +302,8 @@ def make_plan(
         for spec in specs:
             plan.saes.append(_sae_row(spec.resolved(), need, on))
     for row in plan.stores:
-        row.pop("_patches"), row.pop("_widths")
+        for key in ("_patches", "_widths", "_n_layers"):
+            row.pop(key)
     return plan
 
 
@@ -322,7 +324,8 @@ def _sae_row(spec: SAESpec, need: SAENeed, on: dict[str, Any] | None) -> dict[st
     else:
         layers = sorted(on["_widths"])
         layer = layers[-1] if spec.layer is None else int(spec.layer)
-        layer = layer + max(layers) + 1 if layer < 0 else layer
+        layer = layer + on["_n_layers"] if layer < 0 else layer
+        spec = dataclasses.replace(spec, layer=layer)  # named as the trainer will name it
         d_in = on["_widths"].get(layer, on["width"])
         per_image = _row_tokens(need.tokens, on["_patches"].get(layer, 1))
         rows = None if on["images"] is None else on["images"] * per_image

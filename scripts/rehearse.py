@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=str(ROOT / "build" / "rehearsal"), help="work folder")
     parser.add_argument("--only", help="rehearse just this chapter")
     parser.add_argument("--no-html", action="store_true", help="skip the site build")
+    parser.add_argument("--plan", action="store_true", help="print the chapters' plans only")
     parser.add_argument(
         "-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE")
     )
@@ -125,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     command += ["--out", str(work / "book")]
     command += ["--only", args.only] if args.only else []
     command += ["--no-html"] if args.no_html else []
+    command += ["--plan"] if args.plan else []
     for name, value in pairs:
         command += ["-p", name, value]
     env = {**os.environ, "SAEKIT_WORKDIR": str(work / "runs")}
     status = subprocess.run(command, env=env, cwd=ROOT).returncode
     minutes = (time.perf_counter() - start) / 60
-    verdict = "every chapter ran" if status == 0 else "some chapters FAILED (listed above)"
+    if args.plan:
+        verdict = "plans printed" if status == 0 else "some chapters FAILED before their plan"
+    else:
+        verdict = "every chapter ran" if status == 0 else "some chapters FAILED (listed above)"
     print(f"[rehearse] paper profile rehearsed in {minutes:.1f} min: {verdict}", flush=True)
     return status
 
