@@ -47,20 +47,22 @@ from saekit.activation_store import (
     StoreMismatchError,
     _token_kinds,
 )
-from saekit.data import ImageDataset, UnreadableImageError
+from saekit.data import ImageDataset
 from saekit.durable import (
     LOCK_FILE,
     FolderLockedError,
     check_writable,
-    commit_dir,
     folder_lock,
-    make_dir,
     remove_tree,
-    save_array,
     write_json_atomic,
-    write_text_durably,
 )
 from saekit.models import Encoder, load_encoder
+from saekit.shard_writer import (
+    SHARD_RECORD,
+    ShardWriter,
+    StoreWriteError,
+    decoded_batches,
+)
 
 __all__ = [
     "TOKEN_KINDS",
@@ -77,11 +79,6 @@ __all__ = [
 FORMAT_VERSION = 2
 
 
-class StoreWriteError(OSError):
-    """Writing a shard or the manifest failed (disk full, folder gone, ...); finished shards
-    are kept and rerunning the same extraction resumes."""
-
-
 class OutputNotEmptyError(FileExistsError):
     """The output folder holds files that are not an activation store."""
 
@@ -89,7 +86,6 @@ class OutputNotEmptyError(FileExistsError):
 #: Names an output folder may hold before its manifest exists (a run killed while starting).
 _STARTING_NAMES = {"image_ids.json", "image_ids.json.tmp", "manifest.json.tmp", LOCK_FILE}
 _SHARD_NAME = re.compile(r"^shard_(\d{5,})$")
-SHARD_RECORD = "shard.json"
 
 
 def _dataset_fingerprint(dataset: ImageDataset) -> str:
@@ -171,6 +167,7 @@ def extract(
     shard_images: int | None = None,
     num_workers: int = 4,
     progress: bool = True,
+    decode_workers: int = 0,
 ) -> ActivationStore:
     """Run `encoder` over `dataset` once and store each requested layer's tokens under `out`.
 
@@ -180,6 +177,11 @@ def extract(
     weights, not by how its path was spelled. Images that cannot be read are skipped and listed
     in the manifest (``store.skipped``). A second extraction into the same folder while one runs
     gets `FolderLockedError`.
+
+    Images are decoded by `num_workers` threads, or, with ``decode_workers > 0``, decoded and
+    preprocessed by that many DataLoader worker processes (pinned memory and non-blocking
+    copies on a GPU); the store is the same either way. Under ``torchrun`` each process writes
+    its share of the shards (see `saekit.distributed`).
     """
     if isinstance(encoder, str | os.PathLike):
         encoder = load_encoder(encoder)
@@ -197,18 +199,19 @@ def extract(
     ranks = distributed.current()
     args = (encoder, dataset, layer_ids, kinds, out, dtype, batch_size, shard_images)
     if ranks.world > 1:
-        return _extract_on_ranks(ranks, args, num_workers, progress)
+        return _extract_on_ranks(ranks, args, (num_workers, decode_workers), progress)
     check_output_folder(out)
     with folder_lock(out, "saekit extract"):
         manifest, shard_images = _prepare(*args)
         if not manifest["complete"]:
-            _extract_shards(args, manifest, shard_images, num_workers, progress, ranks)
+            workers = (num_workers, decode_workers)
+            _extract_shards(args, manifest, shard_images, workers, progress, ranks)
             _finish(out, manifest, len(dataset))
     return ActivationStore.open(out)
 
 
 def _extract_on_ranks(
-    ranks: distributed.Ranks, args: tuple, num_workers: int, progress: bool
+    ranks: distributed.Ranks, args: tuple, workers: tuple[int, int], progress: bool
 ) -> ActivationStore:
     """One rank's share of a multi-process extraction (under torchrun).
 
@@ -233,7 +236,7 @@ def _extract_on_ranks(
             raise prepared
         manifest, shard_images = prepared
         if not manifest["complete"]:
-            _extract_shards(args, manifest, shard_images, num_workers, progress, ranks)
+            _extract_shards(args, manifest, shard_images, workers, progress, ranks)
             distributed.barrier(ranks)
             if ranks.is_main:
                 _recover_shards(out, manifest, shard_images)  # enters the other ranks' shards
@@ -304,7 +307,7 @@ def _prepare(
 
 
 def _extract_shards(
-    args: tuple, manifest: dict, shard_images: int, num_workers: int, progress: bool,
+    args: tuple, manifest: dict, shard_images: int, workers: tuple[int, int], progress: bool,
     ranks: distributed.Ranks,
 ) -> None:  # fmt: skip
     """Write this rank's missing shards (every shard in a single process); rank 0 enters
@@ -322,12 +325,12 @@ def _extract_shards(
         unit="img",
         disable=not progress,
     )
-    writer = _ShardWriter(encoder, dataset, layer_ids, kinds, np.dtype(dtype), batch_size, out, bar)
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for index in mine:
-            if index in done:
-                continue
-            record = writer.write(index, images[index], pool)
+    writer = ShardWriter(encoder, dataset, layer_ids, kinds, np.dtype(dtype), batch_size, out, bar)
+    todo = [i for i in mine if i not in done]
+    decoded = decoded_batches(encoder, dataset, [images[i] for i in todo], batch_size, workers[1])
+    with ThreadPoolExecutor(max_workers=max(1, workers[0])) as pool:
+        for index in todo:
+            record = writer.write(index, images[index], pool, decoded)
             if ranks.is_main:
                 _add_shard(manifest, record)
                 _save_manifest(out, manifest)
@@ -410,87 +413,3 @@ def _recover_shards(out: Path, manifest: dict, shard_images: int) -> None:
             changed = True
     if changed:
         _save_manifest(out, manifest)
-
-
-def _load_or_skip(dataset: ImageDataset, index: int) -> tuple[int, Any]:
-    try:
-        return index, dataset.load(index)
-    except (UnreadableImageError, OSError) as err:
-        return index, err
-
-
-class _ShardWriter:
-    """Encodes a block of images and commits it as one shard folder."""
-
-    def __init__(self, encoder, dataset, layer_ids, kinds, np_dtype, batch_size, out, bar):
-        self.encoder, self.dataset, self.layer_ids, self.kinds = encoder, dataset, layer_ids, kinds
-        self.np_dtype, self.batch_size, self.out, self.bar = np_dtype, batch_size, out, bar
-
-    def write(self, index: int, image_range: range, pool: ThreadPoolExecutor) -> dict:
-        """Encode the images of shard `index` and commit the shard; returns its record."""
-        chunks, rows, skipped, grids = self._encode(image_range, pool)
-        try:
-            return self._commit(index, chunks, rows, skipped, grids)
-        except OSError as err:
-            raise StoreWriteError(
-                err.errno,
-                f"Writing shard {index} of {self.out} failed ({err.strerror or err}). Free space "
-                "or fix the folder, then rerun the same extraction: finished shards are kept.",
-            ) from err
-
-    def _encode(self, image_range: range, pool: ThreadPoolExecutor):
-        chunks: dict[str, list[np.ndarray]] = {
-            f"L{layer}_{kind}": [] for layer in self.layer_ids for kind in self.kinds
-        }
-        rows: list[int] = []
-        skipped: list[dict] = []
-        grids: dict[str, list[int]] = {}
-        indices = list(image_range)
-        for batch_start in range(0, len(indices), self.batch_size):
-            batch = indices[batch_start : batch_start + self.batch_size]
-            images, kept = [], []
-            for image_index, image in pool.map(lambda i: _load_or_skip(self.dataset, i), batch):
-                if isinstance(image, Exception):
-                    entry = {"index": image_index, "id": self.dataset.image_ids[image_index]}
-                    skipped.append({**entry, "error": str(image)})
-                else:
-                    images.append(image)
-                    kept.append(image_index)
-            self.bar.update(len(batch))
-            if not images:
-                continue
-            result = self.encoder(images, layers=self.layer_ids)
-            rows.extend(kept)
-            for layer in self.layer_ids:
-                if "cls" in self.kinds:
-                    chunks[f"L{layer}_cls"].append(
-                        result.cls[layer].float().cpu().numpy().astype(self.np_dtype)
-                    )
-                if "patch" in self.kinds:
-                    chunks[f"L{layer}_patch"].append(
-                        result.patches[layer].float().cpu().numpy().astype(self.np_dtype)
-                    )
-                    grids[str(layer)] = list(result.grids[layer])
-        return chunks, rows, skipped, grids
-
-    def _commit(self, index, chunks, rows, skipped, grids) -> dict:
-        staging = self.out / f"shard_{index:05d}.tmp"
-        make_dir(staging)
-        arrays = {
-            "rows.npy": np.asarray(rows, dtype=np.int64),
-            "labels.npy": np.asarray([self.dataset.labels[i] for i in rows], dtype=np.int64),
-        }
-        arrays.update({f"{name}.npy": np.concatenate(p) for name, p in chunks.items() if p})
-        for name, array in arrays.items():
-            save_array(staging / name, array)
-        record = {
-            "index": index,
-            "rows": len(rows),
-            "grids": grids,
-            "skipped": skipped,
-            "files": sorted(arrays),
-        }
-        # Written last: a shard folder with a shard.json is whole.
-        write_text_durably(staging / SHARD_RECORD, json.dumps(record, indent=1))
-        commit_dir(staging, self.out / f"shard_{index:05d}")
-        return record

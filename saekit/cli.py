@@ -99,7 +99,7 @@ def _extract(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             batch_size=args.batch_size,
             shard_images=args.shard_images,
-            num_workers=args.workers,
+            decode_workers=args.workers,
         )
     finally:
         distributed.shutdown()
@@ -187,7 +187,11 @@ def _add_extract(commands: Any) -> None:
         "size); under torchrun the shards are dealt to the ranks in turn",
     )
     extract.add_argument(
-        "--workers", type=int, default=4, help="image-decoding threads (default: 4)"
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader worker processes that decode and preprocess images, so the model never "
+        "waits on PIL; 0 decodes in threads of the main process (default: 2)",
     )
     extract.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     extract.set_defaults(handler=_extract)

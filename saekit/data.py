@@ -350,3 +350,33 @@ def load_dataset(spec: str | os.PathLike) -> ImageDataset:
             f"{spec!r} is neither a folder (looked in {Path.cwd()}) nor a loadable Hugging Face "
             f"dataset ({type(err).__name__}: {err}).\n{IMAGEFOLDER_LAYOUT}"
         ) from err
+
+
+class DecodedBatches:
+    """Batches of a dataset decoded and preprocessed, for DataLoader worker processes.
+
+    A map-style dataset (``__len__``/``__getitem__``). Item ``i`` reads the images of ``batches[i]`` (dataset indices), runs `processor` (a
+    model's image processor) on those that could be read, and returns ``(kept indices,
+    [(index, error)] of the unreadable ones, pixel_values [B, 3, H, W] or None)``. Run by
+    ``DataLoader(..., batch_size=None, num_workers=N)``, decoding leaves the process that feeds
+    the model.
+    """
+
+    def __init__(self, dataset: ImageDataset, processor: Any, batches: Sequence[Sequence[int]]):
+        self.dataset, self.processor, self.batches = dataset, processor, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[tuple[int, str]], Any]:
+        kept, images, errors = [], [], []
+        for index in self.batches[i]:
+            try:
+                images.append(self.dataset.load(index))
+                kept.append(index)
+            except (UnreadableImageError, OSError) as err:
+                errors.append((index, str(err)))
+        if not images:
+            return kept, errors, None
+        pixels = self.processor(images=as_pil_images(images), return_tensors="pt")
+        return kept, errors, pixels["pixel_values"]

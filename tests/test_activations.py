@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -459,3 +460,22 @@ def test_a_listed_shard_whose_folder_vanished_is_extracted_again(encoder, image_
         store = extract(encoder, dataset, out=tmp_path / "s", **kwargs)
     np.testing.assert_array_equal(np.asarray(store.cls(1)), np.asarray(reference.cls(1)))
     assert store.skipped == reference.skipped
+
+
+def test_decode_workers_write_the_same_store(encoder, image_folder, tmp_path):
+    """Decoding and preprocessing in 2 DataLoader processes gives the threads' store byte for
+    byte, unreadable images skipped and listed the same way."""
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "n01443537" / "broken.png").write_bytes(b"\x89PNG not really")
+    (data / "n01443537" / "zz_broken.png").write_bytes(b"broken")
+    files = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        extract(encoder, ImageFolder(data), layers=[0, 1], tokens="both", out=out,
+                batch_size=3, shard_images=6, decode_workers=workers, progress=False)  # fmt: skip
+        files[workers] = {
+            p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+        }
+    assert len(json.loads(files[2][Path("manifest.json")])["skipped"]) == 2  # both listed
+    assert files[2] == files[0]
