@@ -173,23 +173,31 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """Body of ``saekit sweep``."""
+    from saekit import distributed
     from saekit.sae.train import SWEEP_MANIFEST, sweep_from_store
 
     cfg = load_sweep_config(args.config)
     manifest = Path(cfg.out) / SWEEP_MANIFEST
     before = manifest.read_bytes() if manifest.exists() else None
-    sweep_from_store(
-        _open_store(cfg.store),
-        cfg.specs,
-        tokens=cfg.tokens,
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        seed=cfg.data_seed,
-        out_dir=cfg.out,
-        checkpoint_every=cfg.checkpoint_every,
-        device=cfg.device,
-        overwrite=getattr(args, "overwrite", False),
-    )
+    # Under torchrun each rank trains its share of the SAEs (saekit.distributed).
+    ranks = distributed.init_from_env(cfg.device)
+    try:
+        sweep_from_store(
+            _open_store(cfg.store),
+            cfg.specs,
+            tokens=cfg.tokens,
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            seed=cfg.data_seed,
+            out_dir=cfg.out,
+            checkpoint_every=cfg.checkpoint_every,
+            device=distributed.rank_device(cfg.device, ranks),
+            overwrite=getattr(args, "overwrite", False),
+        )
+    finally:
+        distributed.shutdown()
+    if not ranks.is_main:
+        return 0
     # A finished sweep with the same settings is loaded, not retrained: its manifest is untouched.
     if before is not None and manifest.read_bytes() == before:
         print(f"{cfg.out} already holds these {len(cfg.specs)} SAEs; nothing to do")

@@ -18,6 +18,7 @@ A run killed at any of those steps resumes to the same SAEs when run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ import numpy as np
 from sae_lens import SAE
 
 import saekit
+from saekit import distributed
 from saekit.durable import (
     LOCK_FILE,
     check_writable,
@@ -154,6 +156,7 @@ def sweep_from_store(
     check_data: bool = True,
     checkpoint_dir: str | Path | None = None,
     overwrite: bool = False,
+    ranks: distributed.Ranks | None = None,
     **kwargs: Any,
 ) -> list[SAE]:
     """Train SAEs on an activation store's layers, reading each batch of every layer once.
@@ -172,12 +175,19 @@ def sweep_from_store(
     ``out_dir/.checkpoint`` and are removed once everything is saved. Each SAE's metadata
     records the store, model identity, layer and token kind it was trained on. Other keywords
     go to :func:`~saekit.sae.trainer.sweep`.
+
+    Under torchrun (or with `ranks` of several processes) and an ``out_dir``, the SAEs are
+    dealt to the ranks (SAE ``i`` to rank ``i % world``), each rank trains its share on the same
+    store, resumably, and rank 0 saves them all into ``out_dir`` as one process would.
     """
     filled = _fill_specs(store, specs)
     resolved = [spec.resolved() for spec in filled]
     batch_size = batch_size or _common(resolved, "batch_size")
     epochs = kwargs.pop("epochs", None) or _common(resolved, "epochs")
     settings = _run_settings(store, filled, tokens, batch_size, epochs, seed)
+    ranks = distributed.current() if ranks is None else ranks
+    if ranks.world > 1 and out_dir is not None:
+        return _sweep_on_ranks(store, filled, settings, Path(out_dir), overwrite, ranks, kwargs)
     if out_dir is None:
         return _train_on_store(store, filled, settings, checkpoint_dir, check_data, kwargs)
     out_dir = check_writable(out_dir, "SAE")
@@ -192,6 +202,56 @@ def sweep_from_store(
         save_sweep(saes, filled, out_dir, settings=settings)
         _drop_checkpoint(checkpoint_dir, out_dir)
         return saes
+
+
+def _sweep_on_ranks(
+    store: Any,
+    filled: list[SAESpec],
+    settings: dict[str, Any],
+    out_dir: Path,
+    overwrite: bool,
+    ranks: distributed.Ranks,
+    kwargs: dict[str, Any],
+) -> list[SAE]:
+    """One rank's part of a partitioned sweep: rank 0 holds and claims ``out_dir``; each rank
+    trains its share as a sweep of its own under ``out_dir/.checkpoint/ranks-W/rank-R`` (so it
+    resumes alone); rank 0 then saves every SAE into ``out_dir`` and removes the shares."""
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    shares = checkpoint_dir / f"ranks-{ranks.world}"
+    record = {"settings": settings, "saes": _entries(filled)}
+    device = str(kwargs.get("device", "cpu"))
+    with contextlib.ExitStack() as held:
+        finished: Any = None
+        if ranks.is_main:
+            try:
+                check_writable(out_dir, "SAE")
+                what = f"training {len(filled)} SAE(s) on {ranks.world} ranks"
+                held.enter_context(folder_lock(out_dir, what))
+                finished = _claim(out_dir, SWEEP_MANIFEST, record, overwrite, checkpoint_dir, True)
+            except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
+                finished = err
+        finished = distributed.broadcast(finished, ranks)
+        if isinstance(finished, Exception):
+            raise finished
+        if not finished:
+            share = [spec for i, spec in enumerate(filled) if ranks.owns(i)]
+            if share:
+                sweep_from_store(
+                    store, share, tokens=settings["tokens"], batch_size=settings["batch_size"],
+                    seed=settings["data_seed"], epochs=settings["epochs"],
+                    out_dir=shares / f"rank-{ranks.rank}", ranks=distributed.Ranks(0, 1),
+                    **kwargs,
+                )  # fmt: skip
+            distributed.barrier(ranks)
+            if ranks.is_main:
+                saes: dict[str, SAE] = {}
+                for rank in range(min(ranks.world, len(filled))):
+                    saes.update(load_sweep(shares / f"rank-{rank}", device=device))
+                save_sweep([saes[s.label] for s in filled], filled, out_dir, settings=settings)
+                _drop_checkpoint(checkpoint_dir, out_dir)
+        distributed.barrier(ranks)
+    saved = load_sweep(out_dir, device=device)
+    return [saved[spec.label] for spec in filled]
 
 
 def train_to_folder(
