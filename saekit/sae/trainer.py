@@ -36,6 +36,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 import saekit
+from saekit import distributed
 from saekit.durable import check_writable, folder_lock
 from saekit.sae.architectures import SAESpec, build_training_sae, to_inference
 from saekit.sae.checkpoint import CHECKPOINT_FILE, load_state, read_checkpoint, write_checkpoint
@@ -124,6 +125,7 @@ def sweep(
     metadata: Mapping[str, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     run: Mapping[str, Any] | None = None,
+    data_parallel: distributed.Ranks | None = None,
 ) -> list[SAE]:
     """Train every spec in one pass over ``batches``; returns SAELens SAEs in spec order.
 
@@ -138,6 +140,14 @@ def sweep(
     ...): it is recorded in checkpoints, and a checkpoint written under other ``run`` values is
     refused rather than resumed. The checkpoint folder is checked for writability and locked
     against a second trainer before any work starts.
+
+    ``data_parallel`` (the ranks of a process group, e.g. ``saekit.distributed.current()``)
+    trains the same SAEs on every rank, data-parallel: every rank reads the same global batches
+    and trains on its slice of the rows; gradients are all-reduced weighted by rows, so the
+    update is the one-process update on the global batch; latents count as fired when they fire
+    on any rank, and the TopK inference threshold takes the minimum over ranks (what one process
+    computes). Losses that are not means over rows (BatchTopK's batch-wide top-k, auxiliary
+    losses) are computed per slice. Rank 0 alone writes checkpoints; every rank resumes them.
     """
     specs = [_resolve(spec) for spec in specs]
     labels = [spec.label for spec in specs]
@@ -150,10 +160,13 @@ def sweep(
     device = torch.device(device)
     ckpt = None
     lock: Any = contextlib.nullcontext()
+    dp = data_parallel if data_parallel is not None and data_parallel.world > 1 else None
+    writes = dp is None or dp.is_main
     if checkpoint_dir is not None:
-        checkpoint_dir = check_writable(checkpoint_dir, "checkpoint")
-        ckpt = checkpoint_dir / CHECKPOINT_FILE
-        lock = folder_lock(checkpoint_dir, f"training {len(specs)} SAE(s)")
+        ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE
+        if writes:
+            checkpoint_dir = check_writable(checkpoint_dir, "checkpoint")
+            lock = folder_lock(checkpoint_dir, f"training {len(specs)} SAE(s)")
     with lock:
         saved = None
         if ckpt is not None and resume and ckpt.exists():
@@ -163,20 +176,31 @@ def sweep(
         else:
             normalizers, b_dec_init = _fit_inputs(specs, batches)
         groups = _build_groups(specs, b_dec_init, device)
+        if dp is not None:  # every rank starts from rank 0's weights, as DDP does
+            for group in groups:
+                for tensor in [*group.model.parameters(), *group.model.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
         step = 0
         if saved is not None:
             load_state(groups, saved["tensors"], device)
             step = saved["step"]
 
         pbar = tqdm(
-            total=total, initial=step, desc=f"training {len(specs)} SAE(s)", disable=not progress
+            total=total,
+            initial=step,
+            desc=f"training {len(specs)} SAE(s)",
+            disable=not progress or not writes,
         )
         for epoch in range(step // steps_per_epoch, epochs):
             stream = iter(batches(epoch))
             position = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch: skip those
             for batch in itertools.islice(stream, position, steps_per_epoch):
                 inputs = _inputs(batch, specs, normalizers, device, epoch, position)
-                mse = [_train_step(g, _stack(inputs, g.members), step, total) for g in groups]
+                inputs, weight = _slice_rows(inputs, dp)
+                mse = [
+                    _train_step(g, _stack(inputs, g.members), step, total, dp, weight)
+                    for g in groups
+                ]
                 if on_step is not None:
                     on_step(_step_record(step, epoch, total, groups, mse, labels, specs))
                 step += 1
@@ -184,13 +208,13 @@ def sweep(
                 pbar.update(1)
                 if progress and step % 50 == 0:
                     pbar.set_postfix(mse=f"{torch.cat(mse).mean().item():.4g}")
-                if ckpt is not None and step % checkpoint_every == 0 and step < total:
+                if writes and ckpt is not None and step % checkpoint_every == 0 and step < total:
                     write_checkpoint(
                         ckpt, step, specs, steps_per_epoch, epochs, groups, normalizers, run
                     )
             _check_epoch_length(stream, position, steps_per_epoch, epoch)
         pbar.close()
-        if ckpt is not None and (saved is None or saved["step"] < total):
+        if writes and ckpt is not None and (saved is None or saved["step"] < total):
             # The finished state too: a crash while the caller saves the SAEs costs no retraining.
             write_checkpoint(ckpt, total, specs, steps_per_epoch, epochs, groups, normalizers, run)
 
@@ -400,16 +424,46 @@ def _stack(inputs: list[torch.Tensor], members: list[int]) -> torch.Tensor:
     return torch.stack([inputs[i] for i in members])
 
 
-def _train_step(group: _Group, x_nBD: torch.Tensor, step: int, total: int) -> torch.Tensor:
+def _slice_rows(
+    inputs: list[torch.Tensor], dp: distributed.Ranks | None
+) -> tuple[list[torch.Tensor], float]:
+    """This rank's contiguous slice of each input's rows (shared tensors stay shared) and its
+    share of the global batch's rows, the weight of its gradients."""
+    if dp is None:
+        return inputs, 1.0
+    sliced: dict[int, torch.Tensor] = {}
+    for x in inputs:
+        if id(x) not in sliced:
+            sliced[id(x)] = torch.tensor_split(x, dp.world)[dp.rank]
+    n_global = len(inputs[0])
+    return [sliced[id(x)] for x in inputs], len(sliced[id(inputs[0])]) / n_global
+
+
+def _train_step(
+    group: _Group,
+    x_nBD: torch.Tensor,
+    step: int,
+    total: int,
+    dp: distributed.Ranks | None = None,
+    weight: float = 1.0,
+) -> torch.Tensor:
     """One update of every SAE in the group; returns the per-SAE reconstruction error."""
     recipe, model = group.recipe, group.model
     dead_nS = group.since_fired_nS > recipe.dead_feature_window
     out = model.forward_loss(x_nBD, recipe.sparsity_at(step, total), dead_nS)
-    out.loss_n.sum().backward()
+    (out.loss_n.sum() * weight if dp is not None else out.loss_n.sum()).backward()
     with torch.no_grad():
         group.since_fired_nS += 1
         # codes are never negative, so "fired on some row" is a max > 0 (10x cheaper than any())
-        group.since_fired_nS[out.codes_nBS.amax(dim=1) > 0] = 0
+        fired_nS = out.codes_nBS.amax(dim=1) > 0
+        if dp is not None:  # the global gradient and "fired on any rank's rows"
+            for param in model.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+            fired = fired_nS.to(torch.uint8)
+            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+            fired_nS = fired.bool()
+        group.since_fired_nS[fired_nS] = 0
     if recipe.remove_parallel_grads:
         remove_parallel_grad_(model.W_dec)
     if recipe.max_grad_norm is not None:
@@ -420,6 +474,10 @@ def _train_step(group: _Group, x_nBD: torch.Tensor, step: int, total: int) -> to
     group.optimizer.zero_grad(set_to_none=True)
     if recipe.unit_norm_decoder:
         renormalize_decoder_(model.W_dec)
+    if dp is not None and hasattr(model, "topk_threshold"):
+        # Each rank's EMA moved toward its own smallest positive code; one process moves it
+        # toward the smallest of them all, which is the minimum over ranks.
+        torch.distributed.all_reduce(model.topk_threshold, op=torch.distributed.ReduceOp.MIN)
     return out.mse_n.detach()
 
 
