@@ -75,15 +75,6 @@ def data_parameters(hf_home: Path, data: Path) -> dict[str, object]:
     params: dict[str, object] = dict(book_parameters(write_imagenet(data)))
     params["segmentation_classes"] = len(PART_NAMES)
     params["prompt_file"] = str(mini_prompt_file())  # stands in for Midjourney prompts
-    if importlib.util.find_spec("torchvision") is None:
-        # transformers builds Qwen2.5-VL's processor with a video processor that needs
-        # torchvision; without it the paper's describer cannot load (nor would it for a user)
-        print(
-            "[rehearse] torchvision is not installed, so chapter 06's paper describer "
-            "(Qwen2.5-VL, whose processor needs it) cannot load: rehearsing describer='clip'",
-            flush=True,
-        )
-        params["describer"] = "clip"
     return params
 
 
@@ -114,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     params = data_parameters(hf_home, work / "data") | OVERRIDES
     del os.environ["TQDM_DISABLE"]
     known = declared(args.only)
+    if "describer" in known and importlib.util.find_spec("torchvision") is None:
+        # transformers builds Qwen2.5-VL's processor with a video processor that needs
+        # torchvision; without it the paper's describer cannot load (nor would it for a user)
+        print(
+            "[rehearse] torchvision is not installed, so chapter 06's paper describer "
+            "(Qwen2.5-VL, whose processor needs it) cannot load: rehearsing describer='clip'",
+            flush=True,
+        )
+        params["describer"] = "clip"
     unused = sorted(set(OVERRIDES) - known)
     if unused and not args.only:
         print(f"[rehearse] no chapter declares {unused}; not passed", flush=True)
