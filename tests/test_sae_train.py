@@ -229,6 +229,22 @@ def test_nan_is_reported_with_its_row_and_never_trained_on():
         train_sae(spec, lambda epoch: x.split(16), 4, progress=False)
 
 
+def test_strided_nan_check_names_the_batch_and_keeps_checkpoints_clean(tmp_path):
+    """Checked every 4 steps (no device sync per step), a NaN in batch 6 is still reported with
+    its batch and row, and no checkpoint holding weights trained on it is written."""
+    x = torch.randn(160, 8)
+    x[6 * 16 + 3, 1] = float("nan")
+    spec = SAESpec(arch="relu", d_in=8, expansion=2, recipe=get_recipe("olson2025", epochs=1))
+    seen = []
+    with pytest.raises(NonFiniteActivationsError, match=r"epoch 0, batch 6, rows \[3\]"):
+        sweep(
+            [spec], lambda epoch: x.split(16), 10, progress=False, finite_check_every=4,
+            checkpoint_dir=tmp_path, checkpoint_every=7, on_step=lambda r: seen.append(r["step"]),
+        )  # fmt: skip
+    assert seen == list(range(7))  # trained on up to the stride's end, then stopped
+    assert not (tmp_path / CHECKPOINT_FILE).exists()  # step 7's checkpoint was checked first
+
+
 def test_width_mismatch_is_a_clear_error():
     spec = SAESpec(arch="relu", d_in=8, expansion=2, recipe=get_recipe("olson2025", epochs=1))
     with pytest.raises(ValueError, match="expects d_in=8 .* 12 wide"):

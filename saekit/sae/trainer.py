@@ -40,7 +40,7 @@ from saekit import distributed
 from saekit.durable import check_writable, folder_lock
 from saekit.sae.architectures import SAESpec, build_training_sae, to_inference
 from saekit.sae.checkpoint import CHECKPOINT_FILE, load_state, read_checkpoint, write_checkpoint
-from saekit.sae.codes import NonFiniteActivationsError
+from saekit.sae.finite import FiniteWatch, check_finite, default_stride
 from saekit.sae.recipes import (
     InputNormalizer,
     Recipe,
@@ -126,6 +126,7 @@ def sweep(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     run: Mapping[str, Any] | None = None,
     data_parallel: distributed.Ranks | None = None,
+    finite_check_every: int | None = None,
 ) -> list[SAE]:
     """Train every spec in one pass over ``batches``; returns SAELens SAEs in spec order.
 
@@ -148,6 +149,10 @@ def sweep(
     on any rank, and the TopK inference threshold takes the minimum over ranks (what one process
     computes). Losses that are not means over rows (BatchTopK's batch-wide top-k, auxiliary
     losses) are computed per slice. Rank 0 alone writes checkpoints; every rank resumes them.
+
+    Inputs are checked for NaN/Inf every ``finite_check_every`` steps (default: every step on
+    a CPU, where it costs nothing; every 64 on a GPU, so the device is not stopped each step),
+    always before a checkpoint is written; the error names the batch and rows either way.
     """
     specs = [_resolve(spec) for spec in specs]
     labels = [spec.label for spec in specs]
@@ -191,11 +196,16 @@ def sweep(
             desc=f"training {len(specs)} SAE(s)",
             disable=not progress or not writes,
         )
+        every = default_stride(device) if finite_check_every is None else finite_check_every
+        watch = FiniteWatch(batches, lambda batch: _split(batch, specs), every)
         for epoch in range(step // steps_per_epoch, epochs):
             stream = iter(batches(epoch))
             position = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch: skip those
+            watch.start_epoch(epoch, position)
             for batch in itertools.islice(stream, position, steps_per_epoch):
-                inputs = _inputs(batch, specs, normalizers, device, epoch, position)
+                inputs = _inputs(batch, specs, normalizers, device, epoch, position, every <= 1)
+                if every > 1:
+                    watch.see(inputs)
                 inputs, weight = _slice_rows(inputs, dp)
                 mse = [
                     _train_step(g, _stack(inputs, g.members), step, total, dp, weight)
@@ -208,10 +218,15 @@ def sweep(
                 pbar.update(1)
                 if progress and step % 50 == 0:
                     pbar.set_postfix(mse=f"{torch.cat(mse).mean().item():.4g}")
-                if writes and ckpt is not None and step % checkpoint_every == 0 and step < total:
+                due = ckpt is not None and step % checkpoint_every == 0 and step < total
+                if every > 1 and (due or step % every == 0):
+                    watch.check(position)
+                if writes and due:
                     write_checkpoint(
                         ckpt, step, specs, steps_per_epoch, epochs, groups, normalizers, run
                     )
+            if every > 1:
+                watch.check(position)
             _check_epoch_length(stream, position, steps_per_epoch, epoch)
         pbar.close()
         if writes and ckpt is not None and (saved is None or saved["step"] < total):
@@ -302,7 +317,7 @@ def _fit_inputs(
         split = _split(batch, specs)
         for source in sources:
             x = split[source].float()
-            _check_finite(x, source, 0, b)
+            check_finite(x, source, 0, b)
             parts[source].append(x)
         seen += len(next(iter(split.values())))
         if seen >= n_rows:
@@ -371,17 +386,6 @@ def _split(batch: Any, specs: Sequence[SAESpec]) -> dict[Any, torch.Tensor]:
     return {spec.layer: tensor for spec in specs}
 
 
-def _check_finite(x: torch.Tensor, source: Any, epoch: int, batch_index: int) -> None:
-    if not torch.isfinite(x).all():
-        rows = (~torch.isfinite(x)).any(-1).nonzero().flatten().tolist()
-        where = "" if source is None else f" of layer {source}"
-        raise NonFiniteActivationsError(
-            f"NaN/Inf in activations{where}: epoch {epoch}, batch {batch_index}, rows {rows[:10]} "
-            "of that batch. Fix or drop those rows in the store (sweep_from_store's "
-            "check_data=True names the store rows) before training."
-        )
-
-
 def _inputs(
     batch: Any,
     specs: Sequence[SAESpec],
@@ -389,13 +393,15 @@ def _inputs(
     device: torch.device,
     epoch: int,
     batch_index: int,
+    check: bool = True,
 ) -> list[torch.Tensor]:
     """Each SAE's (normalised) input for this batch; SAEs with the same source share a tensor."""
     split = _split(batch, specs)
     raw: dict[Any, torch.Tensor] = {}
     for source, x in split.items():
         x = x.to(device=device, dtype=torch.float32)
-        _check_finite(x, source, epoch, batch_index)
+        if check:
+            check_finite(x, source, epoch, batch_index)
         raw[source] = x
     prepared: dict[Any, torch.Tensor] = {}
     out = []
@@ -488,7 +494,9 @@ def _clip_per_member_(params: list[torch.nn.Parameter], max_norm: float) -> None
     norms = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads]
     norm_n = torch.linalg.vector_norm(torch.stack(norms), dim=0)
     factor_n = (max_norm / (norm_n + 1e-6)).clamp(max=1.0)
-    if (factor_n < 1).any():  # multiplying by exactly 1 would change nothing
+    # Multiplying by exactly 1 changes nothing: a CPU skips the pass when no member clips; a
+    # GPU multiplies always rather than wait for the device to answer `any()`.
+    if grads and (grads[0].device.type != "cpu" or (factor_n < 1).any()):
         for g in grads:
             g.mul_(factor_n.view(-1, *[1] * (g.dim() - 1)))
 
