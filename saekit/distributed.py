@@ -10,6 +10,7 @@ part and each resumes its own.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,38 @@ def barrier(ranks: Ranks) -> None:
     """Wait until every rank gets here."""
     if ranks.world > 1:
         dist.barrier()
+
+
+def slice_rows(inputs: list[torch.Tensor], ranks: Ranks | None) -> tuple[list[torch.Tensor], float]:
+    """This rank's contiguous slice of each input's rows (tensors shared between inputs stay
+    shared) and its share of the global batch's rows, the weight of its gradients."""
+    if ranks is None or ranks.world == 1:
+        return inputs, 1.0
+    sliced: dict[int, torch.Tensor] = {}
+    for x in inputs:
+        if id(x) not in sliced:
+            sliced[id(x)] = torch.tensor_split(x, ranks.world)[ranks.rank]
+    return [sliced[id(x)] for x in inputs], len(sliced[id(inputs[0])]) / len(inputs[0])
+
+
+def sum_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """All-reduce (sum) each parameter's gradient in place: with each rank's loss weighted by
+    its share of the rows, the sum is the gradient of the global batch."""
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+
+
+def any_rank(mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise: true where `mask` is true on any rank."""
+    flags = mask.to(torch.uint8)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.bool()
+
+
+def min_over_ranks_(tensor: torch.Tensor) -> None:
+    """Replace `tensor` in place by its element-wise minimum over the ranks."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
 
 
 def shutdown() -> None:

@@ -206,7 +206,7 @@ def sweep(
                 inputs = _inputs(batch, specs, normalizers, device, epoch, position, every <= 1)
                 if every > 1:
                     watch.see(inputs)
-                inputs, weight = _slice_rows(inputs, dp)
+                inputs, weight = distributed.slice_rows(inputs, dp)
                 mse = [
                     _train_step(g, _stack(inputs, g.members), step, total, dp, weight)
                     for g in groups
@@ -430,21 +430,6 @@ def _stack(inputs: list[torch.Tensor], members: list[int]) -> torch.Tensor:
     return torch.stack([inputs[i] for i in members])
 
 
-def _slice_rows(
-    inputs: list[torch.Tensor], dp: distributed.Ranks | None
-) -> tuple[list[torch.Tensor], float]:
-    """This rank's contiguous slice of each input's rows (shared tensors stay shared) and its
-    share of the global batch's rows, the weight of its gradients."""
-    if dp is None:
-        return inputs, 1.0
-    sliced: dict[int, torch.Tensor] = {}
-    for x in inputs:
-        if id(x) not in sliced:
-            sliced[id(x)] = torch.tensor_split(x, dp.world)[dp.rank]
-    n_global = len(inputs[0])
-    return [sliced[id(x)] for x in inputs], len(sliced[id(inputs[0])]) / n_global
-
-
 def _train_step(
     group: _Group,
     x_nBD: torch.Tensor,
@@ -463,12 +448,8 @@ def _train_step(
         # codes are never negative, so "fired on some row" is a max > 0 (10x cheaper than any())
         fired_nS = out.codes_nBS.amax(dim=1) > 0
         if dp is not None:  # the global gradient and "fired on any rank's rows"
-            for param in model.parameters():
-                if param.grad is not None:
-                    torch.distributed.all_reduce(param.grad)
-            fired = fired_nS.to(torch.uint8)
-            torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
-            fired_nS = fired.bool()
+            distributed.sum_grads(model.parameters())
+            fired_nS = distributed.any_rank(fired_nS)
         group.since_fired_nS[fired_nS] = 0
     if recipe.remove_parallel_grads:
         remove_parallel_grad_(model.W_dec)
@@ -483,7 +464,7 @@ def _train_step(
     if dp is not None and hasattr(model, "topk_threshold"):
         # Each rank's EMA moved toward its own smallest positive code; one process moves it
         # toward the smallest of them all, which is the minimum over ranks.
-        torch.distributed.all_reduce(model.topk_threshold, op=torch.distributed.ReduceOp.MIN)
+        distributed.min_over_ranks_(model.topk_threshold)
     return out.mse_n.detach()
 
 
