@@ -21,9 +21,12 @@ from typing import Any
 # `saekit -h` answers at once; each handler imports what its command needs. A test checks these
 # names against the registries they mirror.
 #: SAE architectures (saekit.sae.architectures.ARCHITECTURES and ARCH_ALIASES).
-ARCH_NAMES = ("batchtopk", "gated", "jumprelu", "relu", "topk", "l1", "standard")
+ARCH_NAMES = (
+    "batchtopk", "gated", "jumprelu", "matryoshka", "relu", "topk", "l1", "matryoshka_batchtopk",
+    "standard",
+)
 #: Architectures whose sparsity is k rather than λ (saekit.sae.architectures.K_ARCHS).
-K_ARCH_NAMES = ("topk", "batchtopk")
+K_ARCH_NAMES = ("topk", "batchtopk", "matryoshka")
 #: Training recipes (saekit.sae.recipes.RECIPES).
 RECIPE_NAMES = ("olson2025", "olson2025_ood", "stevens2025")
 
@@ -114,11 +117,12 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _check_sparsity_flags(args: argparse.Namespace) -> None:
-    arch = {"standard": "relu", "l1": "relu"}.get(args.arch, args.arch)
+    aliases = {"standard": "relu", "l1": "relu", "matryoshka_batchtopk": "matryoshka"}
+    arch = aliases.get(args.arch, args.arch)
     if args.k is not None and arch not in K_ARCH_NAMES:
         raise CommandLineError(
-            f"--k applies to topk and batchtopk SAEs; a {arch} SAE's sparsity is --l1 (λ). Drop "
-            "--k, or choose --arch topk / batchtopk."
+            f"--k applies to topk, batchtopk and matryoshka SAEs; a {arch} SAE's sparsity is "
+            "--l1 (λ). Drop --k, or choose --arch topk / batchtopk / matryoshka."
         )
     if args.l1 is not None and arch in K_ARCH_NAMES:
         raise CommandLineError(

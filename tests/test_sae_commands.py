@@ -142,7 +142,7 @@ def _train_argv(out, *extra):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--arch", "relu", "--k", "8"], "--k applies to topk and batchtopk"),
+        (["--arch", "relu", "--k", "8"], "--k applies to topk, batchtopk and matryoshka"),
         (["--arch", "standard", "--k", "8"], "a relu SAE's sparsity is --l1"),
         (["--arch", "topk", "--l1", "3"], "--l1 applies to relu, gated and jumprelu"),
         (["--arch", "batchtopk", "--l1", "3"], "a batchtopk SAE's sparsity is --k"),
