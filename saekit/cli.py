@@ -3,6 +3,7 @@
 saekit extract --model ID_OR_PATH --data DIR --layers all|0,5,11|3-5 --tokens cls|patch|both --out DIR
 saekit train --store DIR --layer L --arch relu|topk|... --out DIR   (one SAE)
 saekit sweep SWEEP.toml                                              (many SAEs, one pass)
+saekit eval --sae DIR --store DIR                                    (an SAE's report card)
 saekit book [--profile mini|paper] [--only CHAPTER]                  (execute chapters, build the site)
 
 Every command resumes when rerun after an interruption, refuses to overwrite results made with
@@ -16,6 +17,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from saekit.eval_command import add_eval
 
 # The parser is built without importing torch, transformers or SAELens (seconds), so
 # `saekit -h` answers at once; each handler imports what its command needs. A test checks these
@@ -302,6 +305,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_extract(commands)
     _add_train(commands)
     _add_sweep(commands)
+    add_eval(commands)
     if command in (None, "book"):
         from saekit import runner  # the book's host side registers `saekit book` itself
 

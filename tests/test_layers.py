@@ -22,7 +22,7 @@ ALLOWED = {
     "mini": {CORE, "mini"},
     "studies": {CORE, "analysis", "mini", "studies"},
 }
-TOP_LEVEL = {"book", "runner", "cli", "__main__", "__init__"}
+TOP_LEVEL = {"book", "runner", "cli", "eval_command", "__main__", "__init__"}
 
 
 def layer_of(module: str) -> str:

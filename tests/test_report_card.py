@@ -275,3 +275,27 @@ def test_report_card_refuses_an_sae_from_another_layer(card_world):
     _, _, store, sae = card_world  # trained on layer 1
     with pytest.raises(SAEStoreMismatchError, match="layer"):
         report_card(sae, store, 2)
+
+
+def test_saekit_eval_prints_and_saves_the_card(card_world, tmp_path, capsys):
+    import time
+
+    from saekit.cli import main
+
+    _, _, store, sae = card_world
+    folder = tmp_path / "sae"
+    from saekit.sae import save_sae
+
+    save_sae(sae, folder)
+    start = time.perf_counter()
+    assert main(["eval", "--sae", str(folder), "--store", str(store.root), "--ks", "1,2",
+                 "--out", str(tmp_path / "card")]) == 0  # fmt: skip
+    assert time.perf_counter() - start < 60  # issue 17: under a minute at mini size
+    printed = capsys.readouterr().out
+    assert "report card of" in printed and "on layer 1" in printed  # the SAE's own layer
+    assert "sparse probe k=2" in printed and "not measured: stability" in printed
+    saved = (tmp_path / "card" / "report_card.csv").read_text()
+    assert "explained variance" in saved and (tmp_path / "card" / "report_card.png").exists()
+    with pytest.raises(SystemExit) as usage:
+        main(["eval", "--sae", str(folder), "--store", str(store.root), "--ks", "x"])
+    assert usage.value.code == 2 and "comma-separated integers" in capsys.readouterr().err

@@ -22,7 +22,10 @@ import torch
 
 
 def _matrix(acts_ND: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(acts_ND, dtype=np.float64))
+    if torch.is_tensor(acts_ND):
+        return acts_ND.detach().double().cpu()
+    # a store's memory-mapped array reads as numpy through slicing
+    return torch.from_numpy(np.array(acts_ND[:], dtype=np.float64))
 
 
 def nmse(acts_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:
