@@ -25,7 +25,8 @@ from PIL import Image  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
 from saekit.data import ImageList  # noqa: E402
-from saekit.models import load_encoder, miniature  # noqa: E402
+from saekit.mini.miniatures import miniature  # noqa: E402
+from saekit.models import load_encoder  # noqa: E402
 
 
 def make_images(root: Path, n: int) -> ImageList:

@@ -1,0 +1,152 @@
+"""Scaling out on one machine: a 12-SAE sweep on 1 vs 2 processes, extraction with 0 vs 2
+decode workers.
+
+1. ``saekit sweep`` of 12 paper-size ReLU SAEs (d_in 768, expansion 8, olson2025, batch 128,
+   one epoch over ``--rows`` float16 rows) as one process with 1 thread, one process with
+   2 threads, and ``torchrun --nproc-per-node 2`` with 1 thread each (the SAEs dealt 6 and 6).
+   Wall time of the whole command (interpreter start, store open, training, saving).
+2. ``saekit.activations.extract`` of ``--images`` 64 px PNGs through the miniature DINOv2, all
+   layers, CLS and patch tokens: images/s with decoding in threads of the main process
+   (``decode_workers=0``) vs 2 DataLoader worker processes.
+
+Methods are interleaved over ``--rounds`` rounds; the table gives the median, the spread
+(min-max) and the ratio of medians with its spread (min/max over rounds of the per-round ratio).
+
+    python benchmarks/distributed.py [--quick] [--rows N] [--images N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from store_iterator import write_store  # noqa: E402
+
+SWEEP = """
+store = "{store}"
+out = "{out}"
+recipe = "olson2025"
+epochs = 1
+batch_size = 128
+
+[grid]
+layer = [0]
+arch = ["relu"]
+expansion = [8]
+l1 = [{l1}]
+"""
+
+
+def _run(command: list[str], threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{command} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def sweep_times(root: Path, rows: int, rounds: int) -> dict[str, list[float]]:
+    store = write_store(root / "store", 1, rows)
+    l1 = ", ".join(f"{0.5 + 0.25 * i:g}" for i in range(12))
+    python = [sys.executable, "-m", "saekit", "sweep"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc-per-node", "2", "-m", "saekit", "sweep"]
+    methods = {
+        "1 process, 1 thread": (python, 1),
+        "1 process, 2 threads": (python, 2),
+        "2 processes x 1 thread": (torchrun, 1),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(rounds):
+        for i, (name, (command, threads)) in enumerate(methods.items()):
+            config = root / f"sweep_{r}_{i}.toml"
+            config.write_text(SWEEP.format(store=store, out=root / f"out_{r}_{i}", l1=l1))
+            times[name].append(_run([*command, str(config)], threads))
+    return times
+
+
+def extract_rates(root: Path, n_images: int, rounds: int) -> dict[str, list[float]]:
+    from saekit.activations import extract
+    from saekit.data import ImageList
+    from saekit.mini.miniatures import miniature
+    from saekit.models import load_encoder
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(n_images):
+        path = root / f"img_{i:05d}.png"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        pairs.append((path, i % 10))
+    dataset = ImageList.from_pairs(pairs)
+    encoder = load_encoder(miniature("dinov2", root / "model"))
+    rates: dict[str, list[float]] = {"0 decode workers": [], "2 decode workers": []}
+    for r in range(rounds):
+        for workers, name in ((0, "0 decode workers"), (2, "2 decode workers")):
+            start = time.perf_counter()
+            extract(encoder, dataset, layers="all", tokens="both", out=root / f"x_{r}_{workers}",
+                    batch_size=32, decode_workers=workers, progress=False)  # fmt: skip
+            rates[name].append(n_images / (time.perf_counter() - start))
+    return rates
+
+
+def _table(title: str, unit: str, results: dict[str, list[float]], higher_is_better: bool) -> None:
+    names = list(results)
+    base = results[names[0]]
+    print(f"\n{title}")
+    print(f"  {'method':<24} {unit + ' (median)':>16} {'spread':>17} {'vs ' + names[0]:>26}")
+    for name in names:
+        values = results[name]
+        per_round = [
+            (v / b if higher_is_better else b / v) for v, b in zip(values, base, strict=True)
+        ]
+        ratio = (
+            statistics.median(values) / statistics.median(base)
+            if higher_is_better
+            else statistics.median(base) / statistics.median(values)
+        )
+        print(
+            f"  {name:<24} {statistics.median(values):>16.2f} "
+            f"{min(values):>8.2f}-{max(values):<8.2f} "
+            f"{ratio:>10.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 round (smoke)")
+    parser.add_argument("--rows", type=int, default=4096, help="store rows for the sweep")
+    parser.add_argument("--images", type=int, default=512, help="images to extract")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rows, images, rounds = (256, 64, 1) if args.quick else (args.rows, args.images, args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "sweep").mkdir()
+        (root / "extract").mkdir()
+        times = sweep_times(root / "sweep", rows, rounds)
+        rates = extract_rates(root / "extract", images, rounds)
+    _table(
+        f"12-SAE sweep, d_in 768 x8, {rows:,} rows, batch 128, {rounds} round(s): wall s "
+        "(speed-up: higher is better)", "s", times, higher_is_better=False,
+    )  # fmt: skip
+    _table(
+        f"extraction, miniature DINOv2, {images} images of 64 px, {rounds} round(s)",
+        "images/s", rates, higher_is_better=True,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
