@@ -92,3 +92,16 @@ def test_partitioned_sweep_equals_one_process_and_resumes_a_share(store, tmp_pat
             torch.testing.assert_close(got[name][key], value + shift, rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "ranks" / ".checkpoint").exists()  # shares removed once saved
     assert len(load_sweep(tmp_path / "ranks")) == 4
+
+
+def test_saekit_train_under_torchrun_is_data_parallel_and_equals_one_process(store, tmp_path):
+    argv = ["train", "--store", str(store.root), "--layer", "1", "--arch", "relu", "--l1", "0.5"]
+    argv += ["--expansion", "2", "--batch-size", "6", "--epochs", "3"]
+    assert main([*argv, "--out", str(tmp_path / "single")]) == 0
+    _torchrun(*argv, "--out", str(tmp_path / "ranks"))
+    expected = load_file(tmp_path / "single" / "sae_weights.safetensors")
+    got = load_file(tmp_path / "ranks" / "sae_weights.safetensors")
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "ranks" / "training.json").read_text())["complete"]
+    assert not (tmp_path / "ranks" / ".checkpoint").exists()

@@ -138,6 +138,7 @@ def _open_store(path: str) -> Any:
 
 def run_train(args: argparse.Namespace) -> int:
     """Body of ``saekit train``."""
+    from saekit import distributed
     from saekit.sae.train import train_to_folder
 
     recipe = get_recipe(args.recipe, **({"lr": args.lr} if args.lr is not None else {}))
@@ -151,18 +152,25 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     spec.resolved()  # a spec that cannot be trained fails before the store is opened
-    sae, trained = train_to_folder(
-        _open_store(args.store),
-        spec,
-        args.out,
-        overwrite=args.overwrite,
-        tokens=args.tokens,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        seed=args.data_seed,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-    )
+    # Under torchrun the SAE is trained data-parallel on every rank (saekit.distributed).
+    ranks = distributed.init_from_env(args.device)
+    try:
+        sae, trained = train_to_folder(
+            _open_store(args.store),
+            spec,
+            args.out,
+            overwrite=args.overwrite,
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            seed=args.data_seed,
+            checkpoint_every=args.checkpoint_every,
+            device=distributed.rank_device(args.device, ranks),
+        )
+    finally:
+        distributed.shutdown()
+    if not ranks.is_main:
+        return 0
     name = sae.cfg.metadata.saekit["name"]
     if trained:
         print(f"saved {name} to {args.out}")

@@ -18,7 +18,6 @@ A run killed at any of those steps resumes to the same SAEs when run again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -187,7 +186,9 @@ def sweep_from_store(
     settings = _run_settings(store, filled, tokens, batch_size, epochs, seed)
     ranks = distributed.current() if ranks is None else ranks
     if ranks.world > 1 and out_dir is not None:
-        return _sweep_on_ranks(store, filled, settings, Path(out_dir), overwrite, ranks, kwargs)
+        from saekit.sae.distributed import sweep_on_ranks
+
+        return sweep_on_ranks(store, filled, settings, Path(out_dir), overwrite, ranks, kwargs)
     if out_dir is None:
         return _train_on_store(store, filled, settings, checkpoint_dir, check_data, kwargs)
     out_dir = check_writable(out_dir, "SAE")
@@ -204,78 +205,43 @@ def sweep_from_store(
         return saes
 
 
-def _sweep_on_ranks(
-    store: Any,
-    filled: list[SAESpec],
-    settings: dict[str, Any],
-    out_dir: Path,
-    overwrite: bool,
-    ranks: distributed.Ranks,
-    kwargs: dict[str, Any],
-) -> list[SAE]:
-    """One rank's part of a partitioned sweep: rank 0 holds and claims ``out_dir``; each rank
-    trains its share as a sweep of its own under ``out_dir/.checkpoint/ranks-W/rank-R`` (so it
-    resumes alone); rank 0 then saves every SAE into ``out_dir`` and removes the shares."""
-    checkpoint_dir = out_dir / CHECKPOINT_DIR
-    shares = checkpoint_dir / f"ranks-{ranks.world}"
-    record = {"settings": settings, "saes": _entries(filled)}
-    device = str(kwargs.get("device", "cpu"))
-    with contextlib.ExitStack() as held:
-        finished: Any = None
-        if ranks.is_main:
-            try:
-                check_writable(out_dir, "SAE")
-                what = f"training {len(filled)} SAE(s) on {ranks.world} ranks"
-                held.enter_context(folder_lock(out_dir, what))
-                finished = _claim(out_dir, SWEEP_MANIFEST, record, overwrite, checkpoint_dir, True)
-            except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
-                finished = err
-        finished = distributed.broadcast(finished, ranks)
-        if isinstance(finished, Exception):
-            raise finished
-        if not finished:
-            share = [spec for i, spec in enumerate(filled) if ranks.owns(i)]
-            if share:
-                sweep_from_store(
-                    store, share, tokens=settings["tokens"], batch_size=settings["batch_size"],
-                    seed=settings["data_seed"], epochs=settings["epochs"],
-                    out_dir=shares / f"rank-{ranks.rank}", ranks=distributed.Ranks(0, 1),
-                    **kwargs,
-                )  # fmt: skip
-            distributed.barrier(ranks)
-            if ranks.is_main:
-                saes: dict[str, SAE] = {}
-                for rank in range(min(ranks.world, len(filled))):
-                    saes.update(load_sweep(shares / f"rank-{rank}", device=device))
-                save_sweep([saes[s.label] for s in filled], filled, out_dir, settings=settings)
-                _drop_checkpoint(checkpoint_dir, out_dir)
-        distributed.barrier(ranks)
-    saved = load_sweep(out_dir, device=device)
-    return [saved[spec.label] for spec in filled]
-
-
 def train_to_folder(
-    store: Any, spec: SAESpec, out: str | Path, *, overwrite: bool = False, **kwargs: Any
+    store: Any,
+    spec: SAESpec,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    ranks: distributed.Ranks | None = None,
+    **kwargs: Any,
 ) -> tuple[SAE, bool]:
     """Train one SAE on a store and save it SAELens style in ``out`` itself (what ``saekit
     train`` does), following the module's protocol with ``training.json`` as the manifest.
 
     Returns the SAE and whether it was trained now (False: ``out`` already held this exact
-    finished run, which is loaded). Keyword arguments as for :func:`sweep_from_store`.
+    finished run, which is loaded). Keyword arguments as for :func:`sweep_from_store`. Under
+    torchrun (or with `ranks` of several processes) the SAE is trained data-parallel on every
+    rank (`saekit.sae.trainer.sweep`'s ``data_parallel``) and rank 0 saves it.
     """
     (filled,) = _fill_specs(store, [spec])
     resolved = filled.resolved()
+    recipe = get_recipe(resolved.recipe)
+    tokens = kwargs.pop("tokens", "cls")
+    batch_size = kwargs.pop("batch_size", None) or recipe.batch_size
+    epochs = kwargs.pop("epochs", None) or recipe.epochs
+    seed = kwargs.pop("seed", 0)
+    check_data = kwargs.pop("check_data", True)
+    checkpoint_dir = kwargs.pop("checkpoint_dir", None)
+    checkpoint_dir = Path(checkpoint_dir or Path(out).expanduser() / CHECKPOINT_DIR)
+    settings = _run_settings(store, [filled], tokens, batch_size, epochs, seed)
+    record = {"settings": settings, "saes": _entries([filled])}
+    ranks = distributed.current() if ranks is None else ranks
+    if ranks.world > 1:
+        from saekit.sae.distributed import train_on_ranks
+
+        run = (settings, record, checkpoint_dir, check_data)
+        return train_on_ranks(store, filled, Path(out), overwrite, ranks, run, kwargs)
     out = check_writable(out, "SAE")
     with folder_lock(out, "training 1 SAE"):
-        tokens = kwargs.pop("tokens", "cls")
-        recipe = get_recipe(resolved.recipe)
-        batch_size = kwargs.pop("batch_size", None) or recipe.batch_size
-        epochs = kwargs.pop("epochs", None) or recipe.epochs
-        seed = kwargs.pop("seed", 0)
-        check_data = kwargs.pop("check_data", True)
-        checkpoint_dir = Path(kwargs.pop("checkpoint_dir", None) or out / CHECKPOINT_DIR)
-        settings = _run_settings(store, [filled], tokens, batch_size, epochs, seed)
-        record = {"settings": settings, "saes": _entries([filled])}
         if _claim(out, TRAINING_MANIFEST, record, overwrite, checkpoint_dir, sweep_layout=False):
             _drop_checkpoint(checkpoint_dir, out)  # left if killed right after the save
             return load_sae(out, device=str(kwargs.get("device", "cpu"))), False
