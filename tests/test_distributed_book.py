@@ -28,7 +28,7 @@ def _commands() -> list[list[str]]:
 
 def test_the_page_shows_every_launch_and_each_parses():
     commands = _commands()
-    assert len(commands) == 4  # one node (extract, sweep), several nodes, Slurm
+    assert len(commands) == 5  # one node (extract, sweep, train), several nodes, Slurm
     launched = set()
     for argv in commands:
         options = get_args_parser().parse_args(argv)
@@ -37,6 +37,6 @@ def test_the_page_shows_every_launch_and_each_parses():
         saekit_argv = list(options.training_script_args)
         args = build_parser(saekit_argv[0]).parse_args(saekit_argv)
         launched.add(args.command)
-        if args.command == "extract":
+        if args.command in ("extract", "train"):
             assert args.device == "cuda"
-    assert launched == {"extract", "sweep"}
+    assert launched == {"extract", "sweep", "train"}
