@@ -378,3 +378,18 @@ def test_tensor_batches_visit_every_row_once_per_epoch_reproducibly():
 def test_train_on_tensor_checks_its_input():
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         train_on_tensor(SAESpec(arch="relu"), torch.zeros(5))
+
+
+def test_threads_follow_the_step_size_and_are_restored():
+    from saekit.distributed import threads_for
+
+    assert threads_for([(128, 1024)], 64, cores=2) == 1  # the mini book's SAE: 0.1 GFLOP a step
+    assert threads_for([(768, 6144)], 4096, cores=2) == 2  # paper size: 232 GFLOP a step
+    assert threads_for([(768, 6144)] * 12, 128, cores=16) == 16  # a 12-SAE paper sweep
+    before = torch.get_num_threads()
+    seen = []
+    spec = SAESpec(arch="relu", d_in=8, expansion=2, recipe=get_recipe("olson2025", epochs=1))
+    x = torch.randn(64, 8)
+    sweep([spec], lambda epoch: x.split(16), 4, progress=False, threads=3,
+          on_step=lambda r: seen.append(torch.get_num_threads()))  # fmt: skip
+    assert seen == [3] * 4 and torch.get_num_threads() == before

@@ -127,6 +127,7 @@ def sweep(
     run: Mapping[str, Any] | None = None,
     data_parallel: distributed.Ranks | None = None,
     finite_check_every: int | None = None,
+    threads: int | str | None = "auto",
 ) -> list[SAE]:
     """Train every spec in one pass over ``batches``; returns SAELens SAEs in spec order.
 
@@ -153,6 +154,8 @@ def sweep(
     Inputs are checked for NaN/Inf every ``finite_check_every`` steps (default: every step on
     a CPU, where it costs nothing; every 64 on a GPU, so the device is not stopped each step),
     always before a checkpoint is written; the error names the batch and rows either way.
+    ``threads`` sets torch's CPU threads for the run (restored after): ``"auto"`` picks them by
+    the step's size (`saekit.distributed.threads_for`), None leaves torch's setting alone.
     """
     specs = [_resolve(spec) for spec in specs]
     labels = [spec.label for spec in specs]
@@ -172,7 +175,8 @@ def sweep(
         if writes:
             checkpoint_dir = check_writable(checkpoint_dir, "checkpoint")
             lock = folder_lock(checkpoint_dir, f"training {len(specs)} SAE(s)")
-    with lock:
+    threads_set = threads is None or device.type != "cpu"
+    with lock, contextlib.ExitStack() as restore:
         saved = None
         if ckpt is not None and resume and ckpt.exists():
             saved = read_checkpoint(ckpt, specs, steps_per_epoch, epochs, run)
@@ -204,6 +208,16 @@ def sweep(
             watch.start_epoch(epoch, position)
             for batch in itertools.islice(stream, position, steps_per_epoch):
                 inputs = _inputs(batch, specs, normalizers, device, epoch, position, every <= 1)
+                if not threads_set:  # at the first step, when the batch size is known
+                    threads_set = True
+                    size = [(int(s.d_in or 0), int(s.d_sae or 0)) for s in specs]
+                    chosen = (
+                        threads
+                        if threads != "auto"
+                        else distributed.threads_for(size, len(inputs[0]))
+                    )
+                    restore.callback(torch.set_num_threads, torch.get_num_threads())
+                    torch.set_num_threads(int(chosen))  # type: ignore[arg-type]
                 if every > 1:
                     watch.see(inputs)
                 inputs, weight = distributed.slice_rows(inputs, dp)
