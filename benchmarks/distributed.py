@@ -2,8 +2,8 @@
 decode workers.
 
 1. ``saekit sweep`` of 12 paper-size ReLU SAEs (d_in 768, expansion 8, olson2025, batch 128,
-   one epoch over ``--rows`` float16 rows) as one process with 1 thread, one process with
-   2 threads, and ``torchrun --nproc-per-node 2`` with 1 thread each (the SAEs dealt 6 and 6).
+   one epoch over ``--rows`` float16 rows) as one process and as ``torchrun --nproc-per-node
+   2`` (the SAEs dealt 6 and 6), threads picked by the trainer (2 for one process, 1 each).
    Wall time of the whole command (interpreter start, store open, training, saving).
 2. ``saekit.activations.extract`` of ``--images`` 64 px PNGs through the miniature DINOv2, all
    layers, CLS and patch tokens: images/s with decoding in threads of the main process
@@ -64,11 +64,9 @@ def sweep_times(root: Path, rows: int, rounds: int) -> dict[str, list[float]]:
     python = [sys.executable, "-m", "saekit", "sweep"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     torchrun += ["--nproc-per-node", "2", "-m", "saekit", "sweep"]
-    methods = {
-        "1 process, 1 thread": (python, 1),
-        "1 process, 2 threads": (python, 2),
-        "2 processes x 1 thread": (torchrun, 1),
-    }
+    # Threads: the trainer's "auto" (saekit.distributed.threads_for) gives a paper-size step
+    # every core of the process's share: 2 threads for one process, 1 each for two.
+    methods = {"1 process": (python, 1), "2 processes (torchrun)": (torchrun, 1)}
     times: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(rounds):
         for i, (name, (command, threads)) in enumerate(methods.items()):
