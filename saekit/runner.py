@@ -189,7 +189,8 @@ def stage_book(pages: Path) -> Path:
         return REPO_ROOT
     for name in ("_config.yml", "_toc.yml"):
         shutil.copyfile(REPO_ROOT / name, root / name)
-    shutil.copyfile(EXECUTED_DIR / "intro.md", pages / "intro.md")
+    for page in EXECUTED_DIR.glob("*.md"):  # the introduction and other written pages
+        shutil.copyfile(page, pages / page.name)
     static = pages / "_static"
     if not static.exists():
         static.symlink_to((EXECUTED_DIR / "_static").resolve(), target_is_directory=True)
