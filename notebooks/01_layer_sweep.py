@@ -59,6 +59,7 @@ from saekit.studies import layer_sweep
 from saekit.studies.layer_sweep import LayerSweepSettings
 
 settings = LayerSweepSettings.for_profile(**chapter.params)
+plan = chapter.plan(**layer_sweep.resource_needs(settings))
 settings
 
 # %% [markdown]

@@ -72,6 +72,7 @@ from saekit.studies import ood, ood_figures, ood_scoring
 from saekit.studies.ood import OODSettings
 
 settings = OODSettings.for_profile(**chapter.params)
+plan = chapter.plan(**ood.resource_needs(settings))
 settings
 
 # %% [markdown]

@@ -85,6 +85,7 @@ from saekit.taxonomy import Taxonomy
 
 settings = OntologySettings.for_profile(**chapter.params)
 pd.set_option("display.precision", 3)
+plan = chapter.plan(**ontology_study.resource_needs(settings))
 settings
 
 # %%

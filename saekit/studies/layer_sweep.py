@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from saekit.activations import Store
 from saekit.analysis.probes import ProbeConfig, train_probe
+from saekit.plan import SAENeed, StoreNeed
 from saekit.sae import SAEMetrics, SAESpec, evaluate, get_recipe, train_or_load
 from saekit.studies.settings import StudySettings
 
@@ -93,6 +94,19 @@ class LayerSweepSettings(StudySettings):
         return ProbeConfig(
             optimizer="adam", lr=ADAM_PROBE_LR, max_iter=self.probe_epochs, seed=self.seed
         )
+
+
+def resource_needs(settings: LayerSweepSettings) -> dict[str, list]:
+    """What the chapter stores and trains, for `saekit.book.Chapter.plan`: every layer's CLS
+    store of both splits, one SAE per layer at λ and at each λ it is compared with."""
+    train = StoreNeed(settings.encoder, "train", settings.layers)
+    saes = [
+        SAENeed(SAESpec(arch="relu", l1=float(lam), expansion=settings.expansion,
+                        recipe="olson2025", seed=settings.seed),
+                on=train, epochs=settings.epochs, per_layer=True)  # fmt: skip
+        for lam in dict.fromkeys((settings.lam, *settings.lambda_sweep))
+    ]
+    return {"stores": [train, StoreNeed(settings.encoder, "val", settings.layers)], "saes": saes}
 
 
 # --------------------------------------------------------------------------- SAEs

@@ -37,6 +37,7 @@ from sae_lens import SAE
 
 from saekit.activations import Store
 from saekit.analysis.ontology import ClassSetRule, class_sets_from_store, table2
+from saekit.plan import SAENeed, StoreNeed
 from saekit.sae import SAESpec, evaluate, get_recipe
 from saekit.sae.codes import iter_codes, merge_top_k
 from saekit.studies import layer_sweep
@@ -112,6 +113,19 @@ class OntologySettings(StudySettings):
 
 # --------------------------------------------------------------------------- SAEs
 
+
+
+def resource_needs(settings: OntologySettings) -> dict[str, list]:
+    """What the chapter stores and trains, for `saekit.book.Chapter.plan`: every layer's CLS
+    store of both splits, one SAE per layer (the layer sweep's) at λ and each compared λ."""
+    train = StoreNeed(settings.encoder, "train")
+    saes = [
+        SAENeed(SAESpec(arch="relu", l1=float(lam), expansion=8, recipe="olson2025",
+                        seed=settings.seed),
+                on=train, epochs=settings.epochs, per_layer=True)  # fmt: skip
+        for lam in dict.fromkeys((settings.lam, *settings.compare_lambdas))
+    ]
+    return {"stores": [train, StoreNeed(settings.encoder, "val")], "saes": saes}
 
 def layer_specs(layers: Sequence[int], lam: float, seed: int = 0) -> list[SAESpec]:
     """The layer sweep's SAEs (`saekit.studies.layer_sweep.layer_specs`): ReLU, recipe

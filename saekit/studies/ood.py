@@ -25,6 +25,7 @@ import pandas as pd
 from sae_lens import SAE
 
 from saekit.activations import Store
+from saekit.plan import SAENeed, StoreNeed
 from saekit.sae import SAESpec, get_recipe, train_or_load
 from saekit.sae.architectures import K_ARCHS, canonical_arch
 from saekit.sae.recipes import Recipe
@@ -34,6 +35,7 @@ from saekit.studies.ood_scoring import (
     PRE,
     RAW,
     SHIFTS,
+    SPLITS,
     TABLE1_COLUMNS,
     LabelledActs,
     domain_summary,
@@ -167,6 +169,18 @@ class OODSettings(StudySettings):
     def recipe(self) -> Recipe:
         """``olson2025_ood`` with this run's epochs and learning rate."""
         return get_recipe("olson2025_ood", epochs=self.epochs, lr=self.lr)
+
+
+def resource_needs(settings: OODSettings) -> dict[str, list]:
+    """What the chapter stores and trains, for `saekit.book.Chapter.plan`: each encoder's
+    chosen layer over every split, and its sweep."""
+    layers = (settings.layer,)
+    stores = [StoreNeed(encoder, split, layers) for encoder in settings.encoders
+              for split in SPLITS]  # fmt: skip
+    saes = [SAENeed(tuple(settings.grid.specs(layer=settings.layer, recipe=settings.recipe)),
+                    on=StoreNeed(encoder, "train", layers))
+            for encoder in settings.encoders]  # fmt: skip
+    return {"stores": stores, "saes": saes}
 
 
 def sweep_table(saes: Mapping[str, SAE], encoder: str = "") -> pd.DataFrame:
