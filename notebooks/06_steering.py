@@ -91,6 +91,7 @@ from saekit.studies import steering as study
 from saekit.studies import steering_planted as planted
 
 settings = study.SteeringSettings.for_profile(**chapter.params)
+plan = chapter.plan(**study.resource_needs(settings))
 pd.set_option("display.precision", 3)
 pd.set_option("display.max_colwidth", 80)
 

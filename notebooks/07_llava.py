@@ -90,6 +90,7 @@ from saekit.studies import llava as study
 from saekit.studies import llava_planted as planted
 
 settings = study.LlavaSettings.for_profile(**chapter.params)
+plan = chapter.plan(**study.resource_needs(settings))
 answers_cfg = settings.answers()
 saes_root = chapter.workdir / "saes"
 pd.set_option("display.precision", 3)

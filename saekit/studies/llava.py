@@ -37,6 +37,7 @@ from saekit.analysis.modality_overlap import (
 from saekit.analysis.multimodal import PAPER_MODEL, AnswerConfig, Responses, load_llava
 from saekit.analysis.patch_evolution import Evolution
 from saekit.mini import toy_llava
+from saekit.plan import SAENeed
 from saekit.sae import SAESpec, get_recipe, train_or_load
 from saekit.studies.settings import StudySettings
 
@@ -124,6 +125,16 @@ class LlavaSettings(StudySettings):
             name=name,
         )
 
+
+
+def resource_needs(settings: LlavaSettings) -> dict[str, list]:
+    """What the chapter loads and trains, for `saekit.book.Chapter.plan`: the LLaVA checkpoint
+    and its three SAEs on token activations (the overlap SAE and one per evolution point; their rows depend on the answers, so the plan counts images instead)."""
+    names = ("llava-overlap", "llava-projector", f"llava-block{settings.evolution_layer}")
+    saes = [SAENeed(settings.sae_spec(name), epochs=settings.sae_epochs) for name in names]
+    images = settings.n_classes * (settings.images_per_class + settings.sae_captions_per_class)
+    notes = [f"about {images} images answered, up to {settings.max_new_tokens} tokens each"]
+    return {"saes": saes, "models": [m for m in (settings.model,) if m], "notes": notes}
 
 def load_model(
     settings: LlavaSettings,

@@ -40,6 +40,7 @@ from saekit.analysis.steering import (
 )
 from saekit.mini import toy_judge, toy_t2i
 from saekit.mini.toyworld import captions
+from saekit.plan import SAENeed
 from saekit.sae import SAEMetrics, SAESpec, get_recipe
 from saekit.studies.settings import StudySettings
 
@@ -162,6 +163,34 @@ class SteeringModels:
     judge_clip: str
     """The CLIP that scores Table 3."""
 
+
+
+def _text_width(pipeline: str | None) -> int | None:
+    """The text encoder's width from the pipeline's config alone (None when not at hand)."""
+    if pipeline is None:
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(pipeline, subfolder="text_encoder")
+    except (OSError, ValueError):
+        return None
+    return int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0)) or None
+
+
+def resource_needs(settings: SteeringSettings) -> dict[str, list]:
+    """What the chapter loads and trains, for `saekit.book.Chapter.plan`: the pipeline and the
+    two CLIPs, and the text-encoder SAE on the prompts' tokens (77 per prompt at most)."""
+    prompts = settings.prompt_file
+    n_prompts = None
+    if prompts is not None and Path(prompts).is_file():
+        n_prompts = sum(1 for line in Path(prompts).read_text().splitlines() if line.strip())
+    sae = SAENeed(settings.sae_spec(), epochs=settings.epochs, d_in=_text_width(settings.pipeline),
+                  rows=None if n_prompts is None else 77 * n_prompts)  # fmt: skip
+    models = [m for m in (settings.pipeline, settings.describer_clip, settings.judge_clip) if m]
+    notes = [f"{settings.n_pairs} prompt pairs and {settings.n_features} features are generated "
+             f"at {settings.num_inference_steps} denoising steps each"]  # fmt: skip
+    return {"saes": [sae], "models": models, "notes": notes}
 
 def same_model(a: str, b: str) -> bool:
     """Whether two hub ids or folders name the same model."""
