@@ -293,14 +293,17 @@ def make_plan(
         plan.stores.append(row)
     from saekit.sae.architectures import SAESpec
 
-    for need in saes:
-        on = None if need.on is None else rows_of[StoreNeed.of(need.on)]
-        specs = (need.specs,) if isinstance(need.specs, SAESpec) else tuple(need.specs)
-        if need.per_layer and on is not None:
+    for sae_need in saes:
+        on = None if sae_need.on is None else rows_of[StoreNeed.of(sae_need.on)]
+        if isinstance(sae_need.specs, SAESpec):
+            specs: tuple[SAESpec, ...] = (sae_need.specs,)
+        else:
+            specs = tuple(sae_need.specs)
+        if sae_need.per_layer and on is not None:
             layers = sorted(on["_widths"])
             specs = tuple(dataclasses.replace(s, layer=i) for s in specs for i in layers)
         for spec in specs:
-            plan.saes.append(_sae_row(spec.resolved(), need, on))
+            plan.saes.append(_sae_row(spec.resolved(), sae_need, on))
     for row in plan.stores:
         for key in ("_patches", "_widths", "_n_layers"):
             row.pop(key)
@@ -316,7 +319,9 @@ def _complete(manifest: Path | None) -> bool:
 
 
 def _sae_row(spec: SAESpec, need: SAENeed, on: dict[str, Any] | None) -> dict[str, Any]:
-    recipe = spec.recipe
+    from saekit.sae.recipes import get_recipe
+
+    recipe = get_recipe(spec.recipe)
     epochs = need.epochs or recipe.epochs
     batch = need.batch_size or recipe.batch_size
     if on is None:
@@ -330,14 +335,14 @@ def _sae_row(spec: SAESpec, need: SAENeed, on: dict[str, Any] | None) -> dict[st
         per_image = _row_tokens(need.tokens, on["_patches"].get(layer, 1))
         rows = None if on["images"] is None else on["images"] * per_image
         where = f"{on['family']} {on['split']} {need.tokens}"
-    d_sae = None if d_in is None else d_in * spec.expansion
+    d_sae = None if d_in is None or spec.expansion is None else d_in * spec.expansion
     return {
         "label": spec.label,
         "arch": spec.arch,
         "on": where,
         "d_in": d_in,
         "d_sae": d_sae,
-        "params": 0 if d_sae is None else _sae_params(spec.arch, d_in, d_sae),
+        "params": 0 if d_in is None or d_sae is None else _sae_params(spec.arch, d_in, d_sae),
         "rows": rows,
         "epochs": epochs,
         "batch_size": batch,
