@@ -350,7 +350,7 @@ class ActivationStore:
         budget: int = DEFAULT_BUDGET,
         block_rows: int = DEFAULT_BLOCK_ROWS,
         window_rows: int | None = None,
-    ) -> Iterator[torch.Tensor] | Iterator[dict[int, torch.Tensor]]:
+    ) -> Iterator[torch.Tensor | dict[int, torch.Tensor]]:
         """Shuffled float32 batches ``[B, D]`` (or ``{layer: [B, D]}`` for several layers).
 
         Every row appears exactly once per epoch; patch tokens are flattened, one row per

@@ -32,8 +32,8 @@ def decoded_batches(
     if workers <= 0 or not ranges:
         return None
     batches = [list(r[j : j + batch_size]) for r in ranges for j in range(0, len(r), batch_size)]
-    loader = torch.utils.data.DataLoader(
-        DecodedBatches(dataset, encoder.processor, batches),
+    loader: torch.utils.data.DataLoader = torch.utils.data.DataLoader(
+        DecodedBatches(dataset, encoder.processor, batches),  # type: ignore[arg-type]
         batch_size=None,
         num_workers=workers,
         pin_memory=torch.device(encoder.device).type == "cuda",

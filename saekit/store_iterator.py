@@ -78,7 +78,7 @@ class NpyRows:
         row_bytes = self.width * self.dtype.itemsize
         with open(self.path, "rb", buffering=0) as handle:
             handle.seek(self.offset + start * row_bytes)
-            view = memoryview(out).cast("B")
+            view = memoryview(out).cast("B")  # type: ignore[arg-type]
             got = 0
             while got < len(view):
                 n = handle.readinto(view[got:])

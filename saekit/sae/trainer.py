@@ -235,7 +235,7 @@ def sweep(
                 due = ckpt is not None and step % checkpoint_every == 0 and step < total
                 if every > 1 and (due or step % every == 0):
                     watch.check(position)
-                if writes and due:
+                if writes and due and ckpt is not None:
                     write_checkpoint(
                         ckpt, step, specs, steps_per_epoch, epochs, groups, normalizers, run
                     )
