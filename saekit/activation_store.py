@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from saekit.models import Encoder
-from saekit.store_iterator import DEFAULT_BLOCK_ROWS, DEFAULT_BUDGET, store_batches
+from saekit.store_iterator import (
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_BUDGET,
+    READAHEAD_BLOCKS,
+    plan_window,
+    store_batches,
+)
 
 TOKEN_KINDS = ("cls", "patch")
 
@@ -358,8 +364,10 @@ class ActivationStore:
         store's size: rows are read in blocks of `block_rows` contiguous rows by a background
         thread, the blocks visited in a random order, and a window of blocks that fits the
         budget is permuted (see `saekit.store_iterator`). The order is a function of ``(seed,
-        epoch)`` and of the window, which the budget sets from the bytes per row of the layers
-        read together; give `window_rows` to fix it.
+        epoch)`` and of the window, which the budget sets from the bytes per row of ALL the
+        store's layers, whichever are read: one layer read alone comes in the same order as
+        with the others, so an SAE trained in a one-layer run equals the one trained in a sweep
+        of every layer (the SAE cache relies on it). Give `window_rows` to set it yourself.
         """
         if tokens not in TOKEN_KINDS:
             raise ValueError(f"tokens must be 'cls' or 'patch', not {tokens!r}.")
@@ -373,6 +381,13 @@ class ActivationStore:
                 "layer at a time."
             )
         files = {ly: [d / f"L{ly}_{tokens}.npy" for d in self.shard_dirs] for ly in layers}
+        if window_rows is None:
+            itemsize = np.dtype(self.manifest["dtype"]).itemsize
+            widths = [self.width(ly) for ly in self.layers]
+            window_rows, _ = plan_window(
+                sum(widths) * itemsize, sum(widths) * 4, batch_size, budget, block_rows,
+                READAHEAD_BLOCKS,
+            )  # fmt: skip
         return store_batches(
             files, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last,
             budget=budget, block_rows=block_rows, window_rows=window_rows,

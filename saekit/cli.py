@@ -25,7 +25,14 @@ from saekit.eval_command import add_eval
 # names against the registries they mirror.
 #: SAE architectures (saekit.sae.architectures.ARCHITECTURES and ARCH_ALIASES).
 ARCH_NAMES = (
-    "batchtopk", "gated", "jumprelu", "matryoshka", "relu", "topk", "l1", "matryoshka_batchtopk",
+    "batchtopk",
+    "gated",
+    "jumprelu",
+    "matryoshka",
+    "relu",
+    "topk",
+    "l1",
+    "matryoshka_batchtopk",
     "standard",
 )
 #: Architectures whose sparsity is k rather than λ (saekit.sae.architectures.K_ARCHS).

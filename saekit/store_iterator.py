@@ -31,6 +31,8 @@ import torch
 
 #: Default byte budget of `ActivationStore.batches` across all layers read together.
 DEFAULT_BUDGET = 512 << 20
+#: Blocks read ahead of the window at most.
+READAHEAD_BLOCKS = 8
 #: Rows gathered from the window per copy into a float32 batch (bounds the temporary).
 GATHER_ROWS = 1024
 #: Default rows per block (one sequential read per layer).
@@ -132,7 +134,7 @@ class StoreBatches:
         budget: int = DEFAULT_BUDGET,
         block_rows: int = DEFAULT_BLOCK_ROWS,
         window_rows: int | None = None,
-        readahead_blocks: int = 8,
+        readahead_blocks: int = READAHEAD_BLOCKS,
         as_dict: bool = False,
     ) -> None:
         if batch_size < 1 or block_rows < 1:

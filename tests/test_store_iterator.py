@@ -123,3 +123,28 @@ def test_truncated_shard_is_an_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-30])
     with pytest.raises(OSError, match="truncated"):
         list(StoreBatches(files, 8, seed=0, epoch=0))
+
+
+def test_one_layer_read_alone_comes_in_the_order_of_a_read_of_every_layer(
+    miniatures, image_folder, tmp_path
+):
+    """The window is planned from every layer of the store, so an SAE trained on one layer in a
+    run of its own sees the batches it would see in a sweep of all layers (the SAE cache
+    treats the two as one request)."""
+    from saekit.activations import extract
+    from saekit.data import ImageFolder
+    from saekit.models import load_encoder
+    from saekit.store_iterator import READAHEAD_BLOCKS
+
+    store = extract(load_encoder(miniatures["vit"]), ImageFolder(image_folder), layers="all",
+                    tokens="cls", out=tmp_path / "store", dtype="float32")  # fmt: skip
+    options = dict(seed=1, epoch=0, budget=12_000, block_rows=2)
+    all_bytes = sum(store.width(ly) for ly in store.layers) * 4
+    window, _ = plan_window(all_bytes, all_bytes, 4, 12_000, 2, READAHEAD_BLOCKS)
+    assert window < store.n_rows  # the window, not the whole store, is shuffled
+    together = list(store.batches(store.layers, 4, **options))
+    for layer in store.layers:
+        alone = list(store.batches(layer, 4, **options))
+        assert len(alone) == len(together)
+        for single, joint in zip(alone, together, strict=True):
+            np.testing.assert_array_equal(single.numpy(), joint[layer].numpy())
