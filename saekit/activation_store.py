@@ -57,6 +57,20 @@ class Store(Protocol):
     @property
     def image_ids(self) -> list[str]: ...
 
+    @property
+    def wnids(self) -> list[str] | None:
+        """WordNet id of each class, when the classes are WordNet synsets."""
+        ...
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows (images)."""
+        ...
+
+    def grid(self, layer: int) -> tuple[int, int]:
+        """Patch grid (rows, columns) of ``layer``."""
+        ...
+
     def __len__(self) -> int: ...
 
     def cls(self, layer: int) -> Any:

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
 
-def model_view_mask(mask_HW: np.ndarray, processor: Any | None = None) -> np.ndarray:
+    from saekit.activation_store import Store
+    from saekit.data import ImageDataset
+
+
+def model_view_mask(
+    mask_HW: np.ndarray, processor: BaseImageProcessor | None = None
+) -> np.ndarray:
     """A segmentation mask resized and cropped exactly as ``processor`` treats the image
     (nearest neighbour, so labels stay labels), ``uint8 [H', W']``; unchanged without one."""
     mask_HW = np.asarray(mask_HW)
@@ -48,12 +56,23 @@ MASK_LAYOUT = """Masks sit in a sibling folder with the images' relative paths, 
 
 
 def load_masks(
-    store: Any, dataset: Any, processor: Any | None = None, masks_dir: str | Path | None = None
+    store: Store,
+    dataset: ImageDataset,
+    processor: BaseImageProcessor | None = None,
+    masks_dir: str | Path | None = None,
 ) -> np.ndarray:
     """The segmentation mask of every store row, as the encoder saw the image
     (`model_view_mask`), ``uint8 [N, H, W]``. Masks are read from ``masks_dir`` (default: the
     image folder's sibling ``<root>_masks``) under each image's relative path, as PNG."""
-    root = Path(masks_dir) if masks_dir is not None else masks_root(dataset.root)
+    if masks_dir is None:
+        folder = getattr(dataset, "root", None)
+        if folder is None:
+            raise ValueError(
+                "this dataset is not an image folder, so it has no sibling mask folder: pass "
+                "masks_dir (laid out as MASK_LAYOUT says)"
+            )
+        masks_dir = masks_root(folder)
+    root = Path(masks_dir)
     masks = []
     for row, image_id in zip(store.rows, store.image_ids, strict=True):
         if dataset.image_ids[int(row)] != image_id:
@@ -72,7 +91,7 @@ def load_masks(
 
 
 def patch_coverage(
-    masks_NHW: Any, grid: tuple[int, int], classes: int | Sequence[int] | None = None
+    masks_NHW: np.ndarray, grid: tuple[int, int], classes: int | Sequence[int] | None = None
 ) -> np.ndarray:
     """Fraction of each patch's pixels whose mask value is in ``classes`` (None: any value but
     0 and 255, i.e. the labelled object), ``[N, h, w]``; the mask must tile the patch grid."""
