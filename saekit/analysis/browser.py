@@ -7,7 +7,8 @@ activate SAE features"; §5: "select specific image patches" to list the feature
 * :func:`patch_views` renders, per image, the features active at every patch, strongest first;
 * :func:`feature_browser` puts both in an ipywidgets app. Every view is pre-rendered and the
   pickers are ``jslink``'ed to ``ipywidgets.Stack`` containers (`saekit.analysis.widgets.switcher`), so
-  the app also works in the published book, which has no kernel;
+  the app also works in the published book, which has no kernel (in a live kernel,
+  `saekit.analysis.live.live_feature_browser` renders any feature's card on demand);
 * :func:`export_html` writes the top features as one standalone HTML page (images inlined);
   :func:`cards_html` is the same content as a fragment to show inline.
 """

@@ -4,6 +4,9 @@ The published site has no kernel, so a widget whose Python callback redraws a fi
 its controls but never change. `switcher` therefore pre-renders one view per choice and links the
 control to an `ipywidgets.Stack` with `jslink`: the link lives in the browser, so choosing a layer,
 threshold or feature works the same in a live notebook and on the offline site.
+
+In a live kernel, `saekit.analysis.live` adds apps whose Python callbacks compute the view for
+any choice on demand (any feature, layer or strength, not only the pre-rendered ones).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def figure_png(figure: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def _view(content: View) -> widgets.Widget:
+def as_widget(content: View) -> widgets.Widget:
+    """A view as a widget: a figure or PNG bytes become an ``Image``, a string ``HTML``."""
     if isinstance(content, widgets.Widget):
         return content
     if isinstance(content, Figure):
@@ -63,7 +67,7 @@ def switcher(
         picker = widgets.Dropdown(options=labels, description=description)
     else:
         raise ValueError(f"control must be 'dropdown', 'slider' or 'toggle', not {control!r}.")
-    stack = widgets.Stack([_view(view) for view in views.values()], selected_index=0)
+    stack = widgets.Stack([as_widget(view) for view in views.values()], selected_index=0)
     widgets.jslink((picker, "index"), (stack, "selected_index"))
     return widgets.VBox([picker, stack])
 
