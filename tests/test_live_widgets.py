@@ -215,3 +215,38 @@ def test_steering_explorer_generates_the_picked_feature_and_strength(tmp_path):
     assert not np.array_equal(np.asarray(direct[0]), np.asarray(originals[0]))
     default = live.live_steering(pipe, prompts, sae, feature=30, strength=4.0, seed=7, steps=2)
     assert default.view.value.count("<img") == 2 and "dragon" in default.view.value
+
+
+# ------------------------------------------------------------------ in a real kernel
+
+
+def test_in_a_kernel_the_app_is_live_and_its_callback_runs(monkeypatch):
+    """In an ipykernel (a comm manager, no SAEKIT_CHAPTER) `live_or_note` returns the app, whose
+    widgets hold comms, and setting a control there re-renders the view."""
+    from jupyter_client.manager import start_new_kernel
+
+    monkeypatch.delenv(live.STATIC_BUILD_ENV, raising=False)
+    code = (
+        "from saekit.analysis import live\n"
+        "app = live.live_or_note(lambda: live.live_layer_view("
+        "lambda layer, n: f'layer {layer} top {n}', [1, 4]), 'any layer')\n"
+        "app.controls['layer'].value = 4\n"
+        "print(live.is_live_kernel(), app.comm is not None, app.view.value, sep='|')\n"
+    )
+    kernel, client = start_new_kernel(kernel_name="python3")
+    printed = []
+    try:
+        reply = client.execute_interactive(
+            code,
+            timeout=120,
+            output_hook=lambda msg: (
+                printed.append(msg["content"].get("text", ""))
+                if msg["msg_type"] == "stream"
+                else None
+            ),
+        )
+    finally:
+        client.stop_channels()
+        kernel.shutdown_kernel(now=True)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert "".join(printed).strip() == "True|True|layer 4 top 5"
