@@ -213,3 +213,40 @@ def test_matryoshka_prefixes_reconstruct_alone_where_batchtopk_prefixes_do_not()
     assert explained(nested, 128) > 0.85 and atom_recovery(nested.W_dec, data.atoms_AD) >= 0.5
     assert explained(nested, 16) > 2 * explained(plain, 16)
     assert explained(nested, 32) > 2 * explained(plain, 32)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "gated"])
+def test_bf16_autocast_trains_float32_weights_to_float32_quality(arch):
+    """autocast='bfloat16' runs the stacked forward and backward in bf16 (the custom autograd
+    functions cast by hand) and leaves float32 weights of the same quality."""
+    from saekit.sae import get_recipe, sweep, tensor_batches
+    from saekit.sae.synthetic import atom_recovery, planted_dictionary
+
+    data = planted_dictionary(n_rows=8192, d_in=32, n_atoms=64, active=3, noise=0.01, seed=0)
+    recipe = get_recipe("stevens2025", lr=1e-2, lr_warmup_steps=50, sparsity_warmup_steps=50,
+                        batch_size=128, epochs=10, norm_sample_rows=4096,
+                        dead_feature_window=50)  # fmt: skip
+    sparsity = {"k": 4} if arch == "topk" else {"l1": 0.2}
+    spec = SAESpec(arch=arch, d_in=32, expansion=4, recipe=recipe, **sparsity)
+    x = data.acts_ND[:2000]
+    total = (x - x.mean(0)).pow(2).sum()
+    explained = {}
+    for precision in (None, "bfloat16"):
+        (sae,) = sweep([spec], tensor_batches(data.acts_ND, 128), 64, progress=False,
+                       autocast=precision)  # fmt: skip
+        assert sae.W_dec.dtype == torch.float32
+        with torch.no_grad():
+            explained[precision] = float(1 - (sae.decode(sae.encode(x)) - x).pow(2).sum() / total)
+        assert atom_recovery(sae.W_dec, data.atoms_AD) >= 0.9
+    assert abs(explained["bfloat16"] - explained[None]) < 0.01
+
+
+def test_stacked_encoder_runs_in_bf16_under_autocast():
+    specs, saes = _members("relu")
+    stacked = StackedSAEs(copy.deepcopy(saes))
+    x = torch.randn(2, 16, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stacked.forward_loss(x, 1.0, torch.zeros(2, 64, dtype=torch.bool))
+    assert out.codes_nBS.dtype == torch.bfloat16
+    out.loss_n.sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in stacked.parameters())

@@ -280,11 +280,14 @@ class _StackedEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         sae_in, W_enc = ctx.saved_tensors
+        # Under autocast the forward ran in bf16/fp16 and so does this backward (autocast is off
+        # here, so cast by hand); each gradient returns in its float32 parameter's dtype.
+        low = grad.dtype
         grad_sum = grad.sum(-2, keepdim=True)  # [n, 1, S]
-        grad_W_enc = torch.bmm(sae_in.transpose(1, 2), grad)
-        grad_b_dec = -torch.bmm(grad_sum, W_enc.transpose(1, 2))[:, 0, :]
-        grad_bias = grad_sum[:, 0, :] if ctx.has_bias else None
-        return None, grad_W_enc, grad_b_dec, grad_bias
+        grad_W_enc = torch.bmm(sae_in.transpose(1, 2).to(low), grad).to(W_enc.dtype)
+        grad_b_dec = -torch.bmm(grad_sum, W_enc.transpose(1, 2).to(low))[:, 0, :]
+        grad_bias = grad_sum[:, 0, :].to(W_enc.dtype) if ctx.has_bias else None
+        return None, grad_W_enc, grad_b_dec.to(W_enc.dtype), grad_bias
 
 
 class _RowNorm(torch.autograd.Function):
@@ -304,7 +307,7 @@ class _RowNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         W, norm = ctx.saved_tensors
-        return W * (grad / norm.clamp_min(1e-12))[..., None]
+        return W * (grad.to(W.dtype) / norm.clamp_min(1e-12))[..., None]
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -329,7 +332,8 @@ class _StackedJumpReLU(torch.autograd.Function):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
         ste = (threshold / bw) * _rectangle((x - threshold) / bw) * grad
-        return (x > threshold) * grad, (-ste).sum(-2, keepdim=True), None
+        grad_x = ((x > threshold) * grad).to(x.dtype)
+        return grad_x, (-ste).sum(-2, keepdim=True).to(threshold.dtype), None
 
 
 class _StackedStep(torch.autograd.Function):
@@ -346,7 +350,7 @@ class _StackedStep(torch.autograd.Function):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
         ste = (1.0 / bw) * _rectangle((x - threshold) / bw) * grad
-        return None, (-ste).sum(-2, keepdim=True), None
+        return None, (-ste).sum(-2, keepdim=True).to(threshold.dtype), None
 
 
 def _check_supported(sae: TrainingSAE) -> None:

@@ -127,6 +127,7 @@ def sweep(
     run: Mapping[str, Any] | None = None,
     data_parallel: distributed.Ranks | None = None,
     finite_check_every: int | None = None,
+    autocast: str | None = None,
     threads: int | str | None = "auto",
 ) -> list[SAE]:
     """Train every spec in one pass over ``batches``; returns SAELens SAEs in spec order.
@@ -154,6 +155,8 @@ def sweep(
     Inputs are checked for NaN/Inf every ``finite_check_every`` steps (default: every step on
     a CPU, where it costs nothing; every 64 on a GPU, so the device is not stopped each step),
     always before a checkpoint is written; the error names the batch and rows either way.
+    ``autocast="bfloat16"`` runs the forward and backward passes under ``torch.autocast`` (bf16
+    matmuls) while the weights, Adam moments and update stay float32 (None: float32 throughout).
     ``threads`` sets torch's CPU threads for the run (restored after): ``"auto"`` picks them by
     the step's size (`saekit.distributed.threads_for`), None leaves torch's setting alone.
     """
@@ -166,6 +169,7 @@ def sweep(
     if total <= 0:
         raise ValueError(f"nothing to train: steps_per_epoch={steps_per_epoch}, epochs={epochs}")
     device = torch.device(device)
+    precision = _autocast(device, autocast)
     ckpt = None
     lock: Any = contextlib.nullcontext()
     dp = data_parallel if data_parallel is not None and data_parallel.world > 1 else None
@@ -222,7 +226,7 @@ def sweep(
                     watch.see(inputs)
                 inputs, weight = distributed.slice_rows(inputs, dp)
                 mse = [
-                    _train_step(g, _stack(inputs, g.members), step, total, dp, weight)
+                    _train_step(g, _stack(inputs, g.members), step, total, dp, weight, precision)
                     for g in groups
                 ]
                 if on_step is not None:
@@ -444,6 +448,15 @@ def _stack(inputs: list[torch.Tensor], members: list[int]) -> torch.Tensor:
     return torch.stack([inputs[i] for i in members])
 
 
+def _autocast(device: torch.device, dtype: str | None) -> Any:
+    """``torch.autocast`` to `dtype` on `device` (None: full float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"autocast must be 'bfloat16', 'float16' or None, not {dtype!r}.")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
 def _train_step(
     group: _Group,
     x_nBD: torch.Tensor,
@@ -451,11 +464,13 @@ def _train_step(
     total: int,
     dp: distributed.Ranks | None = None,
     weight: float = 1.0,
+    precision: Any = None,
 ) -> torch.Tensor:
     """One update of every SAE in the group; returns the per-SAE reconstruction error."""
     recipe, model = group.recipe, group.model
     dead_nS = group.since_fired_nS > recipe.dead_feature_window
-    out = model.forward_loss(x_nBD, recipe.sparsity_at(step, total), dead_nS)
+    with precision if precision is not None else contextlib.nullcontext():
+        out = model.forward_loss(x_nBD, recipe.sparsity_at(step, total), dead_nS)
     (out.loss_n.sum() * weight if dp is not None else out.loss_n.sum()).backward()
     with torch.no_grad():
         group.since_fired_nS += 1
