@@ -180,6 +180,8 @@ def test_intervention_explorer_runs_the_rest_of_the_encoder(miniatures, image_fo
     assert table(direct).to_html(float_format="{:.4g}".format, border=0) in app.view.value
     with pytest.raises(ValueError, match="both encoder and layer"):
         live.live_intervention(images, sae, head, encoder=encoder)
+    with pytest.raises(ValueError, match="activation tensor"):
+        live.live_intervention(images, sae, head)
 
 
 # ------------------------------------------------------------------ steering explorer

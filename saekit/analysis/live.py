@@ -189,13 +189,16 @@ def live_intervention(
     `Comparison.summary`)."""
     if (encoder is None) != (layer is None):
         raise ValueError("pass both encoder and layer (images as inputs) or neither (activations)")
+    if encoder is None and not isinstance(inputs, torch.Tensor):
+        raise ValueError("without an encoder the inputs must be an activation tensor [B, D] or "
+                         "[B, P, D]; for images pass encoder= and layer=")  # fmt: skip
     summarize = table or (lambda comparison: comparison.summary())
 
     def render(feature: int, mode: str, value: float) -> str:
         edit = Edit((feature,), mode=mode, value=value)
-        if encoder is not None:
+        if encoder is not None and layer is not None:
             comparison = compare_in_encoder(encoder, inputs, sae, layer, edit, head, seed=seed)
-        else:
+        elif isinstance(inputs, torch.Tensor):
             comparison = compare(inputs, sae, edit, head, seed=seed)
         shown = summarize(comparison)
         caption = (
