@@ -175,6 +175,21 @@ switcher(
 )
 
 # %% [markdown]
+# In a live kernel the next cell is the same page computed on demand, for any layer and any
+# number of listed features; the published page keeps the precomputed slider above.
+
+# %%
+from saekit.analysis import live
+
+live.live_or_note(
+    lambda: live.live_layer_view(
+        lambda layer, n: ontology_figures.layer_view(table, layer, n, max_classes=n_classes - 1),
+        layers,
+    ),
+    "the page of any layer",
+)
+
+# %% [markdown]
 # The same, as counts per layer: how many features fire on no class, on one, on several and
 # on every class, how many of the superordinate ones (several classes, not all) reach high
 # coverage, and how high the multi-class ones' LCH sits on average.
