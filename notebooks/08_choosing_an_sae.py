@@ -64,6 +64,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from saekit.analysis.report_card import pareto_frame, plot_pareto
+from saekit.analysis.widgets import switcher
 from saekit.studies import choosing_an_sae as study
 from saekit.studies.choosing_an_sae import ChoosingSettings
 
@@ -140,7 +141,10 @@ absorption = pd.DataFrame(
 )
 absorption
 
+# %% [markdown]
+# **Explore each SAE's card**: its sparse-probing curve against the neurons' and its absorption,
+# parent by parent (the SAE with the most absorption first).
+
 # %%
-worst = max(cards, key=lambda card: card.row().get("mean absorption", -1.0))
-worst.figure()
-plt.show()
+by_absorption = sorted(cards, key=lambda card: -card.row().get("mean absorption", -1.0))
+switcher({card.name: card.figure() for card in by_absorption}, description="SAE")
