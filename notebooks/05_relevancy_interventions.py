@@ -412,6 +412,23 @@ display(probability_views[strongest])
 switcher(probability_views, "group")
 
 # %% [markdown]
+# In a live kernel the next cell edits any feature of the patch SAE, in any mode and strength, on
+# the most affected group's images and shows the probe's table beside the controls; the
+# published page keeps the precomputed views above.
+
+# %%
+from saekit.analysis import live
+
+live.live_or_note(
+    lambda: live.live_intervention(
+        group_images[strongest], patch_sae, probe, encoder=encoder, layer=settings.patch_layer,
+        feature=int(ranked[strongest][0]), seed=settings.seed,
+        table=lambda c: classification_table(c, group_labels[strongest], groups[strongest]),
+    ),
+    "the edit of any feature at any strength",
+)  # fmt: skip
+
+# %% [markdown]
 # ### Segmentation: suppressing a part where it is
 #
 # Paper 002 §5.2 trains a linear segmentation head on DINOv2's patch tokens over ADE20K: one

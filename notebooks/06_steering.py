@@ -260,6 +260,19 @@ views = {
 }
 switcher(views, "feature")
 
+# %% [markdown]
+# In a live kernel the next cell steers the same prompts along any feature with any λ, generated
+# when picked; the published page keeps the precomputed explorer above.
+
+# %%
+from saekit.analysis import live
+
+live.live_or_note(
+    lambda: live.live_steering(pipe, grid_prompts, sae, feature=features[0], strength=strength,
+                               seed=settings.seed, config=config, grid=study.steering_grid),
+    "steering along any feature with any λ",
+)  # fmt: skip
+
 # %%
 fig = study.steering_grid(
     grid_originals,
