@@ -5,6 +5,8 @@ build (``SAEKIT_CHAPTER`` set) and plain Python get a note instead of the app.""
 
 from __future__ import annotations
 
+import html
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -19,7 +21,7 @@ from sae_lens import StandardSAE, StandardSAEConfig  # noqa: E402
 
 from saekit.activations import extract  # noqa: E402
 from saekit.analysis import live  # noqa: E402
-from saekit.analysis.browser import card_html, feature_cards  # noqa: E402
+from saekit.analysis.browser import card_html, feature_cards, patch_html, patch_views  # noqa: E402
 from saekit.analysis.compare import ExemplarSource  # noqa: E402
 from saekit.analysis.exemplars import feature_facts, scan_store  # noqa: E402
 from saekit.analysis.interventions import Edit, compare, compare_in_encoder  # noqa: E402
@@ -140,6 +142,20 @@ def test_feature_browser_computes_any_feature_card_on_demand(source):
     assert app.controls["feature"].max == source.scan.d_sae - 1
     with pytest.raises(IndexError, match="outside"):
         live.live_feature_browser(source, feature=source.scan.d_sae)
+
+
+def test_patch_view_lists_the_picked_patch_features_strongest_first(source):
+    app = live.live_patch_view(source, row=0, top=5)
+    assert app.controls["row"].max == len(source.store) - 1
+    app.controls["row"].value = 7
+    app.controls["patch"].value = 3
+    (view,) = patch_views(source, [7], top=5, progress=False)
+    assert patch_html(view, 3) in app.view.value and html.escape(view.caption) in app.view.value
+    assert "patch 3 (row" in app.view.value
+    tabs = live.live_browser(source, feature=5, row=2, k=4, taxonomy=None)
+    assert [tabs.get_title(i) for i in range(2)] == ["features", "patches"]
+    assert f"<h3>{source.scan.name(5)}</h3>" in tabs.children[0].view.value
+    assert tabs.children[1].values == {"row": 2, "patch": 0}
 
 
 # ------------------------------------------------------------------ intervention explorer

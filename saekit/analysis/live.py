@@ -8,6 +8,8 @@ what the page baked in; the apps here instead run a Python callback whenever a c
   ``render(**values)`` on every change (an error, such as a feature out of range, is shown in
   the output area instead of a view);
 * :func:`live_feature_browser`: any feature's exemplars and facts (`saekit.analysis.browser`);
+  :func:`live_patch_view`: any image's patches and their features; :func:`live_browser`: both,
+  as the tabs of the precomputed `saekit.analysis.browser.feature_browser`;
 * :func:`live_layer_view`: any layer of a per-layer view (e.g. chapter 03's layer page);
 * :func:`live_intervention`: any feature, edit mode and strength (`saekit.analysis.interventions`);
 * :func:`live_steering`: any feature and λ, generated at few steps (`saekit.analysis.steering`);
@@ -30,7 +32,7 @@ import torch
 from PIL.Image import Image
 from sae_lens import SAE
 
-from saekit.analysis.browser import card_html, feature_cards, image_tag
+from saekit.analysis.browser import card_html, feature_cards, image_tag, patch_html, patch_views
 from saekit.analysis.compare import ExemplarSource
 from saekit.analysis.exemplars import feature_facts
 from saekit.analysis.interventions import EDIT_MODES, Comparison, Edit, compare, compare_in_encoder
@@ -153,6 +155,39 @@ def live_feature_browser(
         return card_html(card)
 
     return live_view(render, {"feature": feature_picker(source.scan.d_sae, feature)})
+
+
+def live_patch_view(source: ExemplarSource, *, row: int = 0, top: int = 8) -> LiveView:
+    """Any image of the store (by row) with its patches numbered, and the features active at
+    any of its patches, strongest first (at most ``top``); the store needs patch tokens."""
+    n_rows, (h, w) = len(source.store), source.store.grid(source.scan.layer)
+
+    def render(row: int, patch: int) -> str:
+        (view,) = patch_views(source, [row], top=top, progress=False)
+        picture = image_tag(view.image, view.image_format, view.caption)
+        return (
+            "<div style='display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap'>"
+            f"<div style='width:300px'>{picture}<p>{html.escape(view.caption)}</p></div>"
+            f"<div>{patch_html(view, patch)}</div></div>"
+        )
+
+    controls = {
+        "row": widgets.BoundedIntText(value=row, min=0, max=n_rows - 1, description="image"),
+        "patch": widgets.BoundedIntText(value=0, min=0, max=h * w - 1, description="patch"),
+    }
+    return live_view(render, controls)
+
+
+def live_browser(
+    source: ExemplarSource, *, feature: int = 0, row: int = 0, **card: Any
+) -> widgets.Tab:
+    """`feature_browser`'s two tabs, live: any feature's card (`live_feature_browser`, with
+    ``card`` options) and any image's patches (`live_patch_view`)."""
+    tabs = [live_feature_browser(source, feature=feature, **card), live_patch_view(source, row=row)]
+    app = widgets.Tab(children=tabs)
+    for i, title in enumerate(["features", "patches"]):
+        app.set_title(i, title)
+    return app
 
 
 def live_layer_view(
