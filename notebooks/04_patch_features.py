@@ -271,16 +271,17 @@ views = browser.patch_views(source, rows, image_format="jpeg")
 browser.feature_browser(cards, views)
 
 # %% [markdown]
-# In a live kernel the next cell computes the card of any feature of the SAE on demand, from the
-# scan and the store; the published page keeps the precomputed browser above.
+# In a live kernel the next cell is the same browser computed on demand: the card of any feature
+# of the SAE, and the patches of any image of the store; the published page keeps the
+# precomputed browser above.
 
 # %%
 from saekit.analysis import live
 
 live.live_or_note(
-    lambda: live.live_feature_browser(source, feature=browsed[0], k=settings.n_exemplars,
-                                      rule=rule, tile=settings.tile),
-    "the card of any feature",
+    lambda: live.live_browser(source, feature=browsed[0], row=rows[0], k=settings.n_exemplars,
+                              rule=rule, tile=settings.tile),
+    "the card of any feature and the patches of any image",
 )  # fmt: skip
 
 # %% [markdown]
