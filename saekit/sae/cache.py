@@ -34,7 +34,7 @@ from sae_lens import SAE
 
 from saekit.sae.architectures import SAE_CFG_FILE, SAESpec, load_sae, save_sae
 from saekit.sae.recipes import get_recipe
-from saekit.sae.train import BATCH_ORDER, layer_width, sweep_from_store, train_on_tensor
+from saekit.sae.train import BATCH_ORDER, fill_specs, sweep_from_store, train_on_tensor
 
 REQUEST_FILE = "request.json"
 TENSOR_ORDER = "tensor-batches/1"
@@ -110,15 +110,7 @@ def make_request(
     matrix); ``None`` takes the recipe's epochs and batch size."""
     manifest = getattr(data, "manifest", None)
     if manifest is not None:
-        layers = list(manifest["layers"])
-        layer = spec.layer
-        if layer is None:
-            if len(layers) != 1:
-                raise ValueError(f"SAESpec needs a layer: the store has layers {layers}")
-            layer = layers[0]
-        if layer not in layers:
-            raise ValueError(f"layer {layer!r} is not in the store; it has layers {layers}")
-        spec = dataclasses.replace(spec, layer=layer, d_in=layer_width(manifest, layer))
+        (spec,) = fill_specs(data, [spec])
     else:
         if data.ndim != 2:
             raise ValueError(f"expected an [N, D] matrix, got shape {tuple(data.shape)}")

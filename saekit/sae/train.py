@@ -101,7 +101,7 @@ def store_identity(store: Any) -> Any:
     }
 
 
-def _fill_specs(store: Any, specs: Sequence[SAESpec]) -> list[SAESpec]:
+def fill_specs(store: Any, specs: Sequence[SAESpec]) -> list[SAESpec]:
     """Specs with ``layer`` and ``d_in`` taken from the store (and checked against it)."""
     manifest = store.manifest
     layers = list(manifest["layers"])
@@ -179,7 +179,7 @@ def sweep_from_store(
     dealt to the ranks (SAE ``i`` to rank ``i % world``), each rank trains its share on the same
     store, resumably, and rank 0 saves them all into ``out_dir`` as one process would.
     """
-    filled = _fill_specs(store, specs)
+    filled = fill_specs(store, specs)
     resolved = [spec.resolved() for spec in filled]
     batch_size = batch_size or _common(resolved, "batch_size")
     epochs = kwargs.pop("epochs", None) or _common(resolved, "epochs")
@@ -222,7 +222,7 @@ def train_to_folder(
     torchrun (or with `ranks` of several processes) the SAE is trained data-parallel on every
     rank (`saekit.sae.trainer.sweep`'s ``data_parallel``) and rank 0 saves it.
     """
-    (filled,) = _fill_specs(store, [spec])
+    (filled,) = fill_specs(store, [spec])
     resolved = filled.resolved()
     recipe = get_recipe(resolved.recipe)
     tokens = kwargs.pop("tokens", "cls")
