@@ -67,3 +67,62 @@ def _train_on_half(name: str):
 
     (sae,) = sweep([SPECS[name]], first_half, steps, epochs=2, progress=False)
     return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+# --- BatchTopK's batch-wide top-k over the global batch -----------------------------------------
+
+TOPK_SPECS = [  # two members with different k: each gets its own cut
+    SAESpec(arch="batchtopk", d_in=12, expansion=4, k=3, recipe="stevens2025"),
+    SAESpec(arch="batchtopk", d_in=12, expansion=4, k=5, recipe="stevens2025"),
+]
+
+
+def _batchtopk_model(arch: str):
+    from saekit.sae.architectures import build_training_sae
+    from saekit.sae.stacked import StackedSAEs
+
+    torch.manual_seed(3)
+    specs = [SAESpec(**{**s.to_dict(), "arch": arch}) for s in TOPK_SPECS]
+    return StackedSAEs([build_training_sae(s) for s in specs])
+
+
+def _batchtopk_pass(arch: str, ranks: Ranks | None, rows: slice):
+    """Codes and row-weighted gradients of one forward/backward on ``rows`` of a 9-row batch."""
+    model = _batchtopk_model(arch)
+    model.data_parallel = ranks
+    x_BD = _data()[:9]
+    x_nBD = x_BD[rows].unsqueeze(0).expand(2, -1, -1)
+    dead_nS = torch.zeros(2, model.d_sae, dtype=torch.bool)
+    out = model.forward_loss(x_nBD, 1.0, dead_nS)
+    (out.loss_n.sum() * (x_nBD.shape[1] / 9)).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return out.codes_nBS.detach(), grads
+
+
+def _batchtopk_worker(rank: int, world: int, init: str, arch: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        rows = slice(0, 5) if rank == 0 else slice(5, 9)  # uneven slices: 5 and 4 rows
+        codes, grads = _batchtopk_pass(arch, Ranks(rank, world), rows)
+        for g in grads.values():
+            torch.distributed.all_reduce(g)
+        torch.save({"codes": codes, "grads": grads}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_picks_its_codes_over_the_global_batch(arch, tmp_path):
+    out = str(tmp_path / "codes")
+    mp.spawn(_batchtopk_worker, args=(2, f"file://{tmp_path}/pg", arch, out), nprocs=2, join=True)
+    parts = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    codes, grads = _batchtopk_pass(arch, None, slice(0, 9))
+    torch.testing.assert_close(torch.cat([p["codes"] for p in parts], dim=1), codes)
+    active_n = (codes > 0).sum(dim=(1, 2))
+    assert active_n.tolist() == [27, 45]  # k·B over all 9 rows, not k·B per slice
+    for name, grad in grads.items():
+        torch.testing.assert_close(parts[0]["grads"][name], grad, rtol=1e-5, atol=1e-6)
+    # Per-slice top-k (what each rank picked before) keeps other codes: the test can tell.
+    alone, _ = _batchtopk_pass(arch, None, slice(0, 5))
+    assert not torch.equal(alone, parts[0]["codes"])

@@ -26,6 +26,7 @@ import torch
 from sae_lens import TrainingSAE
 from torch import nn
 
+from saekit import distributed
 from saekit.sae.architectures import ARCH_ALIASES, ARCHITECTURES, build_on_meta
 
 
@@ -51,6 +52,11 @@ class StackedSAEs(nn.Module):
     threshold: torch.Tensor
     topk_threshold: torch.Tensor
     coef_n: torch.Tensor
+
+    data_parallel: distributed.Ranks | None = None
+    """Set by a data-parallel trainer: this rank's place, when each rank holds a slice of the
+    global batch. BatchTopK then picks its k·B codes over the global batch (what one process
+    picks), not over the slice."""
 
     def __init__(self, members: list[TrainingSAE]):
         super().__init__()
@@ -169,8 +175,12 @@ class StackedSAEs(nn.Module):
         hidden_pre, dec_norm = self._topk_pre(x)
         n, B, S = hidden_pre.shape
         flat = torch.relu(hidden_pre).reshape(n, 1, B * S)
-        counts = [int(k * B) for k in self.k_n]
-        codes = _masked_topk_scatter(flat, counts, relu=False).reshape(n, B, S)
+        ranks = self.data_parallel
+        if ranks is None or ranks.world == 1:
+            counts = [int(k * B) for k in self.k_n]
+            codes = _masked_topk_scatter(flat, counts, relu=False).reshape(n, B, S)
+        else:
+            codes = _batch_topk_over_ranks(flat, self.k_n, B).reshape(n, B, S)
         out = self._topk_losses(x, hidden_pre, codes, dec_norm, dead_nS)
         self._update_topk_threshold(codes.detach())
         return out
@@ -238,6 +248,30 @@ class StackedSAEs(nn.Module):
         self.topk_threshold.copy_(
             torch.where(positive.any(dim=(1, 2)), updated, self.topk_threshold)
         )
+
+
+def _batch_topk_over_ranks(flat_n1X: torch.Tensor, k_n: list[Any], rows: int) -> torch.Tensor:
+    """BatchTopK over the global batch when each rank holds ``rows`` of its rows: member i keeps
+    its ``k_i · B_global`` largest entries of all ranks together, as one process would.
+
+    The global top-``c`` lies within the union of every rank's local top-``c``, so each rank
+    sends only its local top ``c_max`` values (not its rows); the ``c_i``-th largest of the
+    gathered values is member i's cut, and each rank keeps its own entries at or above it. Only
+    exact ties at the cut can differ from one process (which breaks them arbitrarily too).
+    """
+    n, _, width = flat_n1X.shape
+    with torch.no_grad():
+        global_rows = int(distributed.sum_over_ranks(torch.tensor([rows])).item())
+        counts_n = [int(k * global_rows) for k in k_n]
+        c_max = max(counts_n)
+        local = flat_n1X.detach().reshape(n, width).topk(min(c_max, width), dim=-1).values
+        if local.shape[-1] < c_max:  # a small slice: pad with values no cut can reach
+            local = torch.nn.functional.pad(local, (0, c_max - local.shape[-1]), value=-1.0)
+        gathered = torch.cat(distributed.all_gather_tensor(local), dim=-1)
+        top = gathered.topk(c_max, dim=-1).values
+        cut_n = top[torch.arange(n), torch.tensor(counts_n) - 1]
+    keep = flat_n1X >= cut_n.to(flat_n1X.dtype)[:, None, None]
+    return torch.where(keep, flat_n1X, torch.zeros_like(flat_n1X))
 
 
 def _masked_topk_scatter(values_nBS: torch.Tensor, k_n: list[Any], relu: bool) -> torch.Tensor:
