@@ -40,7 +40,15 @@ from saekit import distributed
 from saekit.durable import check_writable, folder_lock
 from saekit.sae.architectures import SAESpec, build_training_sae, to_inference
 from saekit.sae.checkpoint import CHECKPOINT_FILE, load_state, read_checkpoint, write_checkpoint
-from saekit.sae.finite import FiniteWatch, check_finite, default_stride
+from saekit.sae.finite import FiniteWatch, default_stride
+from saekit.sae.inputs import (
+    BatchSource,
+    fit_inputs,
+    norm_key,
+    prepare_inputs,
+    split_batch,
+    stack_members,
+)
 from saekit.sae.recipes import (
     InputNormalizer,
     Recipe,
@@ -49,9 +57,6 @@ from saekit.sae.recipes import (
     renormalize_decoder_,
 )
 from saekit.sae.stacked import StackedSAEs
-
-#: ``batches(epoch)`` -> that epoch's minibatches: tensors [B, D] or dicts {layer: [B, D]}.
-BatchSource = Callable[[int], Iterable[Any]]
 
 
 @dataclass
@@ -187,7 +192,7 @@ def sweep(
             normalizers = saved["normalizers"]
             b_dec_init: dict[int, torch.Tensor] = {}
         else:
-            normalizers, b_dec_init = _fit_inputs(specs, batches)
+            normalizers, b_dec_init = fit_inputs(specs, batches)
         groups = _build_groups(specs, b_dec_init, device)
         if dp is not None:  # every rank starts from rank 0's weights, as DDP does
             for group in groups:
@@ -205,13 +210,15 @@ def sweep(
             disable=not progress or not writes,
         )
         every = default_stride(device) if finite_check_every is None else finite_check_every
-        watch = FiniteWatch(batches, lambda batch: _split(batch, specs), every)
+        watch = FiniteWatch(batches, lambda batch: split_batch(batch, specs), every)
         for epoch in range(step // steps_per_epoch, epochs):
             stream = iter(batches(epoch))
             position = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch: skip those
             watch.start_epoch(epoch, position)
             for batch in itertools.islice(stream, position, steps_per_epoch):
-                inputs = _inputs(batch, specs, normalizers, device, epoch, position, every <= 1)
+                inputs = prepare_inputs(
+                    batch, specs, normalizers, device, epoch, position, every <= 1
+                )
                 if not threads_set:  # at the first step, when the batch size is known
                     threads_set = True
                     size = [(int(s.d_in or 0), int(s.d_sae or 0)) for s in specs]
@@ -226,7 +233,9 @@ def sweep(
                     watch.see(inputs)
                 inputs, weight = distributed.slice_rows(inputs, dp)
                 mse = [
-                    _train_step(g, _stack(inputs, g.members), step, total, dp, weight, precision)
+                    _train_step(
+                        g, stack_members(inputs, g.members), step, total, dp, weight, precision
+                    )
                     for g in groups
                 ]
                 if on_step is not None:
@@ -311,49 +320,6 @@ def _common(specs: Sequence[SAESpec], field: str) -> Any:
     return values.pop()
 
 
-def _norm_key(spec: SAESpec) -> tuple[Any, float] | None:
-    recipe: Recipe = spec.recipe  # type: ignore[assignment]
-    return (spec.layer, recipe.input_norm) if recipe.normalize_inputs else None
-
-
-def _fit_inputs(
-    specs: Sequence[SAESpec], batches: BatchSource
-) -> tuple[dict[Any, InputNormalizer], dict[int, torch.Tensor]]:
-    """Estimate input normalisations and b_dec inits from the first rows of epoch 0."""
-    needs = [
-        i
-        for i, spec in enumerate(specs)
-        if spec.recipe.normalize_inputs or spec.recipe.init_b_dec_to_mean  # type: ignore[union-attr]
-    ]
-    if not needs:
-        return {}, {}
-    n_rows = max(specs[i].recipe.norm_sample_rows for i in needs)  # type: ignore[union-attr]
-    sources = {specs[i].layer for i in needs}
-    parts: dict[Any, list[torch.Tensor]] = {s: [] for s in sources}
-    seen = 0
-    for b, batch in enumerate(batches(0)):
-        split = _split(batch, specs)
-        for source in sources:
-            x = split[source].float()
-            check_finite(x, source, 0, b)
-            parts[source].append(x)
-        seen += len(next(iter(split.values())))
-        if seen >= n_rows:
-            break
-    samples = {s: torch.cat(p)[:n_rows] for s, p in parts.items()}
-    normalizers: dict[Any, InputNormalizer] = {}
-    b_dec_init: dict[int, torch.Tensor] = {}
-    for i in needs:
-        spec = specs[i]
-        key = _norm_key(spec)
-        if key is not None and key not in normalizers:
-            normalizers[key] = InputNormalizer.fit(samples[spec.layer], key[1])
-        if spec.recipe.init_b_dec_to_mean:  # type: ignore[union-attr]
-            norm = normalizers.get(key, InputNormalizer.identity(spec.d_in))  # type: ignore[arg-type]
-            b_dec_init[i] = norm(samples[spec.layer]).double().mean(0).float()
-    return normalizers, b_dec_init
-
-
 def _build_groups(
     specs: Sequence[SAESpec], b_dec_init: Mapping[int, torch.Tensor], device: torch.device
 ) -> list[_Group]:
@@ -388,64 +354,6 @@ def _adam(model: StackedSAEs, recipe: Recipe) -> torch.optim.Adam:
 
 
 # --- one step ---------------------------------------------------------------------------------
-
-
-def _split(batch: Any, specs: Sequence[SAESpec]) -> dict[Any, torch.Tensor]:
-    """A batch as {source: tensor}; a bare tensor feeds every SAE."""
-    if isinstance(batch, Mapping):
-        missing = {spec.layer for spec in specs} - set(batch)
-        if missing:
-            raise KeyError(
-                f"SAEs want layers {sorted(map(str, missing))} but the batches carry only "
-                f"{sorted(map(str, batch))}"
-            )
-        return {spec.layer: torch.as_tensor(batch[spec.layer]) for spec in specs}
-    tensor = torch.as_tensor(batch)
-    return {spec.layer: tensor for spec in specs}
-
-
-def _inputs(
-    batch: Any,
-    specs: Sequence[SAESpec],
-    normalizers: Mapping[Any, InputNormalizer],
-    device: torch.device,
-    epoch: int,
-    batch_index: int,
-    check: bool = True,
-) -> list[torch.Tensor]:
-    """Each SAE's (normalised) input for this batch; SAEs with the same source share a tensor."""
-    split = _split(batch, specs)
-    raw: dict[Any, torch.Tensor] = {}
-    for source, x in split.items():
-        x = x.to(device=device, dtype=torch.float32)
-        if check:
-            check_finite(x, source, epoch, batch_index)
-        raw[source] = x
-    prepared: dict[Any, torch.Tensor] = {}
-    out = []
-    for spec in specs:
-        x = raw[spec.layer]
-        if x.shape[-1] != spec.d_in:
-            raise ValueError(
-                f"SAE {spec.label!r} expects d_in={spec.d_in} but the activations"
-                f"{'' if spec.layer is None else f' of layer {spec.layer}'} are {x.shape[-1]} wide; "
-                "set d_in to the store's width (d_model) or pick the matching layer"
-            )
-        key = _norm_key(spec)
-        if key is None:
-            out.append(x)
-            continue
-        if key not in prepared:
-            prepared[key] = normalizers[key](x)
-        out.append(prepared[key])
-    return out
-
-
-def _stack(inputs: list[torch.Tensor], members: list[int]) -> torch.Tensor:
-    first = inputs[members[0]]
-    if all(inputs[i] is first for i in members):
-        return first.unsqueeze(0).expand(len(members), *first.shape)
-    return torch.stack([inputs[i] for i in members])
 
 
 def _autocast(device: torch.device, dtype: str | None) -> Any:
@@ -524,7 +432,7 @@ def _export(
     group = next(g for g in groups if index in g.members)
     sae = to_inference(group.model.export(group.members.index(index)))
     normalization: dict[str, Any] = {"folded": False}
-    key = _norm_key(spec)
+    key = norm_key(spec)
     if key is not None:
         norm = normalizers[key]
         norm.fold_into(sae)
