@@ -231,12 +231,18 @@ class ActivationStore:
     def __init__(self, root: Path, manifest: dict) -> None:
         self.root = root
         self.manifest = manifest
-        self.shard_dirs = [
-            root / f"shard_{s['index']:05d}" for s in manifest["shards"] if s["rows"]
-        ]
+        shards = [s for s in manifest["shards"] if s["rows"]]
+        self.shard_dirs = [root / f"shard_{s['index']:05d}" for s in shards]
         self._image_ids: list[str] | None = None
         self.labels = np.concatenate([np.load(d / "labels.npy") for d in self.shard_dirs])
-        self.rows = np.concatenate([np.load(d / "rows.npy") for d in self.shard_dirs])
+        # A streamed store's shard numbers its rows from its own first sample (row_offset: that
+        # sample's place in image_ids.json, known only when the stream ended).
+        self.rows = np.concatenate(
+            [
+                np.load(d / "rows.npy") + s.get("row_offset", 0)
+                for d, s in zip(self.shard_dirs, shards, strict=True)
+            ]
+        )
 
     @classmethod
     def open(

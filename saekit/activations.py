@@ -63,6 +63,7 @@ from saekit.shard_writer import (
     StoreWriteError,
     decoded_batches,
 )
+from saekit.streams import StreamingImages
 
 __all__ = [
     "TOKEN_KINDS",
@@ -158,7 +159,7 @@ def _mismatch_message(out: Path, stored: dict, identity: dict) -> str:
 
 def extract(
     encoder: Encoder | str,
-    dataset: ImageDataset,
+    dataset: ImageDataset | StreamingImages,
     layers: str | Sequence[int] = "all",
     tokens: str = "cls",
     out: str | os.PathLike = "activations",
@@ -182,13 +183,15 @@ def extract(
     preprocessed by that many DataLoader worker processes (pinned memory and non-blocking
     copies on a GPU); the store is the same either way. Under ``torchrun`` each process writes
     its share of the shards (see `saekit.distributed`).
+
+    `dataset` may also be a stream (`saekit.streams`: WebDataset tar shards, a Hugging Face
+    dataset in streaming mode), read source by source into the same store format
+    (`saekit.stream_extract`).
     """
     if isinstance(encoder, str | os.PathLike):
         encoder = load_encoder(encoder)
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', not {dtype!r}.")
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: nothing to extract.")
     if batch_size < 1 or (shard_images is not None and shard_images < 1):
         raise ValueError(
             f"batch_size ({batch_size}) and shard_images ({shard_images}) must be positive."
@@ -196,6 +199,15 @@ def extract(
     kinds = _token_kinds(tokens)
     layer_ids = encoder.resolve_layers(layers)
     out = Path(out).expanduser()
+    if isinstance(dataset, StreamingImages):
+        from saekit.stream_extract import extract_stream
+
+        return extract_stream(
+            encoder, dataset, layer_ids, kinds, out, dtype, batch_size, shard_images,
+            (num_workers, decode_workers), progress,
+        )  # fmt: skip
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: nothing to extract.")
     ranks = distributed.current()
     args = (encoder, dataset, layer_ids, kinds, out, dtype, batch_size, shard_images)
     if ranks.world > 1:

@@ -1,6 +1,6 @@
 """The `saekit` command: long runs outside notebooks.
 
-saekit extract --model ID_OR_PATH --data DIR --layers all|0,5,11|3-5 --tokens cls|patch|both --out DIR
+saekit extract --model ID_OR_PATH --data DIR|wds:PATTERN|hf:NAME --layers all|0,5,11|3-5 --tokens cls|patch|both --out DIR
 saekit train --store DIR --layer L --arch relu|topk|... --out DIR   (one SAE)
 saekit sweep SWEEP.toml                                              (many SAEs, one pass)
 saekit eval --sae DIR --store DIR                                    (an SAE's report card)
@@ -95,11 +95,15 @@ def _extract(args: argparse.Namespace) -> int:
     from saekit.data import load_dataset
     from saekit.models import load_encoder
 
+    _check_data_flags(args)
     # Under torchrun every rank extracts its share of the shards (saekit.distributed).
     ranks = distributed.init_from_env(args.device)
     try:
         # Cheap checks first: a bad data or output folder is reported before the model loads.
-        dataset = load_dataset(args.data)
+        dataset = load_dataset(
+            args.data, split=args.split, streaming=args.streaming, classes=args.classes,
+            image_key=args.image_key or "image", label_key=args.label_key or "label",
+        )  # fmt: skip
         if ranks.is_main:
             check_output_folder(Path(args.out).expanduser())
         encoder = load_encoder(args.model, device=distributed.rank_device(args.device, ranks))
@@ -124,6 +128,24 @@ def _extract(args: argparse.Namespace) -> int:
             f"{len(store.skipped)} unreadable images were skipped (listed in {args.out}/manifest.json)"
         )
     return 0
+
+
+def _check_data_flags(args: argparse.Namespace) -> None:
+    """Flags that only some kinds of --data read are refused for the others."""
+    kind = "wds" if args.data.startswith("wds:") else "hf" if args.data.startswith("hf:") else ""
+    if args.classes is not None and kind != "wds":
+        raise CommandLineError(
+            "--classes applies to WebDataset tar shards (--data wds:PATTERN); a folder's classes "
+            "are its sub-folders and a Hugging Face dataset's come from its label column."
+        )
+    hf_only = {"--split": args.split, "--image-key": args.image_key, "--label-key": args.label_key}
+    hf_only["--streaming"] = args.streaming or None
+    for flag, value in hf_only.items():
+        if value is not None and kind != "hf":
+            raise CommandLineError(
+                f"{flag} applies to Hugging Face datasets (--data hf:NAME); drop it, or name "
+                "the dataset as hf:NAME."
+            )
 
 
 def _check_sparsity_flags(args: argparse.Namespace) -> None:
@@ -166,7 +188,36 @@ def _add_extract(commands: Any) -> None:
         ),
     )
     extract.add_argument("--model", required=True, help="hub id or local folder (save_pretrained)")
-    extract.add_argument("--data", required=True, help="ImageNet-style folder root/<class>/*.png")
+    extract.add_argument(
+        "--data",
+        required=True,
+        help="ImageNet-style folder root/<class>/*.png; or wds:PATTERN, WebDataset tar shards "
+        "read as a stream (a brace range such as 'wds:/data/train-{000000..000146}.tar', a "
+        "glob, a folder, or pipe:/http(s) URLs; label from each sample's .cls member or .json "
+        "'label'); or hf:NAME, a Hugging Face dataset (or a local folder of parquet files), "
+        "streamed with --streaming",
+    )
+    extract.add_argument(
+        "--classes",
+        default=None,
+        help="wds: only: text file naming label k on line k (class names, or WordNet ids such "
+        "as n01440764); default: classes numbered 0..max label",
+    )
+    extract.add_argument(
+        "--split", default=None, help="hf: only: the split to read (default: train)"
+    )
+    extract.add_argument(
+        "--streaming",
+        action="store_true",
+        help="hf: only: stream the dataset, shard by shard, instead of downloading it first; "
+        "under torchrun and with --workers each process reads its own shards",
+    )
+    extract.add_argument(
+        "--image-key", default=None, help="hf: only: the image column (default: image)"
+    )
+    extract.add_argument(
+        "--label-key", default=None, help="hf: only: the class-index column (default: label)"
+    )
     extract.add_argument(
         "--layers",
         default="all",

@@ -15,10 +15,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from saekit.streams import StreamingImages
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 WNID_PATTERN = re.compile(r"^n\d{8}$")
@@ -91,25 +94,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise UnreadableImageError(f"PIL cannot convert mode {mode} to RGB ({err})") from err
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
+def open_image(path: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
     """Decode an image fully (so truncation shows up here, not mid-batch) as RGB (`to_rgb`).
 
     Anything that cannot be read raises `UnreadableImageError` with the reason: corrupt or
     truncated files, unsupported modes, and images over PIL's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``; raise it for files you trust).
+    (``PIL.Image.MAX_IMAGE_PIXELS``; raise it for files you trust). `path` may be an open binary
+    file (the bytes of a tar member, say); `name` is what error messages call it.
     """
+    if name is None:
+        name = str(path)
     try:
         with Image.open(path) as image:
             image.load()
             return to_rgb(image)
     except Image.DecompressionBombError as err:
         raise UnreadableImageError(
-            f"Cannot read image {path}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+            f"Cannot read image {name}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
         ) from err
     except UnreadableImageError as err:
-        raise UnreadableImageError(f"Cannot read image {path}: {err}") from err
+        raise UnreadableImageError(f"Cannot read image {name}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UnreadableImageError(f"Cannot read image {path}: {err}") from err
+        raise UnreadableImageError(f"Cannot read image {name}: {err}") from err
 
 
 _ACCEPTED_IMAGES = (
@@ -338,13 +344,56 @@ class HFImageDataset:
             raise UnreadableImageError(f"Cannot read image {index}: {err}") from err
 
 
-def load_dataset(spec: str | os.PathLike) -> ImageDataset:
-    """A folder path -> `ImageFolder`; anything else is tried as a Hugging Face dataset name."""
+#: Prefixes of `load_dataset` specs that name streams or hub datasets rather than folders.
+WDS_PREFIX, HF_PREFIX = "wds:", "hf:"
+
+
+def load_dataset(
+    spec: str | os.PathLike,
+    *,
+    split: str | None = None,
+    streaming: bool = False,
+    classes: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> ImageDataset | StreamingImages:
+    """The images `spec` names, for `saekit.activations.extract`:
+
+    * an existing folder -> `ImageFolder` (also any path-like spec: ``./x``, ``/x``, ``a/b/c``);
+    * ``wds:PATTERN`` -> `saekit.streams.WebDatasetImages`, tar shards read as a stream
+      (`classes`: a file naming label k on line k);
+    * ``hf:NAME`` -> a Hugging Face dataset: streamed (`saekit.streams.HFStreamingImages`)
+      with ``streaming=True``, else loaded (`HFImageDataset`); `split`, `image_key` and
+      `label_key` choose what is read;
+    * anything else is tried as a Hugging Face dataset name (random access).
+
+    Returns an `ImageDataset` or, for streams, a `saekit.streams.StreamingImages`.
+    """
+    text = str(spec)
     path = Path(spec).expanduser()
-    if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+    is_wds = text.startswith(WDS_PREFIX) and not path.exists()
+    is_hf = text.startswith(HF_PREFIX) and not path.exists()
+    if classes is not None and not is_wds:
+        raise ValueError(f"classes= applies to wds: tar shards, not to {text!r}.")
+    if streaming and not is_hf:
+        raise ValueError(
+            f"streaming=True applies to hf: datasets, not to {text!r} (wds: shards always stream)."
+        )
+    if is_wds:
+        from saekit.streams import WebDatasetImages
+
+        return WebDatasetImages(text[len(WDS_PREFIX) :], classes=classes)
+    if is_hf:
+        name = text[len(HF_PREFIX) :]
+        if streaming:
+            from saekit.streams import HFStreamingImages
+
+            return HFStreamingImages(name, split or "train", image_key, label_key)
+        return HFImageDataset(name, image_key, label_key, split)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         return ImageFolder(path)
     try:
-        return HFImageDataset(str(spec))
+        return HFImageDataset(text, image_key, label_key, split)
     except Exception as err:  # noqa: BLE001 - any failure means "neither a folder nor a dataset"
         raise FileNotFoundError(
             f"{spec!r} is neither a folder (looked in {Path.cwd()}) nor a loadable Hugging Face "

@@ -48,6 +48,20 @@ def _load_or_skip(dataset: ImageDataset, index: int) -> tuple[int, Any]:
         return index, err
 
 
+class ShardParts:
+    """What one shard has accumulated so far: arrays per layer and token kind, row ids, labels,
+    unreadable images, patch grids."""
+
+    def __init__(self, layer_ids: list[int], kinds: tuple[str, ...]) -> None:
+        self.chunks: dict[str, list[np.ndarray]] = {
+            f"L{layer}_{kind}": [] for layer in layer_ids for kind in kinds
+        }
+        self.rows: list[int] = []
+        self.labels: list[int] = []
+        self.skipped: list[dict] = []
+        self.grids: dict[str, list[int]] = {}
+
+
 class ShardWriter:
     """Encodes a block of images and commits it as one shard folder."""
 
@@ -61,9 +75,12 @@ class ShardWriter:
         """Encode the images of shard `index` and commit the shard; returns its record.
         `decoded` yields the shard's batches preprocessed by DataLoader workers (None: decode
         here with `pool`)."""
-        chunks, rows, skipped, grids = self._encode(image_range, pool, decoded)
+        return self.commit(index, self._encode(image_range, pool, decoded))
+
+    def commit(self, index: int, parts: ShardParts, extra: dict | None = None) -> dict:
+        """Commit `parts` as shard `index` (`extra` joins its record); returns the record."""
         try:
-            return self._commit(index, chunks, rows, skipped, grids)
+            return self._commit(index, parts, extra or {})
         except OSError as err:
             raise StoreWriteError(
                 err.errno,
@@ -78,16 +95,44 @@ class ShardWriter:
             pixels_BCHW = pixels_BCHW.to(self.encoder.device, dtype=dtype, non_blocking=True)
             return self.encoder.forward_pixels(pixels_BCHW, layers=self.layer_ids)
 
-    def _encode(self, image_range: range, pool: ThreadPoolExecutor, decoded: Iterator | None):
-        chunks: dict[str, list[np.ndarray]] = {
-            f"L{layer}_{kind}": [] for layer in self.layer_ids for kind in self.kinds
-        }
-        rows: list[int] = []
-        skipped: list[dict] = []
-        grids: dict[str, list[int]] = {}
+    def add_batch(
+        self,
+        parts: ShardParts,
+        kept: list[int],
+        labels: list[int],
+        images: list | None = None,
+        pixels_BCHW: torch.Tensor | None = None,
+    ) -> None:
+        """Encode one forward batch (the readable images `kept` of it, as PIL `images` or as
+        preprocessed `pixels_BCHW`) into `parts`."""
+        if not kept:
+            return
+        if pixels_BCHW is not None:
+            result = self._forward_pixels(pixels_BCHW)
+        else:
+            result = self.encoder(images, layers=self.layer_ids)
+        parts.rows.extend(kept)
+        parts.labels.extend(labels)
+        for layer in self.layer_ids:
+            if "cls" in self.kinds:
+                parts.chunks[f"L{layer}_cls"].append(
+                    result.cls[layer].float().cpu().numpy().astype(self.np_dtype)
+                )
+            if "patch" in self.kinds:
+                parts.chunks[f"L{layer}_patch"].append(
+                    result.patches[layer].float().cpu().numpy().astype(self.np_dtype)
+                )
+                parts.grids[str(layer)] = list(result.grids[layer])
+
+    def _encode(
+        self, image_range: range, pool: ThreadPoolExecutor, decoded: Iterator | None
+    ) -> ShardParts:
+        parts = ShardParts(self.layer_ids, self.kinds)
         indices = list(image_range)
         for batch_start in range(0, len(indices), self.batch_size):
             batch = indices[batch_start : batch_start + self.batch_size]
+            images: list | None = None
+            pixels_BCHW = None
             if decoded is not None:
                 kept, errors, pixels_BCHW = next(decoded)
             else:
@@ -99,45 +144,31 @@ class ShardWriter:
                         images.append(image)
                         kept.append(index)
             for index, error in errors:
-                skipped.append(
+                parts.skipped.append(
                     {"index": index, "id": self.dataset.image_ids[index], "error": error}
                 )
             self.bar.update(len(batch))
-            if not kept:
-                continue
-            if decoded is not None:
-                result = self._forward_pixels(pixels_BCHW)
-            else:
-                result = self.encoder(images, layers=self.layer_ids)
-            rows.extend(kept)
-            for layer in self.layer_ids:
-                if "cls" in self.kinds:
-                    chunks[f"L{layer}_cls"].append(
-                        result.cls[layer].float().cpu().numpy().astype(self.np_dtype)
-                    )
-                if "patch" in self.kinds:
-                    chunks[f"L{layer}_patch"].append(
-                        result.patches[layer].float().cpu().numpy().astype(self.np_dtype)
-                    )
-                    grids[str(layer)] = list(result.grids[layer])
-        return chunks, rows, skipped, grids
+            labels = [self.dataset.labels[i] for i in kept]
+            self.add_batch(parts, kept, labels, images, pixels_BCHW)
+        return parts
 
-    def _commit(self, index, chunks, rows, skipped, grids) -> dict:
+    def _commit(self, index: int, parts: ShardParts, extra: dict) -> dict:
         staging = self.out / f"shard_{index:05d}.tmp"
         make_dir(staging)
         arrays = {
-            "rows.npy": np.asarray(rows, dtype=np.int64),
-            "labels.npy": np.asarray([self.dataset.labels[i] for i in rows], dtype=np.int64),
+            "rows.npy": np.asarray(parts.rows, dtype=np.int64),
+            "labels.npy": np.asarray(parts.labels, dtype=np.int64),
         }
-        arrays.update({f"{name}.npy": np.concatenate(p) for name, p in chunks.items() if p})
+        arrays.update({f"{name}.npy": np.concatenate(p) for name, p in parts.chunks.items() if p})
         for name, array in arrays.items():
             save_array(staging / name, array)
         record = {
             "index": index,
-            "rows": len(rows),
-            "grids": grids,
-            "skipped": skipped,
+            "rows": len(parts.rows),
+            "grids": parts.grids,
+            "skipped": parts.skipped,
             "files": sorted(arrays),
+            **extra,
         }
         # Written last: a shard folder with a shard.json is whole.
         write_text_durably(staging / SHARD_RECORD, json.dumps(record, indent=1))
