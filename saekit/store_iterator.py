@@ -13,9 +13,18 @@ background thread, and serves shuffled batches from a window of blocks:
 
 Every row appears exactly once per epoch, and the order is a function of ``(seed, epoch,
 block_rows, window_rows)``. Memory is one window array per layer (the store's dtype), a
-read-ahead queue of at most `readahead_blocks` blocks and the float32 batch being built: the
-window is sized so that all of it fits the byte budget (the batches a caller keeps are its
-own).
+read-ahead queue of at most `readahead_blocks` blocks and the batches assembled ahead of the
+caller: the window is sized so that all of it fits the byte budget (the batches a caller keeps
+are its own).
+
+The batches are assembled (gathered from the window into fresh arrays) in a second background
+thread, so a trainer's thread only takes finished batches; at most as many wait, built or being
+built, as fit the bytes the plan sets aside for one float32 batch (one float32 batch, or two in
+float16). Two switches serve a trainer on a GPU: ``dtype=None`` keeps the store's dtype (a
+float16 store sends half the bytes over PCIe; the trainer casts on the device) and
+``pin_memory=True`` assembles into page-locked memory, so the copy to the device can be
+``non_blocking``. ``background=False`` assembles on the caller's thread instead (same batches,
+same order; for comparison).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +107,9 @@ def plan_window(
     """(window rows, read-ahead blocks) that fit `budget` bytes together with the block in
     transit and the float32 batch being built (the batches the caller keeps are its own).
 
-    The read-ahead queue takes at most an eighth of the budget; the window the rest.
+    The read-ahead queue takes at most an eighth of the budget; the window the rest. The bytes of
+    the float32 batch are what `StoreBatches` spends on the batches it assembles ahead (see
+    `batches_ahead`), so the window, hence the batch order, does not depend on those switches.
     """
     block_bytes = block_rows * row_bytes
     readahead = max(1, min(readahead_blocks, budget // 8 // max(block_bytes, 1)))
@@ -114,12 +126,19 @@ def plan_window(
     return int(min(window, MAX_WINDOW_ROWS // block_rows * block_rows)), int(readahead)
 
 
+def batches_ahead(f32_row_bytes: int, out_row_bytes: int) -> int:
+    """How many assembled batches may wait for the caller (built or being built): as many as fit
+    the float32 batch `plan_window` reserves, at least one."""
+    return max(1, f32_row_bytes // max(out_row_bytes, 1))
+
+
 class StoreBatches:
     """One epoch's shuffled batches of rows read from per-shard ``.npy`` files.
 
     `files[layer][shard]` lists each layer's files in shard order; all layers of a shard have
-    the same number of rows. Yields float32 tensors ``[B, D]`` (or ``{layer: [B, D]}`` when
-    `as_dict`).
+    the same number of rows. Yields tensors ``[B, D]`` (or ``{layer: [B, D]}`` when `as_dict`)
+    of `dtype` (float32; None: the store's own), in page-locked memory when `pin_memory` (which
+    needs CUDA), assembled in a background thread unless `background` is false.
     """
 
     def __init__(
@@ -136,9 +155,18 @@ class StoreBatches:
         window_rows: int | None = None,
         readahead_blocks: int = READAHEAD_BLOCKS,
         as_dict: bool = False,
+        dtype: Any = np.float32,
+        pin_memory: bool = False,
+        background: bool = True,
     ) -> None:
         if batch_size < 1 or block_rows < 1:
             raise ValueError(f"batch_size ({batch_size}) and block_rows must be positive.")
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError(
+                "pin_memory=True needs CUDA (page-locked memory only speeds up copies to a GPU) "
+                "and torch.cuda.is_available() is False: pass pin_memory=False."
+            )
+        self.pin_memory, self.background = pin_memory, background
         self.layers = list(files)
         self.sources = {ly: [NpyRows.open(p) for p in files[ly]] for ly in self.layers}
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
@@ -151,6 +179,12 @@ class StoreBatches:
         )
         window_rows = planned if window_rows is None else window_rows
         self.readahead_blocks = readahead
+        self.dtypes = {
+            ly: np.dtype(self.sources[ly][0].dtype if dtype is None else dtype)
+            for ly in self.layers
+        }
+        out_row_bytes = sum(s[0].width * self.dtypes[ly].itemsize for ly, s in self.sources.items())
+        self.ahead = batches_ahead(f32_row_bytes, out_row_bytes)
         self.blocks = [
             (shard, lo, min(lo + block_rows, part.n_rows))
             for shard, part in enumerate(first)
@@ -189,54 +223,132 @@ class StoreBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor | dict[int, torch.Tensor]]:
         windows = self._windows()
+        blocks: queue.Queue = queue.Queue(maxsize=max(1, self.readahead_blocks))
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=self._read_ahead, args=(windows, blocks, stop), daemon=True,
+                name="saekit-store-reader",
+            )
+        ]  # fmt: skip
+        batches = self._assemble(windows, blocks, stop)
+        if self.background:
+            ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by the slots
+            slots = threading.Semaphore(self.ahead)
+            threads.append(
+                threading.Thread(
+                    target=_assemble_ahead, args=(batches, ready, slots, stop), daemon=True,
+                    name="saekit-store-assembler",
+                )
+            )  # fmt: skip
+            batches = _take(ready, slots)
+        for thread in threads:
+            thread.start()
+        try:
+            yield from batches
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
+    def _assemble(self, windows, blocks: queue.Queue, stop: threading.Event) -> Iterator[Any]:
+        """The epoch's batches, gathered from each window as the reader fills it."""
         capacity = self.window_rows + self.batch_size
         window = {
             ly: np.empty((capacity, self.sources[ly][0].width), self.sources[ly][0].dtype)
             for ly in self.layers
         }
-        blocks: queue.Queue = queue.Queue(maxsize=max(1, self.readahead_blocks))
-        stop = threading.Event()
-        reader = threading.Thread(
-            target=self._read_ahead, args=(windows, blocks, stop), daemon=True,
-            name="saekit-store-reader",
-        )  # fmt: skip
-        reader.start()
-        try:
-            carried = 0  # rows left from the previous window, kept at the window's start
-            for position, spec in enumerate(windows):
-                filled = carried
-                for _ in spec:
-                    item = blocks.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    n = len(item[self.layers[0]])
-                    for ly in self.layers:
-                        window[ly][filled : filled + n] = item[ly]
-                    filled += n
-                perm = self.rng.permutation(filled) if self.shuffle else np.arange(filled)
-                n_full = filled // self.batch_size * self.batch_size
-                for start in range(0, n_full, self.batch_size):
-                    yield self._batch(window, perm[start : start + self.batch_size])
-                rest = perm[n_full:]
-                if position + 1 == len(windows):
-                    if len(rest) and not self.drop_last:
-                        yield self._batch(window, rest)
-                else:
-                    for ly in self.layers:
-                        window[ly][: len(rest)] = window[ly][rest]
-                    carried = len(rest)
-        finally:
-            stop.set()
-            reader.join()
+        carried = 0  # rows left from the previous window, kept at the window's start
+        for position, spec in enumerate(windows):
+            filled = carried
+            for _ in spec:
+                item = _get(blocks, stop)
+                if item is _STOPPED:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                n = len(item[self.layers[0]])
+                for ly in self.layers:
+                    window[ly][filled : filled + n] = item[ly]
+                filled += n
+            perm = self.rng.permutation(filled) if self.shuffle else np.arange(filled)
+            n_full = filled // self.batch_size * self.batch_size
+            for start in range(0, n_full, self.batch_size):
+                yield self._batch(window, perm[start : start + self.batch_size])
+            rest = perm[n_full:]
+            if position + 1 == len(windows):
+                if len(rest) and not self.drop_last:
+                    yield self._batch(window, rest)
+            else:
+                for ly in self.layers:
+                    window[ly][: len(rest)] = window[ly][rest]
+                carried = len(rest)
 
     def _batch(self, window, picked) -> torch.Tensor | dict[int, torch.Tensor]:
         tensors = {}
         for ly in self.layers:
-            batch = np.empty((len(picked), window[ly].shape[1]), np.float32)
+            shape = (len(picked), window[ly].shape[1])
+            if self.pin_memory:
+                tensor = torch.empty(shape, dtype=_torch_dtype(self.dtypes[ly]), pin_memory=True)
+                batch = tensor.numpy()
+            else:  # numpy's allocator, which tracemalloc sees (the budget test counts it)
+                batch = np.empty(shape, self.dtypes[ly])
+                tensor = torch.from_numpy(batch)
             for start in range(0, len(picked), GATHER_ROWS):  # a bounded temporary per copy
                 batch[start : start + GATHER_ROWS] = window[ly][picked[start : start + GATHER_ROWS]]
-            tensors[ly] = torch.from_numpy(batch)
+            tensors[ly] = tensor
         return tensors if self.as_dict else tensors[self.layers[0]]
+
+
+#: Handed over in place of an item when the consumer has stopped, or after the last batch.
+_STOPPED, _END = object(), object()
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _assemble_ahead(
+    batches: Iterator[Any], ready: queue.SimpleQueue, slots: threading.Semaphore,
+    stop: threading.Event,
+) -> None:  # fmt: skip
+    """Background assembler: build each batch once a slot is free, hand it over, then `_END`
+    (or the error that stopped it)."""
+    try:
+        while True:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            batch = next(batches, _END)
+            ready.put(batch)
+            if batch is _END:
+                return
+    except BaseException as err:  # handed to the consumer, which raises it
+        ready.put(err)
+
+
+def _take(ready: queue.SimpleQueue, slots: threading.Semaphore) -> Iterator[Any]:
+    """The consumer's side of `_assemble_ahead`: each batch taken frees its slot."""
+    while True:
+        item = ready.get()
+        slots.release()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _get(blocks: queue.Queue, stop: threading.Event) -> Any:
+    """The next block, or `_STOPPED` once the consumer has stopped (the reader may be gone)."""
+    while True:
+        try:
+            return blocks.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                return _STOPPED
 
 
 def _put(blocks: queue.Queue, item, stop: threading.Event) -> bool:
@@ -257,4 +369,6 @@ def store_batches(
     yield from StoreBatches(files, batch_size, **kwargs)
 
 
-__all__: Sequence[str] = ("DEFAULT_BUDGET", "NpyRows", "StoreBatches", "plan_window")
+__all__: Sequence[str] = (
+    "DEFAULT_BUDGET", "NpyRows", "StoreBatches", "batches_ahead", "plan_window",
+)  # fmt: skip

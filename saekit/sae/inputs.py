@@ -1,5 +1,5 @@
-"""What the SAE trainer feeds each SAE: batches split by source layer, moved to the device,
-checked for NaN/Inf and normalised; and the statistics (input normalisations, b_dec inits) fitted
+"""What the SAE trainer feeds each SAE: batches split by source layer, moved to the device (in
+the batch's own dtype, cast to float32 there), checked for NaN/Inf and normalised; and the statistics (input normalisations, b_dec inits) fitted
 on the first rows of epoch 0 before training.
 
 A batch is a tensor ``[B, D]`` (every SAE reads it) or a dict ``{layer: [B, D]}``; SAEs that
@@ -44,11 +44,19 @@ def prepare_inputs(
     batch_index: int,
     check: bool = True,
 ) -> list[torch.Tensor]:
-    """Each SAE's (normalised) input for this batch; SAEs with the same source share a tensor."""
+    """Each SAE's (normalised) float32 input for this batch; SAEs with the same source share a
+    tensor.
+
+    A batch crosses to the device in its own dtype (a float16 store's: half the bytes over PCIe)
+    and is cast to float32 there; on a CPU that is the cast ``.to(dtype=float32)`` always was.
+    The copy to a GPU is ``non_blocking``: from page-locked memory (``pin_memory``) the host
+    goes on without waiting for it (the caching host allocator keeps the page-locked block
+    until the copy is done).
+    """
     split = split_batch(batch, specs)
     raw: dict[Any, torch.Tensor] = {}
     for source, x in split.items():
-        x = x.to(device=device, dtype=torch.float32)
+        x = x.to(device, non_blocking=device.type == "cuda").to(torch.float32)
         if check:
             check_finite(x, source, epoch, batch_index)
         raw[source] = x

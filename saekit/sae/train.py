@@ -19,6 +19,7 @@ A run killed at any of those steps resumes to the same SAEs when run again.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sae_lens import SAE
 
 import saekit
@@ -173,7 +175,11 @@ def sweep_from_store(
     same finished run is loaded instead of retrained, checkpoints go to
     ``out_dir/.checkpoint`` and are removed once everything is saved. Each SAE's metadata
     records the store, model identity, layer and token kind it was trained on. Other keywords
-    go to :func:`~saekit.sae.trainer.sweep`.
+    go to :func:`~saekit.sae.trainer.sweep`, except ``pin_memory`` (None: page-locked batches
+    exactly when ``device`` is CUDA; True without CUDA is an error): a store whose ``batches``
+    accepts ``dtype`` and ``pin_memory`` hands over batches in its own dtype, assembled off
+    the training thread into page-locked memory, which the trainer copies to the GPU without
+    blocking and casts to float32 there (see `_batch_options`).
 
     Under torchrun (or with `ranks` of several processes) and an ``out_dir``, the SAEs are
     dealt to the ranks (SAE ``i`` to rank ``i % world``), each rank trains its share on the same
@@ -275,6 +281,8 @@ def _train_on_store(
     kwargs: dict[str, Any],
 ) -> list[SAE]:
     tokens, batch_size, seed = settings["tokens"], settings["batch_size"], settings["data_seed"]
+    kwargs = dict(kwargs)
+    fast = _batch_options(store, kwargs.get("device", "cpu"), kwargs.pop("pin_memory", None))
     used = list(dict.fromkeys(spec.layer for spec in filled))
     if check_data:
         for layer in used:
@@ -283,9 +291,8 @@ def _train_on_store(
     steps_per_epoch = math.ceil(n_rows / batch_size)
 
     def batches(epoch: int) -> Iterable[Any]:
-        if len(used) == 1:  # a bare tensor: every spec reads it
-            return store.batches(used[0], batch_size, tokens=tokens, seed=seed, epoch=epoch)
-        return store.batches(used, batch_size, tokens=tokens, seed=seed, epoch=epoch)
+        layers = used[0] if len(used) == 1 else used  # one layer: a bare tensor, read by all
+        return store.batches(layers, batch_size, tokens=tokens, seed=seed, epoch=epoch, **fast)
 
     data = settings["data"]
     identity = data.get("model") if isinstance(data, dict) else None
@@ -310,6 +317,26 @@ def _train_on_store(
         run=settings,
         **kwargs,
     )
+
+
+def _batch_options(store: Any, device: Any, pin_memory: bool | None) -> dict[str, Any]:
+    """Keywords for ``store.batches``, where it names them: ``dtype=None`` (batches in the
+    store's dtype, cast to float32 by the trainer on the device: half the bytes over PCIe and in
+    the batches assembled ahead for a float16 store) and ``pin_memory`` (None: exactly when
+    training on CUDA). Same batches, same order either way."""
+    on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    pin = on_cuda if pin_memory is None else bool(pin_memory)
+    if pin and not torch.cuda.is_available():
+        raise ValueError(
+            "pin_memory=True needs CUDA (page-locked batches only speed up copies to a GPU) and "
+            "torch.cuda.is_available() is False: pass pin_memory=None (pins exactly when "
+            "training on CUDA) or False."
+        )
+    params = inspect.signature(store.batches).parameters
+    options: dict[str, Any] = {"dtype": None} if "dtype" in params else {}
+    if pin and "pin_memory" in params:
+        options["pin_memory"] = True
+    return options
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
