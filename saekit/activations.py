@@ -329,6 +329,10 @@ def _extract_shards(
     done = {shard["index"] for shard in manifest["shards"]}
     mine = [i for i in range(n_shards) if ranks.owns(i)]
     images = {i: range(i * shard_images, min((i + 1) * shard_images, len(dataset))) for i in mine}
+    todo = [i for i in mine if i not in done]
+    # Decode workers fork here, before the progress bar starts tqdm's monitor thread: a fork
+    # while a thread is being started can deadlock the child.
+    decoded = decoded_batches(encoder, dataset, [images[i] for i in todo], batch_size, workers[1])
     rank = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
     bar = tqdm(
         total=sum(len(r) for r in images.values()),
@@ -338,8 +342,6 @@ def _extract_shards(
         disable=not progress,
     )
     writer = ShardWriter(encoder, dataset, layer_ids, kinds, np.dtype(dtype), batch_size, out, bar)
-    todo = [i for i in mine if i not in done]
-    decoded = decoded_batches(encoder, dataset, [images[i] for i in todo], batch_size, workers[1])
     with ThreadPoolExecutor(max_workers=max(1, workers[0])) as pool:
         for index in todo:
             record = writer.write(index, images[index], pool, decoded)

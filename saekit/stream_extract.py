@@ -286,18 +286,18 @@ def _extract_sources(
     done = {shard["index"] for shard in manifest["shards"]}
     ended = _ended_sources(manifest)
     mine = [s for s in range(len(images.sources)) if ranks.owns(s) and s not in ended]
-    rank = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
-    bar = tqdm(desc=f"extract {Path(encoder.model_id).name}{rank}", unit="img",
-               disable=not progress)  # fmt: skip
-    writer = ShardWriter(encoder, None, layer_ids, kinds, np.dtype(dtype), batch_size, out, bar)
     with ThreadPoolExecutor(max_workers=max(1, workers[0])) as pool:
         if workers[1] > 0 and mine:
             stream = _PreparedSources(
                 images, mine, shard_images, batch_size, done, encoder.processor
             )
-            batches: Any = torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=min(workers[1], len(mine)),
-                pin_memory=torch.device(encoder.device).type == "cuda",
+            # iter() forks the workers now, before the progress bar starts tqdm's monitor
+            # thread: a fork while a thread is being started can deadlock the child.
+            batches: Any = iter(
+                torch.utils.data.DataLoader(
+                    stream, batch_size=None, num_workers=min(workers[1], len(mine)),
+                    pin_memory=torch.device(encoder.device).type == "cuda",
+                )
             )  # fmt: skip
         else:
 
@@ -311,8 +311,12 @@ def _extract_sources(
                 for source in mine
                 for batch in source_batches(images, source, shard_images, batch_size, done, prepare)
             )
+        rank = f" [rank {ranks.rank}/{ranks.world}]" if ranks.world > 1 else ""
+        bar = tqdm(desc=f"extract {Path(encoder.model_id).name}{rank}", unit="img",
+                   disable=not progress)  # fmt: skip
+        writer = ShardWriter(encoder, None, layer_ids, kinds, np.dtype(dtype), batch_size, out, bar)
         _encode_and_commit(writer, batches, layer_ids, kinds, manifest, out, ranks)
-    bar.close()
+        bar.close()
 
 
 def _encode_and_commit(writer, batches, layer_ids, kinds, manifest, out, ranks) -> None:
