@@ -16,6 +16,7 @@ import json
 import math
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,34 +112,122 @@ def train_clip_tokenizer(texts: list[str], vocab_size: int = 512) -> CLIPTokeniz
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int = 0) -> CLIPTextConfig:
+def text_config(
+    tokenizer: CLIPTokenizer,
+    layers: int,
+    heads: int,
+    *,
+    width: int = 32,
+    projection_dim: int | None = None,
+) -> CLIPTextConfig:
+    """A CLIP text tower `width` wide and `layers` deep over `tokenizer`'s vocabulary and special
+    tokens; the projection defaults to `width`."""
     return clip_text_config(
         len(tokenizer),
-        hidden,
-        layers=3,
-        heads=4,
-        projection_dim=projection or hidden,
+        width,
+        layers,
+        heads,
+        projection_dim=projection_dim,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def _mini_vae(**overrides: Any) -> AutoencoderKL:
-    """A two-block, 4-channel-latent VAE for 32-pixel images (SD 1.x settings unless overridden)."""
+def _vae(
+    channels: tuple[int, ...],
+    image_size: int,
+    latent_channels: int = 4,
+    layers: int = 1,
+    **overrides: Any,
+) -> AutoencoderKL:
+    """An `AutoencoderKL` with one block per entry of `channels` (each after the first halves the
+    side) for `image_size`-pixel images; SD 1.x's latent scale unless overridden."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=latent_channels,
         norm_num_groups=8,
-        sample_size=32,
+        sample_size=image_size,
         **overrides,
     )
+
+
+def _latent_side(image_size: int, vae_channels: tuple[int, ...]) -> int:
+    return image_size // 2 ** (len(vae_channels) - 1)
+
+
+SD_BETAS = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    set_alpha_to_one=False,
+)
+"""SD 1.x's noise schedule, as its scheduler configs store it."""
+
+
+@dataclass(frozen=True)
+class SDShape:
+    """The sizes of a Stable Diffusion 1.x miniature; the defaults are the mini profile's."""
+
+    text_layers: int = 3
+    """Blocks of the 32-wide CLIP text encoder."""
+    text_heads: int = 4
+    """Attention heads of the text encoder."""
+    image_size: int = 32
+    """Side of the generated images in pixels."""
+    unet_channels: tuple[int, ...] = (16, 32)
+    """Channels per UNet block; every block but the deepest cross-attends to the text."""
+    unet_layers: int = 1
+    """ResNet layers per UNet block."""
+    unet_heads: int = 4
+    """The UNet's ``attention_head_dim``, which diffusers reads as SD 1.x's number of heads."""
+    vae_channels: tuple[int, ...] = (8, 16)
+    """Channels per VAE block; each block after the first halves the side."""
+    vae_layers: int = 1
+    """ResNet layers per VAE block."""
+
+
+def _build_sd(
+    path: Path, seed: int, shape: SDShape, scheduler: Any, feature_extractor: Any = None
+) -> None:
+    """Save a `StableDiffusionPipeline` of `shape` (no safety checker) to `path`."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(mini_prompts())
+    text_encoder = CLIPTextModel(text_config(tokenizer, shape.text_layers, shape.text_heads))
+    n = len(shape.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=_latent_side(shape.image_size, shape.vae_channels),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=32,
+        attention_head_dim=shape.unet_heads,
+        norm_num_groups=8,
+    )
+    vae = _vae(shape.vae_channels, shape.image_size, layers=shape.vae_layers)
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
 
 
 def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
@@ -147,48 +236,10 @@ def build_mini_sd(path: str | Path, seed: int = 0) -> Path:
     Reload it with `saekit.analysis.steering.load_pipeline(path)` or
     `StableDiffusionPipeline.from_pretrained(path)`. No safety checker.
     """
-    from diffusers import (
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler
 
     path = Path(path)
-    torch.manual_seed(seed)
-    tokenizer = train_clip_tokenizer(mini_prompts())
-    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32))
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = _mini_vae()
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
+    _build_sd(path, seed, SDShape(), DDIMScheduler(clip_sample=False, **SD_BETAS))
     return path
 
 
@@ -198,7 +249,7 @@ def build_mini_clip(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = train_clip_tokenizer(mini_prompts() + mini_vocabulary())
     model = tiny_clip(
-        _text_config(tokenizer, hidden=32, projection=16),
+        text_config(tokenizer, 3, 4, projection_dim=16),
         clip_vision_config(32, 2, 4, image_size=32, patch_size=8, projection_dim=16),
         projection_dim=16,
         seed=seed,
@@ -230,11 +281,47 @@ def _t5_tokenizer(texts: list[str]):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
-    """Save a tiny `StableDiffusion3Pipeline` (two CLIP text encoders + T5, 32x32 images).
+@dataclass(frozen=True)
+class SD3Shape:
+    """The sizes of a Stable Diffusion 3 miniature; the defaults are the mini profile's."""
 
-    Paper 003 Appendix B steers SD 3.5 through the joint output of its three text encoders.
-    """
+    clip_layers: tuple[int, int] = (3, 3)
+    """Blocks of the two 32-wide CLIP text encoders (CLIP-L's and CLIP-bigG's places)."""
+    clip_heads: int = 4
+    """Attention heads of the CLIP text encoders."""
+    t5_layers: int = 1
+    """Blocks of the 64-wide T5 text encoder (at least the two CLIPs side by side, as SD 3
+    pads them to T5's width)."""
+    t5_ff: int = 64
+    """T5's feed-forward width."""
+    t5_activation: str = "relu"
+    """T5's ``feed_forward_proj`` (T5 v1.1 uses "gated-gelu")."""
+    image_size: int = 32
+    """Side of the generated images in pixels."""
+    latent_channels: int = 4
+    """Latent channels of the VAE, which the MMDiT denoises."""
+    mmdit_layers: int = 1
+    """Joint-attention blocks of the MMDiT."""
+    head_dim: int = 8
+    """Width of an MMDiT attention head."""
+    heads: int = 2
+    """MMDiT attention heads."""
+    pos_embed_max_size: int = 16
+    """Side of the MMDiT's position-embedding grid (cropped to the latent's patch grid)."""
+    qk_norm: str | None = None
+    """Normalisation of the MMDiT's queries and keys."""
+    vae_channels: tuple[int, ...] = (8, 16)
+    """Channels per VAE block; each block after the first halves the side."""
+    vae_layers: int = 1
+    """ResNet layers per VAE block."""
+    vae_scale: float = 1.5035
+    """The VAE's latent ``scaling_factor``."""
+    flow_shift: float = 1.0
+    """Timestep shift of the flow-matching scheduler."""
+
+
+def _build_sd3(path: Path, seed: int, shape: SD3Shape) -> None:
+    """Save a `StableDiffusion3Pipeline` of `shape` (two CLIP text encoders + T5) to `path`."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -242,47 +329,56 @@ def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    path = Path(path)
     torch.manual_seed(seed)
     corpus = mini_prompts()
     tokenizer = train_clip_tokenizer(corpus)
     tokenizer_3 = _t5_tokenizer(corpus)
-    clip_width, t5_width = 32, 64  # T5 must be at least as wide as the two CLIPs side by side
-    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=clip_width))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden=clip_width))
+    text_encoder, text_encoder_2 = (
+        CLIPTextModelWithProjection(text_config(tokenizer, layers, shape.clip_heads))
+        for layers in shape.clip_layers
+    )
     text_encoder_3 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_3),
-            d_model=t5_width,
+            d_model=64,
             d_kv=8,
-            d_ff=64,
-            num_layers=1,
+            d_ff=shape.t5_ff,
+            num_layers=shape.t5_layers,
             num_heads=4,
+            feed_forward_proj=shape.t5_activation,
             pad_token_id=tokenizer_3.pad_token_id,
             eos_token_id=tokenizer_3.eos_token_id,
             decoder_start_token_id=tokenizer_3.pad_token_id,
         )
     )
     transformer = SD3Transformer2DModel(
-        sample_size=16,
+        sample_size=_latent_side(shape.image_size, shape.vae_channels),
         patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=t5_width,
+        in_channels=shape.latent_channels,
+        out_channels=shape.latent_channels,
+        num_layers=shape.mmdit_layers,
+        attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads,
+        joint_attention_dim=64,
         caption_projection_dim=16,
-        pooled_projection_dim=2 * clip_width,
-        pos_embed_max_size=16,
+        pooled_projection_dim=2 * 32,
+        pos_embed_max_size=shape.pos_embed_max_size,
+        qk_norm=shape.qk_norm,
     )
-    # SD 3's VAE: its latent shift and scale, and no quantisation convolutions.
-    vae = _mini_vae(
-        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False
+    # SD 3's VAE: a latent shift and scale, and no quantisation convolutions.
+    vae = _vae(
+        shape.vae_channels,
+        shape.image_size,
+        shape.latent_channels,
+        shape.vae_layers,
+        scaling_factor=shape.vae_scale,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shape.flow_shift),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -291,6 +387,15 @@ def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     ).save_pretrained(path)
+
+
+def build_mini_sd3(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `StableDiffusion3Pipeline` (two CLIP text encoders + T5, 32x32 images).
+
+    Paper 003 Appendix B steers SD 3.5 through the joint output of its three text encoders.
+    """
+    path = Path(path)
+    _build_sd3(path, seed, SD3Shape())
     return path
 
 
@@ -300,157 +405,58 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 """CLIP's pixel statistics, as the hub's CLIP processors store them."""
 
+HUB_SD14 = SDShape(
+    text_layers=12,
+    text_heads=2,
+    image_size=512,
+    unet_channels=(16, 16, 32, 32),
+    unet_layers=2,
+    # One head keeps the 4096-token self-attention of the 64x64 latent affordable on a CPU.
+    unet_heads=1,
+    vae_channels=(8, 8, 16, 16),
+    vae_layers=2,
+)
+"""CompVis/stable-diffusion-v1-4's depths at toy width."""
+
+HUB_SD35 = SD3Shape(
+    clip_layers=(12, 32),
+    clip_heads=2,
+    t5_layers=24,
+    t5_ff=128,
+    t5_activation="gated-gelu",
+    image_size=1024,
+    latent_channels=16,
+    mmdit_layers=38,
+    head_dim=16,
+    heads=1,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+    vae_channels=(8, 8, 16, 16),
+    vae_layers=2,
+    vae_scale=1.5305,
+    flow_shift=3.0,
+)
+"""stabilityai/stable-diffusion-3.5-large's depths at toy width."""
+
 
 def build_hub_sd14(path: Path, seed: int = 0) -> None:
     """Hub-shaped CompVis/stable-diffusion-v1-4: SD 1.x's UNet (four blocks, three with cross-attention,
     64-latent / 512-pixel images), a four-block VAE (8x down), CLIP ViT-L/14's 12-layer text
     encoder, the PNDM scheduler; no safety checker (the steering code loads none)."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import PNDMScheduler
 
-    torch.manual_seed(seed)
-    tokenizer = train_clip_tokenizer(mini_prompts())
-    text_encoder = CLIPTextModel(
-        clip_text_config(
-            len(tokenizer),
-            32,
-            12,
-            2,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    feature_extractor = CLIPImageProcessorPil(
+        crop_size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD
     )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        # diffusers reads SD 1.x's attention_head_dim as the number of heads: one keeps the
-        # 4096-token self-attention of the 64x64 latent affordable on a CPU.
-        attention_head_dim=1,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=CLIPImageProcessorPil(
-            crop_size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD
-        ),
-        requires_safety_checker=False,
-    ).save_pretrained(path)
+    scheduler = PNDMScheduler(skip_prk_steps=True, **SD_BETAS)
+    _build_sd(path, seed, HUB_SD14, scheduler, feature_extractor)
 
 
 def build_hub_sd35(path: Path, seed: int = 0) -> None:
     """Hub-shaped stabilityai/stable-diffusion-3.5-large: the 38-block MMDiT (patch 2, 128-latent /
     1024-pixel images, RMS q/k norm), a 16-channel VAE, CLIP-L (12 layers), CLIP-bigG (32) and
     T5 v1.1 XXL (24) text encoders, flow-matching Euler scheduler."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    corpus = mini_prompts()
-    tokenizer = train_clip_tokenizer(corpus)
-    tokenizer_3 = _t5_tokenizer(corpus)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), 32, 12, 2, **ids))
-    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(len(tokenizer), 32, 32, 2, **ids))
-    t5_width = 64  # at least the two CLIPs side by side, as SD 3 pads them to T5's width
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=t5_width,
-            d_kv=8,
-            d_ff=128,
-            num_layers=24,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id,
-        )
-    )
-    transformer = SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=38,
-        attention_head_dim=16,
-        num_attention_heads=1,
-        joint_attention_dim=t5_width,
-        caption_projection_dim=16,
-        pooled_projection_dim=64,
-        pos_embed_max_size=192,
-        qk_norm="rms_norm",
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=1024,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    ).save_pretrained(path)
+    _build_sd3(path, seed, HUB_SD35)
 
 
 def mini_models(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:

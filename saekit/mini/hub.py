@@ -39,10 +39,11 @@ from saekit.mini.diffusion import (
     build_hub_sd35,
     mini_prompts,
     mini_vocabulary,
+    text_config,
     train_clip_tokenizer,
 )
 from saekit.mini.llava import build_hub_llava, build_hub_qwen25_vl
-from saekit.mini.miniatures import clip_text_config, clip_vision_config, tiny_clip
+from saekit.mini.miniatures import clip_vision_config, dinov2, resnet_config, tiny_clip
 from saekit.models import _quiet_transformers
 
 HUB_FORMAT = 2
@@ -69,13 +70,7 @@ def _dinov2(registers: bool) -> Callable[[Path, int], None]:
             layer_norm_eps=1e-6,
         )
         torch.manual_seed(seed)
-        if registers:
-            model = transformers.Dinov2WithRegistersModel(
-                transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **shape)
-            )
-        else:
-            model = transformers.Dinov2Model(transformers.Dinov2Config(**shape))
-        model.save_pretrained(path)
+        dinov2(registers, **shape).save_pretrained(path)
         transformers.BitImageProcessor(
             size={"shortest_edge": 256},
             resample=BICUBIC,
@@ -94,15 +89,7 @@ def _clip(
     def build(path: Path, seed: int) -> None:
         tokenizer = train_clip_tokenizer(mini_prompts() + mini_vocabulary())
         model = tiny_clip(
-            clip_text_config(
-                len(tokenizer),
-                32,
-                text_layers,
-                2,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            ),
+            text_config(tokenizer, text_layers, 2),
             clip_vision_config(32, vision_layers, 2, image_size=224, patch_size=patch_size),
             projection_dim=16,
             seed=seed,
@@ -144,14 +131,7 @@ def _vit_large(path: Path, seed: int) -> None:
 
 def _resnet50(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
-    config = transformers.ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[16, 32, 48, 64],
-        depths=[3, 4, 6, 3],
-        layer_type="bottleneck",
-        downsample_in_first_stage=False,
-        num_labels=1000,
-    )
+    config = resnet_config(8, [16, 32, 48, 64], [3, 4, 6, 3], "bottleneck", num_labels=1000)
     transformers.ResNetForImageClassification(config).save_pretrained(path)
     transformers.ConvNextImageProcessor(
         size={"shortest_edge": 224},

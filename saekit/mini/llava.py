@@ -79,8 +79,9 @@ class MiniLlavaConfig:
     """Target size of the trained BPE vocabulary (special and byte tokens included)."""
 
 
-def _train_tokenizer(vocab_size: int, extra_words: list[str]) -> LlamaTokenizer:
-    """Train a byte-fallback BPE like Llama's and wrap it in the real `LlamaTokenizer` class."""
+def llama_tokenizer(texts: Sequence[str], vocab_size: int) -> LlamaTokenizer:
+    """Train a byte-fallback BPE like Llama's on `texts` and wrap it in the real `LlamaTokenizer`
+    class, with LLaVA's image token added."""
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -88,7 +89,7 @@ def _train_tokenizer(vocab_size: int, extra_words: list[str]) -> LlamaTokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False
     )
-    bpe.train_from_iterator(_CORPUS + [" ".join(extra_words)], trainer)
+    bpe.train_from_iterator(list(texts), trainer)
     model = json.loads(bpe.to_str())["model"]
     tokenizer = LlamaTokenizer(
         vocab=model["vocab"],
@@ -98,6 +99,52 @@ def _train_tokenizer(vocab_size: int, extra_words: list[str]) -> LlamaTokenizer:
     )
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tokenizer
+
+
+def llava_processor(
+    tokenizer: LlamaTokenizer, image_processor: CLIPImageProcessorPil, patch_size: int
+) -> LlavaProcessor:
+    """LLaVA-1.5's processor: one placeholder per patch, the tower's CLS token dropped."""
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the tower's CLS token, which "default" then drops
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def llava_config(
+    tokenizer: LlamaTokenizer,
+    vision_config: transformers.PretrainedConfig | dict,
+    width: int,
+    layers: int,
+    heads: int,
+    max_positions: int,
+) -> LlavaConfig:
+    """LLaVA-1.5's wiring (second-to-last vision layer, CLS dropped, two-layer GELU projector)
+    of `vision_config` under a Llama `width` wide and `layers` deep over `tokenizer`."""
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
 
 
 def build_mini_llava(
@@ -120,32 +167,12 @@ def build_mini_llava(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _train_tokenizer(cfg.vocab_size, list(extra_words))
+    tokenizer = llama_tokenizer(_CORPUS + [" ".join(extra_words)], cfg.vocab_size)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=cfg.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops
-        chat_template=CHAT_TEMPLATE,
-    )
-
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_width,
-        intermediate_size=2 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_heads,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    processor = llava_processor(tokenizer, image_processor, cfg.patch_size)
     vision_config = clip_vision_config(
         cfg.vision_width,
         cfg.vision_layers,
@@ -153,16 +180,11 @@ def build_mini_llava(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
-    llava_config = LlavaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+    config = llava_config(
+        tokenizer, vision_config, cfg.text_width, cfg.text_layers, cfg.text_heads, 512
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config)
+    model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -177,15 +199,7 @@ def build_hub_llava(path: Path, seed: int = 0) -> None:
     Llama, the two-layer GELU projector, LLaVA-1.5's chat template."""
     from saekit.mini.toyworld import CLASS_NAMES
 
-    config = MiniLlavaConfig(
-        image_size=336,
-        patch_size=14,
-        vision_width=32,
-        vision_layers=24,
-        text_width=64,
-        text_layers=32,
-        text_heads=4,
-    )
+    config = MiniLlavaConfig(image_size=336, patch_size=14, vision_layers=24, text_layers=32)
     build_mini_llava(path, seed=seed, config=config, extra_words=CLASS_NAMES)
 
 

@@ -6,13 +6,15 @@ processor through `save_pretrained`, so `load_encoder(path)` runs exactly the co
 `clip_text_config`, `clip_vision_config` and `tiny_clip` are the one tiny-CLIP builder: the
 miniature encoder here, the mini Stable Diffusion's text encoder and judge CLIP
 (`saekit.mini.diffusion`), the mini LLaVA's vision tower (`saekit.mini.llava`) and the
-hub-shaped miniatures (`saekit.mini.hub`) all take their CLIP towers from it.
+hub-shaped miniatures (`saekit.mini.hub`) all take their CLIP towers from it. Likewise `dinov2`
+and `resnet_config` build the DINOv2s and ResNets both here and in `saekit.mini.hub`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -85,6 +87,28 @@ def tiny_clip(
     return transformers.CLIPModel(config)
 
 
+def dinov2(registers: bool, **fields: Any) -> transformers.PreTrainedModel:
+    """A random-weight DINOv2 with the config `fields`, and four register tokens if `registers`."""
+    if registers:
+        config = transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **fields)
+        return transformers.Dinov2WithRegistersModel(config)
+    return transformers.Dinov2Model(transformers.Dinov2Config(**fields))
+
+
+def resnet_config(
+    embedding_size: int, hidden_sizes: list[int], depths: list[int], layer_type: str, **extra: Any
+) -> transformers.ResNetConfig:
+    """A ResNet config whose first stage keeps the stem's resolution, as microsoft/resnet-50's."""
+    return transformers.ResNetConfig(
+        embedding_size=embedding_size,
+        hidden_sizes=hidden_sizes,
+        depths=depths,
+        layer_type=layer_type,
+        downsample_in_first_stage=False,
+        **extra,
+    )
+
+
 def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
     """Save a tiny, seeded model of `kind` with its processor at `path`; return the path.
 
@@ -101,14 +125,7 @@ def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
     small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     with _quiet_transformers():
         if kind in ("dinov2", "dinov2_registers"):
-            if kind == "dinov2":
-                config = transformers.Dinov2Config(image_size=32, patch_size=8, **small)
-                model = transformers.Dinov2Model(config)
-            else:
-                config = transformers.Dinov2WithRegistersConfig(
-                    image_size=32, patch_size=8, num_register_tokens=4, **small
-                )
-                model = transformers.Dinov2WithRegistersModel(config)
+            model = dinov2(kind == "dinov2_registers", image_size=32, patch_size=8, **small)
             processor = transformers.BitImageProcessor(
                 size={"shortest_edge": 32},
                 crop_size=crop,
@@ -135,14 +152,7 @@ def miniature(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
                 size=crop, image_mean=image_mean, image_std=image_std
             )
         else:
-            config = transformers.ResNetConfig(
-                embedding_size=16,
-                hidden_sizes=[16, 24, 32, 48],
-                depths=[1, 1, 1, 1],
-                layer_type="basic",
-                downsample_in_first_stage=False,
-            )
-            model = transformers.ResNetModel(config)
+            model = transformers.ResNetModel(resnet_config(16, [16, 24, 32, 48], [1] * 4, "basic"))
             processor = transformers.ConvNextImageProcessor(
                 size={"shortest_edge": 64},
                 crop_pct=1.0,
