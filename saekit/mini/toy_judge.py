@@ -22,19 +22,14 @@ accuracy on held-out images, which ``tests/test_toy_t2i.py`` re-checks.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import platform
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
-from tqdm.auto import tqdm
 from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
@@ -48,11 +43,20 @@ from saekit.mini.diffusion import train_clip_tokenizer
 from saekit.mini.toyworld import captions as cap
 from saekit.mini.toyworld.taxonomy import N_CLASSES
 from saekit.mini.toyworld.world import ToyWorld
+from saekit.mini.training import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    command_line,
+    parse_config,
+    shuffled_batches,
+    to_pixels,
+    train_steps,
+    versions,
+    write_record,
+)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_OUT = ASSETS / "toy_judge"
-PIXEL_MEAN = PIXEL_STD = 0.5
-"""Image normalisation of every toy CLIP: pixels to [-1, 1]."""
 MAX_LENGTH = 24
 """Token length of the toy CLIP tokenizers (the longest caption with its Table 3 attribute is
 about 16 tokens; real CLIP's 77 would only add padding)."""
@@ -97,12 +101,6 @@ class ClipConfig:
     """Held-out images (the world's val split) scored zero-shot."""
     out: str = str(DEFAULT_OUT)
     """Folder the model is written to."""
-
-
-def to_pixels(images_BHWC: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] normalised exactly as the saved processor does."""
-    pixels = torch.from_numpy(np.ascontiguousarray(images_BHWC)).permute(0, 3, 1, 2).float()
-    return (pixels / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
 def build_tokenizer(vocab_size: int, seed: int) -> CLIPTokenizer:
@@ -210,15 +208,10 @@ def train_clip(cfg: ClipConfig) -> tuple[CLIPModel, CLIPProcessor, dict]:
     image_f = torch.from_numpy(toy_eval.label_factors(labels))
 
     model = build_clip(cfg, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
-    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    order = torch.Generator().manual_seed(cfg.seed)
-    queue = torch.empty(0, dtype=torch.long)
-    model.train()
-    for step in (bar := tqdm(range(cfg.steps), desc="train toy CLIP")):
-        if len(queue) < cfg.batch_size:
-            queue = torch.cat([queue, torch.randperm(cfg.n_train, generator=order)])
-        batch, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
+    batches = shuffled_batches(cfg.n_train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+
+    def loss_at(step: int) -> torch.Tensor:
+        batch = next(batches)
         ids = enc.input_ids[batch]
         # Trim the common padding: CLIP's text tower is causal, so the tail changes nothing.
         length = int(enc.attention_mask[batch].sum(1).max())
@@ -229,13 +222,18 @@ def train_clip(cfg: ClipConfig) -> tuple[CLIPModel, CLIPProcessor, dict]:
         text_BE = torch.nn.functional.normalize(_tensor(text_out), dim=-1)
         image_BE = torch.nn.functional.normalize(_tensor(image_out), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image_BE @ text_BE.T
-        loss = contrastive_loss(logits, positives(image_f[batch], text_f[batch]))
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return contrastive_loss(logits, positives(image_f[batch], text_f[batch]))
+
+    model.train()
+    train_steps(
+        model.parameters(),
+        loss_at,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.05,
+        desc="train toy CLIP",
+    )
     eval_world = ToyWorld(cfg.world_seed, cfg.image_size)
     val_images, _, val_labels = eval_world.sample_arrays(cfg.n_eval, "val")
     results = {"val": zero_shot(model, tokenizer, val_images, val_labels)}
@@ -245,49 +243,6 @@ def train_clip(cfg: ClipConfig) -> tuple[CLIPModel, CLIPProcessor, dict]:
 
 def _tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "diffusers": diffusers.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def command_line(module: str, cfg: object) -> str:
-    """The command that reproduces `cfg` (a dataclass): the defaults are left out."""
-    parts = [f"python -m {module}"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            parts.append(f"--{f.name.replace('_', '-')} {shlex.quote(text)}")
-    return " ".join(parts)
-
-
-def parse_config(cls: type, argv: list[str] | None, description: str):
-    """A dataclass of type `cls` from command-line flags named after its fields."""
-    parser = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        kind = type(f.default)
-        if kind is tuple:  # "16,32,64" -> (16, 32, 64)
-            kind = _int_tuple
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
-
-
-def write_record(out: Path, record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def save_clip(model: CLIPModel, processor: CLIPProcessor, out: Path, record: dict) -> None:

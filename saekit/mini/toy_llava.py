@@ -32,15 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import (
     CLIPImageProcessorPil,
-    LlamaConfig,
     LlamaTokenizer,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     ViTConfig,
@@ -48,10 +43,24 @@ from transformers import (
 )
 
 from saekit.mini import toy_eval, toy_judge
-from saekit.mini.llava import CHAT_TEMPLATE, IMAGE_TOKEN
+from saekit.mini.llava import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    llama_tokenizer,
+    llava_config,
+    llava_processor,
+)
 from saekit.mini.toyworld import CLASS_NAMES, N_CLASSES, toyvit_path
 from saekit.mini.toyworld import captions as cap
 from saekit.mini.toyworld.world import ToyWorld
+from saekit.mini.training import (
+    command_line,
+    parse_config,
+    to_pixels,
+    train_steps,
+    versions,
+    write_record,
+)
 
 DEFAULT_OUT = toy_judge.ASSETS / "toy_llava"
 IMAGE_PROMPT = "Describe this image."
@@ -109,23 +118,7 @@ def build_tokenizer(vocab_size: int) -> LlamaTokenizer:
         *(definition(c) for c in range(N_CLASSES)),
         *cap.prompt_corpus(300, seed=0),
     ]
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    tokenizer = LlamaTokenizer(
-        vocab=model["vocab"],
-        merges=[tuple(m) for m in model["merges"]],
-        pad_token="<pad>",
-        add_bos_token=True,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return tokenizer
+    return llama_tokenizer(corpus, vocab_size)
 
 
 def build_processor(tokenizer: LlamaTokenizer, vit_config: ViTConfig) -> LlavaProcessor:
@@ -137,41 +130,17 @@ def build_processor(tokenizer: LlamaTokenizer, vit_config: ViTConfig) -> LlavaPr
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vit_config.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the ViT's CLS token, which "default" drops
-        chat_template=CHAT_TEMPLATE,
-    )
+    return llava_processor(tokenizer, image_processor, vit_config.patch_size)
 
 
 def build_model(cfg: LlavaTrainConfig, tokenizer: LlamaTokenizer) -> LlavaForConditionalGeneration:
     """LLaVA around the shipped toy ViT (weights loaded) and a fresh Llama."""
     vit = ViTForImageClassification.from_pretrained(toyvit_path())
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_width,
-        intermediate_size=2 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_heads,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     vision_config = vit.config.to_dict()
     for key in ("id2label", "label2id", "architectures"):
         vision_config.pop(key, None)
-    config = LlavaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+    config = llava_config(
+        tokenizer, vision_config, cfg.text_width, cfg.text_layers, cfg.text_heads, 128
     )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
@@ -249,11 +218,6 @@ def _forward_loss(model, ids_BT, mask_BT, labels_BT, feats_BPD: torch.Tensor | N
     )
 
 
-def to_pixels(images_BHWC: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> normalised [B, 3, H, W], as the processor (mean = std = 0.5)."""
-    return toy_judge.to_pixels(images_BHWC)
-
-
 def train(cfg: LlavaTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, float]:
     """Train the projector and the Llama; returns the model, its processor and the seconds."""
     torch.set_num_threads(1)
@@ -276,15 +240,12 @@ def train(cfg: LlavaTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaPr
     ]
 
     model.model.vision_tower.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     n_text = round(cfg.batch_size * cfg.text_share)
     n_image = cfg.batch_size - n_text
     pad = tokenizer.pad_token_id
-    model.train()
-    for step in (bar := tqdm(range(cfg.steps), desc="train toy LLaVA")):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = torch.randint(cfg.n_train, (n_image,), generator=generator)
         loss = _forward_loss(
             model, *_batch([captions[int(labels[i])] for i in batch], pad), feats_NPD[batch]
@@ -295,13 +256,19 @@ def train(cfg: LlavaTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaPr
                 model, *_batch([definitions[int(c)] for c in classes], pad), None
             )
             loss = (n_image * loss + n_text * text_loss) / cfg.batch_size
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss
+
+    model.train()
+    train_steps(
+        [p for p in model.parameters() if p.requires_grad],
+        loss_at,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.01,
+        desc="train toy LLaVA",
+        clip_norm=1.0,
+    )
     model.eval()
     return model, processor, time.time() - started
 
@@ -359,7 +326,7 @@ def evaluate(model, processor, cfg: LlavaTrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = toy_judge.parse_config(LlavaTrainConfig, argv, __doc__.split("\n\n")[0])
+    cfg = parse_config(LlavaTrainConfig, argv, __doc__.split("\n\n")[0])
     model, processor, seconds = train(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     processor.save_pretrained(out)
     results = evaluate(model, processor, cfg)
     record = {
-        "command": toy_judge.command_line("saekit.mini.toy_llava", cfg),
+        "command": command_line("saekit.mini.toy_llava", cfg),
         "config": dataclasses.asdict(cfg) | {"out": out.name},
         "vision_tower": "saekit/mini/assets/toyvit (frozen; LLaVA reads hidden_states[-2], CLS dropped)",
         "results": results,
@@ -379,9 +346,9 @@ def main(argv: list[str] | None = None) -> None:
             "same way against the class."
         ),
         "train_seconds": round(seconds, 1),
-        "versions": toy_judge.versions(),
+        "versions": versions(),
     }
-    toy_judge.write_record(out, record)
+    write_record(out, record)
     print(json.dumps(results, indent=2))
 
 

@@ -41,8 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
-from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
 
 from saekit.mini import toy_judge
@@ -56,6 +54,14 @@ from saekit.mini.toy_t2i_eval import (
 )
 from saekit.mini.toyworld import captions as cap
 from saekit.mini.toyworld.world import ToyWorld
+from saekit.mini.training import (
+    command_line,
+    parse_config,
+    to_pixels,
+    train_steps,
+    versions,
+    write_record,
+)
 
 DEFAULT_OUT = toy_judge.ASSETS / "toy_t2i"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "saekit-toy-t2i"
@@ -215,25 +221,29 @@ def train_vae(cfg: T2IConfig, images: np.ndarray, work: Path) -> tuple[Path, dic
     started = time.time()
     torch.manual_seed(cfg.seed + 1)
     vae = build_vae(cfg)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, 30, cfg.vae_steps)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    vae.train()
-    for step in (bar := tqdm(range(cfg.vae_steps), desc="train toy VAE")):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-        x = toy_judge.to_pixels(images[batch.numpy()])
+        x = to_pixels(images[batch.numpy()])
         posterior = vae.encode(x).latent_dist
         # The decoder learns from the posterior mean: with a KL weight this small the sampling
         # noise only slows a short training down (it starts at unit variance).
         recon = vae.decode(posterior.mean).sample
         loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
-        loss = loss + cfg.vae_kl * posterior.kl().mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return loss + cfg.vae_kl * posterior.kl().mean()
+
+    vae.train()
+    train_steps(
+        vae.parameters(),
+        loss_at,
+        steps=cfg.vae_steps,
+        lr=2e-3,
+        warmup_steps=30,
+        weight_decay=0.0,
+        desc="train toy VAE",
+        loss_format=".4f",
+    )
     vae.eval()
     latents = encode_latents(vae, images[:2000], scale=1.0)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -328,11 +338,9 @@ def train_unet(
     average.requires_grad_(False)
     schedule = noise_schedule()
     alphas = schedule.alphas_cumprod
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    lr_schedule = transformers.get_cosine_schedule_with_warmup(optimizer, 100, cfg.unet_steps)
     generator = torch.Generator().manual_seed(cfg.seed + 2)
-    unet.train()
-    for step in (bar := tqdm(range(cfg.unet_steps), desc="train toy UNet")):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
         ids = caption_ids[batch].clone()
         ids[torch.rand(cfg.batch_size, generator=generator) < cfg.uncond_prob] = empty
@@ -347,18 +355,27 @@ def train_unet(
         # stop dominating the loss, and the shape is learned in fewer steps.
         snr = a / (1 - a)
         weight = snr.clamp(max=cfg.min_snr) / snr
-        loss = (weight * (unet(noisy, t, cond_BTD).sample - noise).pow(2)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad()
+        return (weight * (unet(noisy, t, cond_BTD).sample - noise).pow(2)).mean()
+
+    @torch.no_grad()
+    def update_average(step: int) -> None:
         decay = min(cfg.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for avg, live in zip(average.parameters(), unet.parameters(), strict=True):
-                avg.lerp_(live, 1 - decay)
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        for avg, live in zip(average.parameters(), unet.parameters(), strict=True):
+            avg.lerp_(live, 1 - decay)
+
+    unet.train()
+    train_steps(
+        unet.parameters(),
+        loss_at,
+        steps=cfg.unet_steps,
+        lr=cfg.unet_lr,
+        warmup_steps=100,
+        weight_decay=0.01,
+        desc="train toy UNet",
+        clip_norm=1.0,
+        after_step=update_average,
+        loss_format=".4f",
+    )
     scratch = _scratch(folder)
     average.save_pretrained(scratch)
     record = {"config": payload, "seconds": round(time.time() - started, 1)}
@@ -422,7 +439,7 @@ def train(cfg: T2IConfig) -> dict:
     out = assemble(clip_dir, vae_dir, unet_dir, Path(cfg.out))
     results = evaluate(out, cfg.n_eval_seeds, cfg.eval_steps)
     record = {
-        "command": toy_judge.command_line("saekit.mini.toy_t2i", cfg),
+        "command": command_line("saekit.mini.toy_t2i", cfg),
         "config": dataclasses.asdict(cfg) | {"out": Path(cfg.out).name, "work": "(cache)"},
         "stages": {"clip": clip_record, "vae": vae_record, "unet": unet_record},
         "results": results,
@@ -430,14 +447,14 @@ def train(cfg: T2IConfig) -> dict:
         "train_seconds": round(
             sum(r["seconds"] for r in (clip_record, vae_record, unet_record)), 1
         ),
-        "versions": toy_judge.versions(),
+        "versions": versions(),
     }
-    toy_judge.write_record(out, record)
+    write_record(out, record)
     return record
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = toy_judge.parse_config(T2IConfig, argv, __doc__.split("\n\n")[0])
+    cfg = parse_config(T2IConfig, argv, __doc__.split("\n\n")[0])
     record = train(cfg)
     print(json.dumps(record["results"], indent=2))
 

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from saekit.mini import toy_eval, toy_judge
+from saekit.mini import toy_eval
 from saekit.mini.toyworld import captions as cap
 from saekit.mini.toyworld.taxonomy import N_CLASSES
 from saekit.mini.toyworld.world import ToyWorld
+from saekit.mini.training import to_pixels
 
 PROMPT_FILE = "prompts.txt"
 """Prompt corpus shipped beside the pipeline (one varied caption per line)."""
@@ -44,7 +45,7 @@ def encode_latents(vae, images: np.ndarray, scale: float | None = None) -> torch
     """Posterior means of `images` times the VAE's scaling factor (or `scale`), [N, C, h, w]."""
     scale = vae.config.scaling_factor if scale is None else scale
     chunks = [
-        vae.encode(toy_judge.to_pixels(images[s : s + 256])).latent_dist.mean
+        vae.encode(to_pixels(images[s : s + 256])).latent_dist.mean
         for s in range(0, len(images), 256)
     ]
     return torch.cat(chunks) * scale

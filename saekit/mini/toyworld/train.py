@@ -12,11 +12,8 @@ accuracy reached on every split and shift, which ``tests/test_toyworld.py`` re-c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import platform
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +21,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from saekit.mini.toyworld.shifts import SHIFTS
 from saekit.mini.toyworld.taxonomy import CLASS_NAMES, GROUP_OF_CLASS, N_CLASSES, WNIDS
 from saekit.mini.toyworld.world import ToyWorld
+from saekit.mini.training import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    command_line,
+    parse_config,
+    shuffled_batches,
+    to_pixels,
+    train_steps,
+    versions,
+    write_record,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "toyvit"
-PIXEL_MEAN = PIXEL_STD = 0.5
-"""The processor's normalisation, shared by training and inference: pixels to [-1, 1]."""
 
 
 @dataclass
@@ -69,12 +74,6 @@ class TrainConfig:
     """Images per split / shift when scoring (50 per class)."""
     out: str = str(DEFAULT_OUT)
     """Folder the checkpoint is written to."""
-
-
-def to_pixels(images_BHWC: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W], exactly as the saved processor does."""
-    pixels = torch.from_numpy(images_BHWC).permute(0, 3, 1, 2).float() / 255.0
-    return (pixels - PIXEL_MEAN) / PIXEL_STD
 
 
 def build_model(cfg: TrainConfig) -> transformers.ViTForImageClassification:
@@ -135,23 +134,22 @@ def train(cfg: TrainConfig) -> dict:
     labels_t = torch.from_numpy(labels).long()
 
     model = build_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    order = torch.Generator().manual_seed(cfg.seed)
-    queue = torch.empty(0, dtype=torch.long)
+    batches = shuffled_batches(cfg.n_train, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+
+    def loss_at(step: int) -> torch.Tensor:
+        batch = next(batches)
+        return model(pixel_values=to_pixels(images[batch.numpy()]), labels=labels_t[batch]).loss
+
     model.train()
-    bar = tqdm(range(cfg.steps), desc="train toy ViT")
-    for step in bar:
-        if len(queue) < cfg.batch_size:
-            queue = torch.cat([queue, torch.randperm(cfg.n_train, generator=order)])
-        batch, queue = queue[: cfg.batch_size], queue[cfg.batch_size :]
-        loss = model(pixel_values=to_pixels(images[batch.numpy()]), labels=labels_t[batch]).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    train_steps(
+        model.parameters(),
+        loss_at,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        desc="train toy ViT",
+    )
     train_seconds = time.time() - started
 
     results = {"train": score(model, world, cfg.n_eval, "train", None)}
@@ -165,7 +163,7 @@ def train(cfg: TrainConfig) -> dict:
     model.save_pretrained(out)
     build_processor(cfg).save_pretrained(out)
     record = {
-        "command": command_line(cfg),
+        "command": command_line("saekit.mini.toyworld.train", cfg),
         "seed": cfg.seed,
         "steps": cfg.steps,
         "config": dataclasses.asdict(cfg) | {"out": str(Path(cfg.out).name)},
@@ -176,39 +174,15 @@ def train(cfg: TrainConfig) -> dict:
             "lands in the true class's top-level group."
         ),
         "train_seconds": round(train_seconds, 1),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-        },
+        "versions": versions(("torch", "transformers", "numpy")),
         "classes": WNIDS,
     }
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_record(out, record)
     return record
 
 
-def command_line(cfg: TrainConfig) -> str:
-    """The command that reproduces `cfg`: the defaults are left out."""
-    parts = ["python -m saekit.mini.toyworld.train"]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            parts.append(f"--{f.name.replace('_', '-')} {shlex.quote(str(value))}")
-    return " ".join(parts)
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
-        )
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> None:
-    record = train(parse_args(argv))
+    record = train(parse_config(TrainConfig, argv, __doc__.split("\n\n")[0]))
     print(json.dumps(record["results"], indent=2))
 
 
