@@ -2,27 +2,33 @@
 
 Every chapter is a Jupytext text notebook in ``notebooks/`` whose first code cell is tagged
 ``parameters`` (``profile = "mini"`` plus the study's knobs) and whose second cell calls
-`setup(globals())`. `setup` checks what papermill injected against the parameters cell (unknown
-names and wrong types stop the chapter with the list of valid parameters), prints which profile
-and parameters produced the page, and returns a `Chapter` that resolves the profile into models,
-data and a working folder.
+`setup(globals())`. `setup` checks what papermill injected against the parameters cell
+(`saekit.book_parameters`: unknown names and wrong types stop the chapter with the list of
+valid parameters), prints which profile and parameters produced the page, and returns a
+`Chapter` that resolves the profile into models, data and a working folder.
 
 The host side (``saekit book``: papermill runner and site build) is `saekit.runner`.
 """
 
 from __future__ import annotations
 
-import ast
 import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import saekit
+from saekit.book_parameters import (  # noqa: F401 (PROFILES, _type_ok: re-exported for the runner)
+    PROFILES,
+    _declared_parameters,
+    _type_ok,
+    check_parameters,
+    declared_types,
+)
 from saekit.plan import IMAGENET_IMAGES, Plan, SAENeed, StoreNeed
 
 if TYPE_CHECKING:
@@ -30,7 +36,6 @@ if TYPE_CHECKING:
     from saekit.data import ImageDataset, ImageFolder
     from saekit.models import Encoder
 
-PROFILES = ("mini", "paper")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 EXECUTED_DIR = REPO_ROOT / "book"
@@ -73,125 +78,12 @@ IMAGENET_LAYOUT = """Expected ImageNet-style folders (one sub-folder per WordNet
 Pass the folder with `-p {name} /path/to/folder` (papermill) or `saekit book -p {name} PATH`."""
 
 
-class ParameterError(ValueError):
-    """A chapter got a parameter it does not declare, or a value of the wrong type."""
-
-
 class PlanComplete(Exception):
     """Raised by `Chapter.plan` under ``saekit book --plan``: the plan is recorded, the chapter
     stops before doing any work (the runner expects this exception and nothing else)."""
 
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
-
-
-_TYPE_NAMES: dict[str, type] = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
-    "list": list,
-    "tuple": tuple,
-    "dict": dict,
-    "None": type(None),
-}
-
-
-def _annotation_types(node: ast.expr) -> tuple[type, ...] | None:
-    """The types an annotation such as ``float | None`` or ``list[int] | None`` allows; None
-    when it names something the check does not know (then any value passes)."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        left, right = _annotation_types(node.left), _annotation_types(node.right)
-        return None if left is None or right is None else left + right
-    if isinstance(node, ast.Subscript):
-        return _annotation_types(node.value)
-    if isinstance(node, ast.Constant) and node.value is None:
-        return (type(None),)
-    if isinstance(node, ast.Name) and node.id in _TYPE_NAMES:
-        return (_TYPE_NAMES[node.id],)
-    return None
-
-
-def _parameter_nodes(source: str) -> Iterator[tuple[str, ast.Assign | ast.AnnAssign]]:
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                if isinstance(target, ast.Name):
-                    yield target.id, node
-
-
-def _declared_parameters(source: str) -> dict[str, Any]:
-    """Names and default values assigned in a parameters cell's source."""
-    declared = {}
-    for name, node in _parameter_nodes(source):
-        try:
-            declared[name] = ast.literal_eval(node.value)
-        except ValueError:
-            declared[name] = None
-    return declared
-
-
-def declared_types(source: str) -> dict[str, tuple[type, ...] | None]:
-    """Each parameter's allowed types: its annotation (``lam: float | None = None``), else the
-    type of its default; None where neither says (any value passes)."""
-    defaults = _declared_parameters(source)
-    types: dict[str, tuple[type, ...] | None] = {}
-    for name, node in _parameter_nodes(source):
-        if isinstance(node, ast.AnnAssign):
-            types[name] = _annotation_types(node.annotation)
-        else:
-            types[name] = None if defaults[name] is None else (type(defaults[name]),)
-    return types
-
-
-def type_label(types: tuple[type, ...] | None) -> str:
-    """``float | None`` for the types a parameter allows."""
-    if types is None:
-        return "any"
-    return " | ".join("None" if t is type(None) else t.__name__ for t in types)
-
-
-def _type_ok(types: tuple[type, ...] | None, value: Any) -> bool:
-    if types is None:
-        return True
-    if value is None:
-        return type(None) in types
-    if isinstance(value, bool):  # a bool is an int to Python, never to a parameter
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    if isinstance(value, list | tuple):
-        return bool({list, tuple} & set(types))
-    return isinstance(value, tuple(t for t in types if t is not bool))
-
-
-def check_parameters(
-    declared: dict[str, Any],
-    given: dict[str, Any],
-    types: dict[str, tuple[type, ...] | None] | None = None,
-) -> None:
-    """Raise `ParameterError` listing the valid parameters if `given` strays from `declared`
-    (defaults by name) or from `types` (allowed types by name; default: the defaults' types)."""
-    if types is None:
-        types = {k: None if v is None else (type(v),) for k, v in declared.items()}
-    valid = "\n".join(
-        f"  {name} = {default!r}  ({type_label(types.get(name))})"
-        for name, default in declared.items()
-    )
-    unknown = sorted(set(given) - set(declared))
-    if unknown:
-        raise ParameterError(
-            f"Unknown parameter(s) {unknown}. This chapter's parameters are:\n{valid}"
-        )
-    for name, value in given.items():
-        if not _type_ok(types.get(name), value):
-            raise ParameterError(
-                f"Parameter {name}={value!r} is a {type(value).__name__}; expected "
-                f"{type_label(types.get(name))}. This chapter's parameters are:\n{valid}"
-            )
-    if given.get("profile", declared.get("profile")) not in PROFILES:
-        raise ParameterError(f"profile must be one of {PROFILES}, not {given.get('profile')!r}.")
 
 
 @dataclass

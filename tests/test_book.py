@@ -1,4 +1,5 @@
-"""The book, kernel side: parameter validation, provenance, and a chapter's encoders and stores."""
+"""The book, kernel side: parameter validation (`saekit.book_parameters`), provenance, and a
+chapter's encoders and stores."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from saekit.book import (
+from saekit.book import setup
+from saekit.book_parameters import (
     ParameterError,
     _declared_parameters,
     check_parameters,
-    setup,
 )
 from saekit.runner import _coerce, chapter_parameters
 
@@ -132,7 +133,7 @@ OPTIONAL_CELL = (
 
 
 def test_annotated_optional_parameters_check_the_annotation_not_the_none_default():
-    from saekit.book import declared_types
+    from saekit.book_parameters import declared_types
 
     declared, types = _declared_parameters(OPTIONAL_CELL), declared_types(OPTIONAL_CELL)
     assert declared["lam"] is None and types["lam"] == (float, type(None))
@@ -146,7 +147,7 @@ def test_annotated_optional_parameters_check_the_annotation_not_the_none_default
 
 
 def test_a_bool_is_never_an_int_or_a_float():
-    from saekit.book import _type_ok
+    from saekit.book_parameters import _type_ok
 
     assert not _type_ok((int,), True) and not _type_ok((float, type(None)), False)
     assert _type_ok((bool,), True) and not _type_ok((bool,), 1)
