@@ -7,7 +7,9 @@ Layout of a store folder::
                            classes, completed shards, skipped images
     image_ids.json         one id per dataset image (rows point into it)
     shard_00000/           one folder per block of images, renamed into place when complete
-        rows.npy           dataset index of each row (images that could not be read are absent)
+        rows.npy           dataset index of each row (images that could not be read are absent;
+                           a streamed store counts from the shard's first sample, and the
+                           manifest's row_offset of the shard is added when read)
         labels.npy         class index of each row
         L3_cls.npy         [rows, D]      one file per layer and token kind,
         L3_patch.npy       [rows, P, D]   memory-mapped when read

@@ -273,3 +273,39 @@ def test_cli_extracts_tar_shards(miniatures, tars, tar_store, tmp_path, capsys):
     wrong[4:7] = [pattern, "--streaming"]
     assert cli_main(wrong) == 2
     assert "--streaming applies to Hugging Face datasets" in capsys.readouterr().err
+
+
+def test_a_kill_at_every_file_system_step_resumes_to_the_identical_store(
+    encoder, tmp_path, monkeypatch
+):
+    """Two sources of 3 samples (one unreadable), 2 per shard: killed at each step of the commit
+    protocol (tests/fault_injection.py), the rerun ends with the uninterrupted run's files."""
+    from fault_injection import Crash, FaultInjector, count_steps, folder_bytes
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    samples = _samples()[6:12]  # source 1 of write_tars: img008 is the corrupt one
+    for k in range(2):
+        with wds.TarWriter(str(folder / f"s{k}.tar")) as sink:
+            for key, data, label in samples[3 * k : 3 * k + 3]:
+                sink.write({"__key__": key, "png": data, "cls": label})
+    images = WebDatasetImages(str(folder))
+    settings = dict(layers=[1], tokens="cls", batch_size=2, shard_images=2, progress=False)
+    steps = count_steps(
+        monkeypatch, lambda: extract(encoder, images, out=tmp_path / "ref", **settings)
+    )
+    reference = folder_bytes(tmp_path / "ref")
+    assert "image_ids.json" in reference and len(steps) > 30
+    failures = []
+    for n in range(1, len(steps) + 1):
+        out = tmp_path / f"run{n}"
+        injector = FaultInjector(fail_at=n, error=Crash).install(monkeypatch)
+        try:
+            extract(encoder, images, out=out, **settings)
+        except Crash:
+            pass
+        monkeypatch.undo()
+        store = extract(encoder, images, out=out, **settings)
+        if folder_bytes(out) != reference or store.n_rows != 5:
+            failures.append((n, injector.failed))
+    assert not failures, f"runs killed at these steps did not resume identically: {failures}"
