@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from saekit.sae import SAESpec, get_recipe, sweep_from_store
+from saekit.sae import SAESpec, get_recipe, sweep, sweep_from_store, tensor_batches, trainer
 from saekit.sae.inputs import prepare_inputs
 from saekit.sae.train import _batch_options
 from saekit.store_iterator import StoreBatches, plan_window
@@ -257,3 +257,54 @@ def test_pin_memory_follows_the_device_and_needs_cuda(tmp_path):
     spec = SAESpec(arch="relu", expansion=2, l1=1.0, recipe=get_recipe("olson2025", epochs=1))
     with pytest.raises(ValueError, match="needs CUDA"):
         sweep_from_store(store, [spec], pin_memory=True, progress=False)
+
+
+# --- torch.compile -------------------------------------------------------------------------------
+
+COMPILE_SPECS = [
+    SAESpec(arch="relu", d_in=8, expansion=4, l1=0.5, recipe=get_recipe("stevens2025")),
+    SAESpec(arch="topk", d_in=8, expansion=4, k=3, recipe=get_recipe("stevens2025")),
+    SAESpec(arch="jumprelu", d_in=8, expansion=4, l1=0.05, recipe=get_recipe("stevens2025")),
+]
+
+
+def _train_tiny(**kwargs):
+    """Two epochs of 100 rows in batches of 32 (a short last batch: a second shape)."""
+    rows = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+    return sweep(COMPILE_SPECS, tensor_batches(rows, 32), 4, epochs=2, progress=False, **kwargs)
+
+
+def _states_close(a_saes, b_saes, atol):
+    for a, b in zip(a_saes, b_saes, strict=True):
+        for name, tensor in a.state_dict().items():
+            torch.testing.assert_close(tensor, b.state_dict()[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()  # compiled versions of other tests do not count toward the limit
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_training_equals_eager(monkeypatch, fresh_dynamo):
+    """compile=True traces every group's forward and loss (and AOTAutograd its backward); with
+    the "aot_eager" backend (the same graphs, eager kernels; inductor is run by
+    benchmarks/fast_paths.py, too slow for this suite) the SAEs equal eager training."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(trainer, "_COMPILE_BACKEND", counter)
+    compiled = _train_tiny(compile=True)
+    assert counter.frame_count >= len(COMPILE_SPECS)  # each group really was compiled
+    _states_close(compiled, _train_tiny(), atol=1e-6)
+
+
+def test_a_failed_compilation_warns_and_trains_eagerly(monkeypatch, fresh_dynamo):
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(trainer, "_COMPILE_BACKEND", no_compiler)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C\\+\\+ compiler.*eagerly"):
+        fallback = _train_tiny(compile=True)
+    _states_close(fallback, _train_tiny(), atol=0)

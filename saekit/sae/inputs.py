@@ -3,7 +3,8 @@ the batch's own dtype, cast to float32 there), checked for NaN/Inf and normalise
 on the first rows of epoch 0 before training.
 
 A batch is a tensor ``[B, D]`` (every SAE reads it) or a dict ``{layer: [B, D]}``; SAEs that
-read the same source with the same normalisation share one prepared tensor.
+read the same source with the same normalisation share one prepared tensor. `tensor_batches`
+makes the batch source of rows held in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from saekit.sae.architectures import SAESpec
@@ -19,6 +21,20 @@ from saekit.sae.recipes import InputNormalizer, Recipe
 
 #: ``batches(epoch)`` -> that epoch's minibatches: tensors [B, D] or dicts {layer: [B, D]}.
 BatchSource = Callable[[int], Iterable[Any]]
+
+
+def tensor_batches(acts_ND: torch.Tensor, batch_size: int, seed: int = 0) -> BatchSource:
+    """``batches(epoch)`` over rows held in memory: every row once per epoch, in an order fixed
+    by (seed, epoch) alone, so a resumed or repeated run sees the same batches."""
+
+    def batches(epoch: int) -> Iterable[torch.Tensor]:
+        # SeedSequence mixes the pair, so (seed 0, epoch 1) and (seed 1, epoch 0) differ.
+        mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        order = torch.randperm(len(acts_ND), generator=torch.Generator().manual_seed(mixed))
+        for start in range(0, len(acts_ND), batch_size):
+            yield acts_ND[order[start : start + batch_size]]
+
+    return batches
 
 
 def split_batch(batch: Any, specs: Sequence[SAESpec]) -> dict[Any, torch.Tensor]:
