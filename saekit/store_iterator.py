@@ -17,14 +17,16 @@ read-ahead queue of at most `readahead_blocks` blocks and the batches assembled 
 caller: the window is sized so that all of it fits the byte budget (the batches a caller keeps
 are its own).
 
-The batches are assembled (gathered from the window into fresh arrays) in a second background
-thread, so a trainer's thread only takes finished batches; at most as many wait, built or being
-built, as fit the bytes the plan sets aside for one float32 batch (one float32 batch, or two in
-float16). Two switches serve a trainer on a GPU: ``dtype=None`` keeps the store's dtype (a
-float16 store sends half the bytes over PCIe; the trainer casts on the device) and
-``pin_memory=True`` assembles into page-locked memory, so the copy to the device can be
-``non_blocking``. ``background=False`` assembles on the caller's thread instead (same batches,
-same order; for comparison).
+Batches of at least `BACKGROUND_BYTES` are assembled (gathered from the window into fresh
+arrays) in a second background thread, so a trainer's thread only takes finished batches; at
+most as many wait, built or being built, as fit the bytes the plan sets aside for one float32
+batch (one float32 batch, or two in float16). Smaller batches are built on the caller's thread:
+there a hand-over between threads costs more than the gather (``benchmarks/fast_paths.py`` on a
+2-core CPU: 0.91x steps/s off-thread for 64 x 128 batches, 1.03x for 1024 x 768). The
+``background`` switch forces either way; the batches and their order are the same. Two switches
+serve a trainer on a GPU: ``dtype=None`` keeps the store's dtype (a float16 store sends half the
+bytes over PCIe; the trainer casts on the device) and ``pin_memory=True`` assembles into
+page-locked memory, so the copy to the device can be ``non_blocking``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ GATHER_ROWS = 1024
 DEFAULT_BLOCK_ROWS = 256
 #: Upper bound on the window's rows (shuffle quality grows little past it).
 MAX_WINDOW_ROWS = 1 << 18
+#: Batches of at least this many bytes (all layers) are assembled off the caller's thread.
+BACKGROUND_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ class StoreBatches:
     `files[layer][shard]` lists each layer's files in shard order; all layers of a shard have
     the same number of rows. Yields tensors ``[B, D]`` (or ``{layer: [B, D]}`` when `as_dict`)
     of `dtype` (float32; None: the store's own), in page-locked memory when `pin_memory` (which
-    needs CUDA), assembled in a background thread unless `background` is false.
+    needs CUDA), assembled in a background thread when `background` (None: for batches of at
+    least `BACKGROUND_BYTES`).
     """
 
     def __init__(
@@ -157,7 +162,7 @@ class StoreBatches:
         as_dict: bool = False,
         dtype: Any = np.float32,
         pin_memory: bool = False,
-        background: bool = True,
+        background: bool | None = None,
     ) -> None:
         if batch_size < 1 or block_rows < 1:
             raise ValueError(f"batch_size ({batch_size}) and block_rows must be positive.")
@@ -166,7 +171,7 @@ class StoreBatches:
                 "pin_memory=True needs CUDA (page-locked memory only speeds up copies to a GPU) "
                 "and torch.cuda.is_available() is False: pass pin_memory=False."
             )
-        self.pin_memory, self.background = pin_memory, background
+        self.pin_memory = pin_memory
         self.layers = list(files)
         self.sources = {ly: [NpyRows.open(p) for p in files[ly]] for ly in self.layers}
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
@@ -185,6 +190,8 @@ class StoreBatches:
         }
         out_row_bytes = sum(s[0].width * self.dtypes[ly].itemsize for ly, s in self.sources.items())
         self.ahead = batches_ahead(f32_row_bytes, out_row_bytes)
+        big = batch_size * out_row_bytes >= BACKGROUND_BYTES
+        self.background = big if background is None else background
         self.blocks = [
             (shard, lo, min(lo + block_rows, part.n_rows))
             for shard, part in enumerate(first)
@@ -370,5 +377,6 @@ def store_batches(
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_BUDGET", "NpyRows", "StoreBatches", "batches_ahead", "plan_window",
+    "BACKGROUND_BYTES", "DEFAULT_BUDGET", "NpyRows", "StoreBatches", "batches_ahead",
+    "plan_window",
 )  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from saekit.sae import SAESpec, get_recipe, sweep, sweep_from_store, tensor_batches, trainer
 from saekit.sae.inputs import prepare_inputs
 from saekit.sae.train import _batch_options
-from saekit.store_iterator import StoreBatches, plan_window
+from saekit.store_iterator import BACKGROUND_BYTES, StoreBatches, plan_window
 
 SHARDS = (37, 0, 5, 64, 13)  # an empty shard and shards not a multiple of the block
 
@@ -101,11 +101,23 @@ def test_batches_are_assembled_on_the_background_thread(tmp_path, monkeypatch):
         return original(self, window, picked)
 
     monkeypatch.setattr(StoreBatches, "_batch", recording)
-    list(StoreBatches(files, 8, seed=0, epoch=0))
+    list(StoreBatches(files, 8, seed=0, epoch=0, background=True))
     assert builders and set(builders) == {"saekit-store-assembler"}
     builders.clear()
     list(StoreBatches(files, 8, seed=0, epoch=0, background=False))
     assert set(builders) == {threading.current_thread().name}
+
+
+def test_by_default_only_large_batches_are_assembled_off_the_thread(tmp_path):
+    """A hand-over between threads costs more than gathering a small batch: by default a batch
+    goes to the background thread from BACKGROUND_BYTES (counted in the batches' dtype) on."""
+    files, _ = _write(tmp_path, layers=(0, 1), width=64, shards=(10,))
+    f32_rows = BACKGROUND_BYTES // (2 * 64 * 4)  # rows of a float32 batch that size
+    assert StoreBatches(files, f32_rows, seed=0, epoch=0).background
+    assert not StoreBatches(files, f32_rows - 1, seed=0, epoch=0).background
+    assert not StoreBatches(files, f32_rows, seed=0, epoch=0, dtype=None).background  # float16
+    assert StoreBatches(files, 2 * f32_rows, seed=0, epoch=0, dtype=None).background
+    assert StoreBatches(files, 8, seed=0, epoch=0, background=True).background
 
 
 @pytest.mark.parametrize(("dtype", "ahead"), [(np.float32, 1), (None, 2)])
@@ -118,7 +130,7 @@ def test_assembly_runs_at_most_the_planned_batches_ahead(tmp_path, monkeypatch, 
     monkeypatch.setattr(
         StoreBatches, "_batch", lambda self, w, p: built.append(1) or original(self, w, p)
     )
-    source = StoreBatches(files, 8, seed=0, epoch=0, dtype=dtype)
+    source = StoreBatches(files, 8, seed=0, epoch=0, dtype=dtype, background=True)
     assert source.ahead == ahead
     stream = iter(source)
     next(stream)
@@ -135,7 +147,7 @@ def test_batches_in_flight_stay_within_the_budget(tmp_path, dtype):
     width, budget, batch = 256, 2 << 20, 256
     files, n = _write(tmp_path, layers=(0, 1, 2), width=width, shards=(1500,) * 8)
     source = StoreBatches(files, batch, seed=0, epoch=0, budget=budget, block_rows=32,
-                          dtype=dtype, as_dict=True)  # fmt: skip
+                          dtype=dtype, as_dict=True, background=True)  # fmt: skip
     window, _ = plan_window(3 * width * 2, 3 * width * 4, batch, budget, 32, 8)
     assert source.window_rows == window
     held = batch * 3 * width * (4 if dtype else 2)  # the caller's batch
@@ -159,7 +171,7 @@ def test_an_error_in_the_reader_reaches_the_caller_and_threads_end(tmp_path):
     path.write_bytes(path.read_bytes()[:-30])
     before = threading.active_count()
     with pytest.raises(OSError, match="truncated"):
-        list(StoreBatches(files, 8, seed=0, epoch=0))
+        list(StoreBatches(files, 8, seed=0, epoch=0, background=True))
     assert threading.active_count() == before
 
 
