@@ -376,8 +376,14 @@ class ActivationStore:
         budget: int = DEFAULT_BUDGET,
         block_rows: int = DEFAULT_BLOCK_ROWS,
         window_rows: int | None = None,
+        dtype: Any = np.float32,
+        pin_memory: bool = False,
     ) -> Iterator[torch.Tensor | dict[int, torch.Tensor]]:
         """Shuffled float32 batches ``[B, D]`` (or ``{layer: [B, D]}`` for several layers).
+
+        ``dtype=None`` keeps the store's dtype (float16: half the bytes to a GPU, where the SAE
+        trainer casts to float32); ``pin_memory=True`` (needs CUDA) assembles the batches in
+        page-locked memory for non-blocking copies. Neither changes the rows or their order.
 
         Every row appears exactly once per epoch; patch tokens are flattened, one row per
         (image, patch). Memory stays within `budget` bytes across all layers whatever the
@@ -411,7 +417,7 @@ class ActivationStore:
         return store_batches(
             files, batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last,
             budget=budget, block_rows=block_rows, window_rows=window_rows,
-            as_dict=not isinstance(layer, int | np.integer),
+            as_dict=not isinstance(layer, int | np.integer), dtype=dtype, pin_memory=pin_memory,
         )  # fmt: skip
 
     def __repr__(self) -> str:

@@ -63,6 +63,8 @@ def _declared_parameters(source: str) -> dict[str, Any]:
     """Names and default values assigned in a parameters cell's source."""
     declared = {}
     for name, node in _parameter_nodes(source):
+        if node.value is None:  # `_parameter_nodes` yields assignments only; for the type checker
+            continue
         try:
             declared[name] = ast.literal_eval(node.value)
         except ValueError:

@@ -16,6 +16,8 @@ from saekit.sae.trainer import sweep, tensor_batches
 SPECS = {
     "relu": SAESpec(arch="relu", d_in=12, expansion=4, l1=0.3, recipe="olson2025"),
     "topk": SAESpec(arch="topk", d_in=12, expansion=4, k=3, recipe="stevens2025"),
+    "batchtopk": SAESpec(arch="batchtopk", d_in=12, expansion=4, k=3, recipe="stevens2025"),
+    "matryoshka": SAESpec(arch="matryoshka", d_in=12, expansion=4, k=3, recipe="stevens2025"),
 }
 N_ROWS, BATCH = 250, 40  # the last batch (10 rows) is split unevenly 5/5; 40 rows 20/20
 

@@ -145,8 +145,10 @@ def sweep(
     and trains on its slice of the rows; gradients are all-reduced weighted by rows, so the
     update is the one-process update on the global batch; latents count as fired when they fire
     on any rank, and the TopK inference threshold takes the minimum over ranks (what one process
-    computes). Losses that are not means over rows (BatchTopK's batch-wide top-k, auxiliary
-    losses) are computed per slice. Rank 0 alone writes checkpoints; every rank resumes them.
+    computes), and BatchTopK/Matryoshka pick their k·B codes over the global batch
+    (`saekit.sae.stacked`); every loss is a mean over rows, weighted by the slice's share, so
+    auxiliary losses are the global ones too. Rank 0 alone writes checkpoints; every rank
+    resumes them.
 
     Inputs are checked for NaN/Inf every ``finite_check_every`` steps (default: every step on
     a CPU, where it costs nothing; every 64 on a GPU, so the device is not stopped each step),
@@ -196,6 +198,7 @@ def sweep(
             group.forward = _Compiled(group.model)
         if dp is not None:  # every rank starts from rank 0's weights, as DDP does
             for group in groups:
+                group.model.data_parallel = dp
                 for tensor in [*group.model.parameters(), *group.model.buffers()]:
                     torch.distributed.broadcast(tensor.data, src=0)
         step = 0
