@@ -379,7 +379,8 @@ class ActivationStore:
         dtype: Any = np.float32,
         pin_memory: bool = False,
     ) -> Iterator[torch.Tensor | dict[int, torch.Tensor]]:
-        """Shuffled float32 batches ``[B, D]`` (or ``{layer: [B, D]}`` for several layers).
+        """Shuffled batches ``[B, D]`` (or ``{layer: [B, D]}`` for several layers), float32
+        unless `dtype` says otherwise.
 
         ``dtype=None`` keeps the store's dtype (float16: half the bytes to a GPU, where the SAE
         trainer casts to float32); ``pin_memory=True`` (needs CUDA) assembles the batches in

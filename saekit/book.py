@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import saekit
-from saekit.book_parameters import (  # noqa: F401 (PROFILES, _type_ok: re-exported for the runner)
+from saekit.book_parameters import (  # noqa: F401 (re-exported: the runner, older imports)
     PROFILES,
+    ParameterError,
     _declared_parameters,
     _type_ok,
     check_parameters,

@@ -127,13 +127,6 @@ def any_rank(mask: torch.Tensor) -> torch.Tensor:
     return flags.bool()
 
 
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of `tensor` over the ranks (a new tensor)."""
-    total = tensor.clone()
-    dist.all_reduce(total)
-    return total
-
-
 def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape on every rank), in rank order."""
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]

@@ -188,6 +188,12 @@ class StoreBatches:
             ly: np.dtype(self.sources[ly][0].dtype if dtype is None else dtype)
             for ly in self.layers
         }
+        too_wide = sorted({str(d) for d in self.dtypes.values() if d.itemsize > 4})
+        if too_wide:  # the plan reserves float32 batches; wider ones would break the budget
+            raise ValueError(
+                f"Batches of dtype {too_wide[0]} are wider than the float32 batches the memory "
+                "budget reserves; ask for float32, float16 or None (the store's own)."
+            )
         out_row_bytes = sum(s[0].width * self.dtypes[ly].itemsize for ly, s in self.sources.items())
         self.ahead = batches_ahead(f32_row_bytes, out_row_bytes)
         big = batch_size * out_row_bytes >= BACKGROUND_BYTES

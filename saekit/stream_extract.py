@@ -182,6 +182,14 @@ def extract_stream(
         if isinstance(prepared, Exception):
             raise prepared
         manifest, shard_images = prepared
+        if manifest["identity"]["dataset"] != images.fingerprint:
+            # Each rank expanded the pattern (or resolved the dataset) itself: a shard that
+            # appeared meanwhile would deal the sources differently, overlapping or missing some.
+            raise StoreMismatchError(
+                f"Rank {ranks.rank} sees other sources than rank 0 ({len(images.sources)} "
+                "sources; the set changed while the job started). Rerun once the input is "
+                "complete and unchanged."
+            )
         if not manifest["complete"]:
             _extract_sources(args, manifest, shard_images, workers, progress, ranks)
             distributed.barrier(ranks)
@@ -201,7 +209,7 @@ def _warn_idle(n_sources: int, world: int, decode_workers: int) -> None:
             "reader. Re-shard the collection into at least as many files as readers (e.g. "
             "webdataset's `widsindex`/`tarp split`, or Dataset.to_parquet per shard), or use "
             "fewer --workers.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

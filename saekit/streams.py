@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +165,13 @@ class WebDatasetImages:
 
     @property
     def fingerprint(self) -> str:
+        # Local shards' sizes too: a shard rewritten with other samples under the same name
+        # would otherwise resume into a store whose finished chunks hold the old ones.
+        sizes = [os.path.getsize(url) if os.path.isfile(url) else None for url in self.sources]
         return _digest(
-            {"kind": "webdataset", "sources": self.sources, "classes": self.class_names,
-             "label": [self.label_key, self.json_label], "image_keys": list(self.image_keys)}
+            {"kind": "webdataset", "sources": self.sources, "sizes": sizes,
+             "classes": self.class_names, "label": [self.label_key, self.json_label],
+             "image_keys": list(self.image_keys)}
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -179,12 +184,13 @@ class WebDatasetImages:
         try:
             for raw in its.group_by_keys(its.tar_file_expander(its.url_opener([{"url": url}]))):
                 yield self._sample(index, raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, tarfile.TarError) as err:
             if isinstance(err, UnreadableImageError):
                 raise
             raise OSError(
-                f"Reading tar shard {url} failed ({err}); repair or remove the shard, then rerun "
-                "(finished shards are kept)."
+                f"Reading tar shard {url} failed ({err}). Restore the identical shard and rerun "
+                "(finished shards are kept), or extract to a new --out folder: the store names "
+                "its sources, so removing one is a different store."
             ) from err
 
     def _sample(self, index: int, raw: dict) -> StreamSample:
@@ -248,10 +254,25 @@ def _decode_value(value: Any, name: str) -> Image.Image:
         if value.get("bytes") is not None:
             return _decode_bytes(value["bytes"], name)
         if value.get("path"):
-            return open_image(value["path"], name=name)
+            return _decode_path(value["path"], name)
     if isinstance(value, bytes):
         return _decode_bytes(value, name)
     raise UnreadableImageError(f"Cannot read image {name}: no image data ({type(value).__name__})")
+
+
+def _decode_path(path: str, name: str) -> Image.Image:
+    """An image a dataset row names by path only: a local file, or a remote one (``hf://``,
+    https) opened as `datasets` opens it (its ``xopen``, with the user's token)."""
+    if "://" not in path:
+        return open_image(path, name=name)
+    from datasets.utils.file_utils import xopen
+
+    try:
+        with xopen(path, "rb") as stream:
+            data = stream.read()
+    except (OSError, ValueError) as err:
+        raise UnreadableImageError(f"Cannot read image {name} from {path}: {err}") from err
+    return _decode_bytes(data, name)
 
 
 class HFStreamingImages:

@@ -91,7 +91,7 @@ def _batchtopk_model(arch: str):
 def _batchtopk_pass(arch: str, ranks: Ranks | None, rows: slice):
     """Codes and row-weighted gradients of one forward/backward on ``rows`` of a 9-row batch."""
     model = _batchtopk_model(arch)
-    model.data_parallel = ranks
+    model.data_parallel, model.global_rows = ranks, 9
     x_BD = _data()[:9]
     x_nBD = x_BD[rows].unsqueeze(0).expand(2, -1, -1)
     dead_nS = torch.zeros(2, model.d_sae, dtype=torch.bool)

@@ -320,3 +320,25 @@ def test_a_failed_compilation_warns_and_trains_eagerly(monkeypatch, fresh_dynamo
     with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C\\+\\+ compiler.*eagerly"):
         fallback = _train_tiny(compile=True)
     _states_close(fallback, _train_tiny(), atol=0)
+
+
+def test_a_recompilation_that_fails_later_falls_back_to_eager(monkeypatch, fresh_dynamo):
+    """The short last batch is a new shape and compiles again; when only that compilation fails
+    the run warns and goes on eagerly (before: the error stopped training)."""
+    from torch._dynamo.backends.common import aot_autograd  # noqa: F401 - loads the backends
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+    calls = []
+
+    def first_shape_only(graph, example_inputs):
+        calls.append(len(calls))
+        if len(calls) > len({(s.arch, s.d_in, s.d_sae) for s in COMPILE_SPECS}):
+            raise RuntimeError("cannot compile this shape")
+        return aot_eager(graph, example_inputs)
+
+    monkeypatch.setattr(trainer, "_COMPILE_BACKEND", first_shape_only)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*cannot compile this shape"):
+        fallback = _train_tiny(compile=True)
+    assert len(calls) > 1
+    _states_close(fallback, _train_tiny(), atol=1e-6)

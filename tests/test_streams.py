@@ -236,6 +236,10 @@ def test_stream_errors_say_what_to_do(tmp_path):
     next(samples)
     with pytest.raises(ValueError, match=r"odd.tar/b has no label: no .cls member"):
         next(samples)
+    cut = tmp_path / "cut.tar"  # a truncated shard: tarfile's ReadError, not an OSError
+    cut.write_bytes(tars[0].read_bytes()[:700])
+    with pytest.raises(OSError, match=r"cut.tar failed .*Restore the identical shard"):
+        list(WebDatasetImages(str(cut)).iter_source(0))
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(WNIDS) + "\n")
     named = WebDatasetImages(str(tars[0]), classes=classes)

@@ -57,6 +57,8 @@ class StackedSAEs(nn.Module):
     """Set by a data-parallel trainer: this rank's place, when each rank holds a slice of the
     global batch. BatchTopK then picks its k·B codes over the global batch (what one process
     picks), not over the slice."""
+    global_rows: int = 0
+    """Set by a data-parallel trainer before each step: the rows of the global batch (B)."""
 
     def __init__(self, members: list[TrainingSAE]):
         super().__init__()
@@ -180,7 +182,7 @@ class StackedSAEs(nn.Module):
             counts = [int(k * B) for k in self.k_n]
             codes = _masked_topk_scatter(flat, counts, relu=False).reshape(n, B, S)
         else:
-            codes = _batch_topk_over_ranks(flat, self.k_n, B).reshape(n, B, S)
+            codes = _batch_topk_over_ranks(flat, self.k_n, self.global_rows).reshape(n, B, S)
         out = self._topk_losses(x, hidden_pre, codes, dec_norm, dead_nS)
         self._update_topk_threshold(codes.detach())
         return out
@@ -250,26 +252,34 @@ class StackedSAEs(nn.Module):
         )
 
 
-def _batch_topk_over_ranks(flat_n1X: torch.Tensor, k_n: list[Any], rows: int) -> torch.Tensor:
-    """BatchTopK over the global batch when each rank holds ``rows`` of its rows: member i keeps
-    its ``k_i · B_global`` largest entries of all ranks together, as one process would.
+def _batch_topk_over_ranks(
+    flat_n1X: torch.Tensor, k_n: list[Any], global_rows: int
+) -> torch.Tensor:
+    """BatchTopK over a global batch of `global_rows` rows spread over the ranks (this rank's
+    slice in `flat_n1X`): member i keeps its ``k_i · global_rows`` largest entries of all ranks
+    together, as one process would.
 
     The global top-``c`` lies within the union of every rank's local top-``c``, so each rank
     sends only its local top ``c_max`` values (not its rows); the ``c_i``-th largest of the
-    gathered values is member i's cut, and each rank keeps its own entries at or above it. Only
-    exact ties at the cut can differ from one process (which breaks them arbitrarily too).
+    gathered values is member i's cut, and each rank keeps its own entries at or above it. Exact
+    ties at the cut are all kept (one process breaks them arbitrarily, keeping exactly ``c_i``);
+    they are rare in float32 and the step's loss is unchanged by a tie of zeros.
     """
     n, _, width = flat_n1X.shape
+    counts_n = [int(k * global_rows) for k in k_n]
+    c_max = max(counts_n)
+    if c_max == 0:
+        return torch.zeros_like(flat_n1X)
     with torch.no_grad():
-        global_rows = int(distributed.sum_over_ranks(torch.tensor([rows])).item())
-        counts_n = [int(k * global_rows) for k in k_n]
-        c_max = max(counts_n)
         local = flat_n1X.detach().reshape(n, width).topk(min(c_max, width), dim=-1).values
         if local.shape[-1] < c_max:  # a small slice: pad with values no cut can reach
             local = torch.nn.functional.pad(local, (0, c_max - local.shape[-1]), value=-1.0)
         gathered = torch.cat(distributed.all_gather_tensor(local), dim=-1)
         top = gathered.topk(c_max, dim=-1).values
-        cut_n = top[torch.arange(n), torch.tensor(counts_n) - 1]
+        # A member whose count is 0 keeps nothing: its cut lies above every value.
+        index_n = torch.tensor([max(c - 1, 0) for c in counts_n], device=top.device)
+        cut_n = top[torch.arange(n, device=top.device), index_n]
+        cut_n = torch.where(torch.tensor(counts_n, device=top.device) > 0, cut_n, torch.inf)
     keep = flat_n1X >= cut_n.to(flat_n1X.dtype)[:, None, None]
     return torch.where(keep, flat_n1X, torch.zeros_like(flat_n1X))
 

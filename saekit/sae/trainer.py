@@ -234,6 +234,9 @@ def sweep(
                     torch.set_num_threads(int(chosen))  # type: ignore[arg-type]
                 if every > 1:
                     watch.see(inputs)
+                if dp is not None:  # BatchTopK picks k·B codes over the global batch's B rows
+                    for group in groups:
+                        group.model.global_rows = len(inputs[0])
                 inputs, weight = distributed.slice_rows(inputs, dp)
                 mse = [
                     _train_step(
@@ -381,7 +384,10 @@ class _Compiled:
     def __init__(self, model: StackedSAEs) -> None:
         self.eager = model.forward_loss
         self.compiled: Callable[..., Any] | None = None
-        self.proven = False  # one compiled call went through
+        # torch._dynamo loads only when compiling is asked for (it slows every import).
+        from torch._dynamo.exc import TorchDynamoException
+
+        self.compile_errors = TorchDynamoException
         try:
             self.compiled = torch.compile(model.forward_loss, backend=_COMPILE_BACKEND)
         except Exception as err:  # torch.compile cannot run here at all
@@ -390,14 +396,15 @@ class _Compiled:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.eager(*args)
-        if self.proven:
-            return self.compiled(*args)
-        try:  # the first call compiles; tracing runs on fake tensors, so no state moved yet
+        # Any call may (re)compile: a new batch shape (a short last batch, uneven data-parallel
+        # slices) traces again. Tracing runs on fake tensors, so a failed compilation has moved
+        # no state and the step can run eagerly; errors of the step itself (out of memory, bad
+        # data) are not compilation errors and are raised as they are.
+        try:
             out = self.compiled(*args)
-        except Exception as err:
+        except self.compile_errors as err:
             self._give_up(err)
-            return self.eager(*args)  # an error of the step itself is raised here
-        self.proven = True
+            return self.eager(*args)
         return out
 
     def _give_up(self, err: Exception) -> None:
