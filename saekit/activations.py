@@ -250,12 +250,12 @@ def _extract_on_ranks(
             raise prepared
         manifest, shard_images = prepared
         if not manifest["complete"]:
-            _extract_shards(args, manifest, shard_images, workers, progress, ranks)
-            distributed.barrier(ranks)
-            if ranks.is_main:
-                _recover_shards(out, manifest, shard_images)  # enters the other ranks' shards
-                _finish(out, manifest, len(args[1]))
-        distributed.barrier(ranks)
+            with distributed.all_or_none(ranks, "extracting its shards"):
+                _extract_shards(args, manifest, shard_images, workers, progress, ranks)
+            with distributed.all_or_none(ranks, "finishing the store"):
+                if ranks.is_main:
+                    _recover_shards(out, manifest, shard_images)  # enters the other ranks' shards
+                    _finish(out, manifest, len(args[1]))
     return ActivationStore.open(out)
 
 

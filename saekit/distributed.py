@@ -9,8 +9,9 @@ part and each resumes its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,39 @@ def gather(obj: Any, ranks: Ranks) -> list[Any]:
     boxes: list[Any] = [None] * ranks.world
     dist.all_gather_object(boxes, obj)
     return boxes
+
+
+@contextlib.contextmanager
+def all_or_none(ranks: Ranks, what: str) -> Iterator[None]:
+    """Run the block on every rank, then make every rank stop if any rank's block failed.
+
+    Without it, a rank that raises leaves the others waiting at their next collective until the
+    backend's timeout (NCCL's default is 30 minutes) and then reporting a lost peer instead of
+    the cause. Leaving the block is a synchronisation point (as a barrier is): the failing rank
+    re-raises its own error, every other rank raises `RankFailedError` naming it.
+    """
+    if ranks.world == 1:
+        yield
+        return
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
+        failure = err
+    said = gather(None if failure is None else f"{type(failure).__name__}: {failure}", ranks)
+    if failure is not None:
+        raise failure
+    failed = [(rank, message) for rank, message in enumerate(said) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RankFailedError(
+            f"Rank {rank} failed while {what} ({message}); this rank stopped with it. Fix the "
+            "cause and rerun the same command: finished work is kept."
+        )
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the job failed; this one stopped with it (the message names the cause)."""
 
 
 def barrier(ranks: Ranks) -> None:

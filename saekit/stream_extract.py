@@ -191,12 +191,12 @@ def extract_stream(
                 "complete and unchanged."
             )
         if not manifest["complete"]:
-            _extract_sources(args, manifest, shard_images, workers, progress, ranks)
-            distributed.barrier(ranks)
-            if ranks.is_main:
-                _recover(out, manifest)  # enters the other ranks' shards
-                _finish(out, manifest, images)
-        distributed.barrier(ranks)
+            with distributed.all_or_none(ranks, "extracting its sources"):
+                _extract_sources(args, manifest, shard_images, workers, progress, ranks)
+            with distributed.all_or_none(ranks, "finishing the store"):
+                if ranks.is_main:
+                    _recover(out, manifest)  # enters the other ranks' shards
+                    _finish(out, manifest, images)
     return ActivationStore.open(out)
 
 

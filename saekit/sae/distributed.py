@@ -67,20 +67,21 @@ def sweep_on_ranks(
         finished = _rank0_claims(ranks, out_dir, what, claim, held)
         if not finished:
             share = [spec for i, spec in enumerate(filled) if ranks.owns(i)]
-            if share:
-                sweep_from_store(
-                    store, share, tokens=settings["tokens"], batch_size=settings["batch_size"],
-                    seed=settings["data_seed"], epochs=settings["epochs"],
-                    out_dir=shares / f"rank-{ranks.rank}", ranks=distributed.Ranks(0, 1),
-                    **kwargs,
-                )  # fmt: skip
-            distributed.barrier(ranks)
-            if ranks.is_main:
-                saes: dict[str, SAE] = {}
-                for rank in range(min(ranks.world, len(filled))):
-                    saes.update(load_sweep(shares / f"rank-{rank}", device=device))
-                save_sweep([saes[s.label] for s in filled], filled, out_dir, settings=settings)
-                _drop_checkpoint(checkpoint_dir, out_dir)
+            with distributed.all_or_none(ranks, "training its share of the sweep"):
+                if share:
+                    sweep_from_store(
+                        store, share, tokens=settings["tokens"], batch_size=settings["batch_size"],
+                        seed=settings["data_seed"], epochs=settings["epochs"],
+                        out_dir=shares / f"rank-{ranks.rank}", ranks=distributed.Ranks(0, 1),
+                        **kwargs,
+                    )  # fmt: skip
+            with distributed.all_or_none(ranks, "gathering the sweep"):
+                if ranks.is_main:
+                    saes: dict[str, SAE] = {}
+                    for rank in range(min(ranks.world, len(filled))):
+                        saes.update(load_sweep(shares / f"rank-{rank}", device=device))
+                    save_sweep([saes[s.label] for s in filled], filled, out_dir, settings=settings)
+                    _drop_checkpoint(checkpoint_dir, out_dir)
         distributed.barrier(ranks)
     saved = load_sweep(out_dir, device=device)
     return [saved[spec.label] for spec in filled]
