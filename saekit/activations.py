@@ -285,27 +285,14 @@ def _prepare(
         "n_images": len(dataset),
         "shard_images": int(shard_images),
     }
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["identity"] != identity:
-            raise StoreMismatchError(_mismatch_message(out, manifest["identity"], identity))
+    manifest = existing_manifest(out, identity)
+    if manifest is not None:
         if manifest["complete"]:
             return manifest, shard_images
     else:
         write_json_atomic(out / "image_ids.json", list(dataset.image_ids))
-        model_path = Path(encoder.model_id).expanduser()
         manifest = {
-            "format": FORMAT_VERSION,
-            "identity": identity,
-            "model": encoder.model_id,
-            "model_path": str(model_path.resolve()) if model_path.is_dir() else None,
-            "family": encoder.family,
-            "layers": layer_ids,
-            "tokens": list(kinds),
-            "dtype": dtype,
-            "widths": {str(layer): encoder.widths[layer] for layer in layer_ids},
-            "d_model": encoder.widths[layer_ids[-1]],
+            **manifest_head(identity, encoder, layer_ids, kinds, dtype),
             "class_names": list(dataset.class_names),
             "wnids": list(dataset.wnids) if dataset.wnids is not None else None,
             "n_images": len(dataset),
@@ -314,10 +301,42 @@ def _prepare(
             "grids": {},
             "complete": False,
         }
-        write_json_atomic(manifest_path, manifest)
+        write_json_atomic(out / "manifest.json", manifest)
 
     _recover_shards(out, manifest, shard_images)
     return manifest, shard_images
+
+
+def existing_manifest(out: Path, identity: dict) -> dict | None:
+    """The manifest in `out`, checked against this run's `identity` (`StoreMismatchError`
+    saying what differs), or None when the folder has none yet."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest["identity"] != identity:
+        raise StoreMismatchError(_mismatch_message(out, manifest["identity"], identity))
+    return manifest
+
+
+def manifest_head(
+    identity: dict, encoder: Encoder, layer_ids: list[int], kinds: tuple[str, ...], dtype: str
+) -> dict:
+    """The start of a new store's manifest: its format and identity, the model and the layout
+    (the same for folder and streamed extraction; the dataset's part follows)."""
+    model_path = Path(encoder.model_id).expanduser()
+    return {
+        "format": FORMAT_VERSION,
+        "identity": identity,
+        "model": encoder.model_id,
+        "model_path": str(model_path.resolve()) if model_path.is_dir() else None,
+        "family": encoder.family,
+        "layers": layer_ids,
+        "tokens": list(kinds),
+        "dtype": dtype,
+        "widths": {str(layer): encoder.widths[layer] for layer in layer_ids},
+        "d_model": encoder.widths[layer_ids[-1]],
+    }
 
 
 def _extract_shards(

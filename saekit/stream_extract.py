@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 from saekit import distributed
 from saekit.activation_store import ActivationStore, StoreMismatchError
 from saekit.activations import (
-    FORMAT_VERSION,
     _default_shard_images,
-    _mismatch_message,
     _read_shard_record,
     _save_manifest,
     check_output_folder,
+    existing_manifest,
+    manifest_head,
 )
 from saekit.data import UnreadableImageError, as_pil_images
 from saekit.durable import folder_lock, remove_tree, write_json_atomic
@@ -239,26 +239,13 @@ def _prepare(
         "n_sources": len(images.sources),
         "shard_images": int(shard_images),
     }
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["identity"] != identity:
-            raise StoreMismatchError(_mismatch_message(out, manifest["identity"], identity))
+    manifest = existing_manifest(out, identity)
+    if manifest is not None:
         if manifest["complete"]:
             return manifest, shard_images
     else:
-        model_path = Path(encoder.model_id).expanduser()
         manifest = {
-            "format": FORMAT_VERSION,
-            "identity": identity,
-            "model": encoder.model_id,
-            "model_path": str(model_path.resolve()) if model_path.is_dir() else None,
-            "family": encoder.family,
-            "layers": layer_ids,
-            "tokens": list(kinds),
-            "dtype": dtype,
-            "widths": {str(layer): encoder.widths[layer] for layer in layer_ids},
-            "d_model": encoder.widths[layer_ids[-1]],
+            **manifest_head(identity, encoder, layer_ids, kinds, dtype),
             "class_names": images.class_names,
             "wnids": images.wnids,
             "n_images": None,
@@ -269,7 +256,7 @@ def _prepare(
             "grids": {},
             "complete": False,
         }
-        write_json_atomic(manifest_path, manifest)
+        write_json_atomic(out / "manifest.json", manifest)
     _recover(out, manifest)
     return manifest, int(shard_images)
 
