@@ -24,7 +24,7 @@ with ``non_blocking=True``: no GPU was lent when this was written, so that path 
 a CPU only through its logic (tests/test_fast_paths.py); a GPU user measures it with the line
 above.
 
-Results (2026-11-21; CPU: 2-core AMD EPYC VM shared with other helpers' jobs, 1 torch thread;
+Results (2026-12-02; CPU: 2-core AMD EPYC VM shared with other helpers' jobs, 1 torch thread;
 torch 2.13 CPU)::
 
     step time, ReLU SAE d_in 768 x8, minibatch 4096, cpu, 3 rounds (first compiled run,
