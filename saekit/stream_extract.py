@@ -101,16 +101,29 @@ def source_batches(
     source: int,
     shard_images: int,
     batch_size: int,
-    done: set[int],
+    done: dict[int, list[str]],
     prepare: Callable[[list[StreamSample]], dict],
 ) -> Iterator[dict]:
     """The forward batches of one source's unfinished chunks, in order: ``batch_size``
-    consecutive samples of a chunk, prepared by `prepare` (decoded, maybe preprocessed)."""
+    consecutive samples of a chunk, prepared by `prepare` (decoded, maybe preprocessed).
+
+    `done` maps committed shards to their sample ids: their samples are passed over undecoded,
+    after checking each id against the shard's, so a source changed since (same name, other
+    samples) is refused rather than resumed into a store that would mix the two."""
     batch: list[StreamSample] = []
     for n, (sample, last) in enumerate(_lookahead(images.iter_source(source))):
         chunk, position = divmod(n, shard_images)
-        if shard_index(source, chunk) in done:
-            continue  # committed by an earlier run: passed over, not decoded
+        committed = done.get(shard_index(source, chunk))
+        if committed is not None:
+            stored = committed[position] if position < len(committed) else None
+            if stored != sample.image_id:
+                raise StoreMismatchError(
+                    f"Source {images.sources[source]} changed since this store's shard "
+                    f"{shard_index(source, chunk)} was written: its sample {n} is "
+                    f"{sample.image_id}, the shard holds {stored}. Restore the source as it "
+                    "was and rerun, or extract to a new --out folder."
+                )
+            continue
         batch.append(sample)
         chunk_end = last or position == shard_images - 1
         if len(batch) == batch_size or chunk_end:
@@ -278,8 +291,12 @@ def _extract_sources(
 ) -> None:  # fmt: skip
     """Write this rank's unfinished chunks; rank 0 enters each shard as it commits it."""
     encoder, images, layer_ids, kinds, out, dtype, batch_size, _ = args
-    done = {shard["index"] for shard in manifest["shards"]}
     ended = _ended_sources(manifest)
+    done = {  # the committed shards of sources still to read, with their sample ids
+        shard["index"]: _shard_record(out, shard["index"])["ids"]
+        for shard in manifest["shards"]
+        if shard["source"] not in ended
+    }
     mine = [s for s in range(len(images.sources)) if ranks.owns(s) and s not in ended]
     with ThreadPoolExecutor(max_workers=max(1, workers[0])) as pool:
         if workers[1] > 0 and mine:
@@ -351,6 +368,11 @@ def _enter(manifest: dict, record: dict) -> None:
         [s for s in manifest["shards"] if s["index"] != entry["index"]] + [entry],
         key=lambda shard: shard["index"],
     )
+
+
+def _shard_record(out: Path, index: int) -> dict:
+    """A committed shard's ``shard.json``."""
+    return json.loads((out / f"shard_{index:05d}" / "shard.json").read_text())
 
 
 def _recover(out: Path, manifest: dict) -> None:

@@ -212,6 +212,25 @@ def test_killed_run_resumes_to_the_same_store_and_other_arguments_are_refused(
         extract(encoder, WebDatasetImages([str(t) for t in tars[:2]]), out=out, **KW)
 
 
+def test_a_source_rewritten_under_its_name_is_refused_on_resume(encoder, tmp_path):
+    """Same name and size (so the same fingerprint), other samples: the resume checks the ids of
+    the chunks it passes over and refuses, instead of mixing old and new samples."""
+    tars = write_tars(tmp_path / "t")
+    images = WebDatasetImages([str(t) for t in tars], classes=list(WNIDS))
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):  # source 1's first chunk committed, then killed
+        extract(encoder, KillAt(images, "data-000001.tar/img010"), out=out, **KW)
+    size = tars[1].stat().st_size
+    with wds.TarWriter(str(tars[1])) as sink:  # keys of the same length: the same tar size
+        for key, data, label in _samples()[SIZES[0] : SIZES[0] + SIZES[1]]:
+            sink.write({"__key__": key.replace("img", "new"), "png": data, "cls": label})
+    assert tars[1].stat().st_size == size
+    rewritten = WebDatasetImages([str(t) for t in tars], classes=list(WNIDS))
+    assert rewritten.fingerprint == images.fingerprint
+    with pytest.raises(StoreMismatchError, match=r"data-000001.tar changed .*new006.*img006"):
+        extract(encoder, rewritten, out=out, **KW)
+
+
 def test_labels_from_json_and_classes_numbered_when_not_given(encoder, tmp_path):
     write_tars(tmp_path / "t", json_labels=True)
     store = extract(encoder, WebDatasetImages(str(tmp_path / "t")), out=tmp_path / "s", **KW)
