@@ -34,7 +34,6 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -237,18 +236,12 @@ def _extract_on_ranks(
     """
     out = args[4]
     with contextlib.ExitStack() as held:
-        prepared: Any = None
-        if ranks.is_main:
-            try:
-                check_output_folder(out)
-                held.enter_context(folder_lock(out, f"saekit extract ({ranks.world} ranks)"))
-                prepared = _prepare(*args)
-            except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
-                prepared = err
-        prepared = distributed.broadcast(prepared, ranks)
-        if isinstance(prepared, Exception):
-            raise prepared
-        manifest, shard_images = prepared
+
+        def lock_and_prepare() -> tuple[dict, int]:
+            locked_output(out, held, ranks)
+            return _prepare(*args)
+
+        manifest, shard_images = distributed.on_rank0(ranks, lock_and_prepare)
         if not manifest["complete"]:
             with distributed.all_or_none(ranks, "extracting its shards"):
                 _extract_shards(args, manifest, shard_images, workers, progress, ranks)
@@ -305,6 +298,13 @@ def _prepare(
 
     _recover_shards(out, manifest, shard_images)
     return manifest, shard_images
+
+
+def locked_output(out: Path, held: contextlib.ExitStack, ranks: distributed.Ranks) -> None:
+    """Check `out` can hold a store and hold its folder lock for the rest of `held`."""
+    check_output_folder(out)
+    what = "saekit extract" + (f" ({ranks.world} ranks)" if ranks.world > 1 else "")
+    held.enter_context(folder_lock(out, what))
 
 
 def existing_manifest(out: Path, identity: dict) -> dict | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,22 @@ def broadcast(obj: Any, ranks: Ranks) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(ranks: Ranks, work: Callable[[], Any]) -> Any:
+    """Run `work` on rank 0 alone (checking and locking a shared folder, starting a manifest)
+    and return its result on every rank; if it raised, every rank raises that error, so no
+    rank goes on to wait for a rank 0 that stopped."""
+    result: Any = None
+    if ranks.is_main:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
+            result = err
+    result = broadcast(result, ranks)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def gather(obj: Any, ranks: Ranks) -> list[Any]:

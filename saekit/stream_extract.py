@@ -38,12 +38,12 @@ from saekit.activations import (
     _default_shard_images,
     _read_shard_record,
     _save_manifest,
-    check_output_folder,
     existing_manifest,
+    locked_output,
     manifest_head,
 )
 from saekit.data import UnreadableImageError, as_pil_images
-from saekit.durable import folder_lock, remove_tree, write_json_atomic
+from saekit.durable import remove_tree, write_json_atomic
 from saekit.models import Encoder
 from saekit.shard_writer import ShardParts, ShardWriter
 from saekit.streams import StreamingImages, StreamSample
@@ -181,20 +181,14 @@ def extract_stream(
     ranks = distributed.current()
     args = (encoder, images, layer_ids, kinds, out, dtype, batch_size, shard_images)
     with contextlib.ExitStack() as held:
-        prepared: Any = None
-        if ranks.is_main:
-            try:
-                check_output_folder(out)
-                what = "saekit extract" + (f" ({ranks.world} ranks)" if ranks.world > 1 else "")
-                held.enter_context(folder_lock(out, what))
-                prepared = _prepare(*args)
-                _warn_idle(len(images.sources), ranks.world, workers[1])
-            except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
-                prepared = err
-        prepared = distributed.broadcast(prepared, ranks)
-        if isinstance(prepared, Exception):
-            raise prepared
-        manifest, shard_images = prepared
+
+        def lock_and_prepare() -> tuple[dict, int]:
+            locked_output(out, held, ranks)
+            prepared = _prepare(*args)
+            _warn_idle(len(images.sources), ranks.world, workers[1])
+            return prepared
+
+        manifest, shard_images = distributed.on_rank0(ranks, lock_and_prepare)
         if manifest["identity"]["dataset"] != images.fingerprint:
             # Each rank expanded the pattern (or resolved the dataset) itself: a shard that
             # appeared meanwhile would deal the sources differently, overlapping or missing some.

@@ -31,18 +31,13 @@ from saekit.sae.train import (
 def _rank0_claims(ranks: distributed.Ranks, out: Path, what: str, claim: Any, held: Any) -> bool:
     """Rank 0 checks, locks and claims `out`; every rank learns whether it already holds the
     finished run (or raises rank 0's error)."""
-    finished: Any = None
-    if ranks.is_main:
-        try:
-            check_writable(out, "SAE")
-            held.enter_context(folder_lock(out, what))
-            finished = claim()
-        except Exception as err:  # noqa: BLE001 - every rank raises it, not only rank 0
-            finished = err
-    finished = distributed.broadcast(finished, ranks)
-    if isinstance(finished, Exception):
-        raise finished
-    return bool(finished)
+
+    def check_lock_claim() -> Any:
+        check_writable(out, "SAE")
+        held.enter_context(folder_lock(out, what))
+        return claim()
+
+    return bool(distributed.on_rank0(ranks, check_lock_claim))
 
 
 def sweep_on_ranks(
